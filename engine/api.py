@@ -1,0 +1,272 @@
+"""What a miner imports: ``Engine`` (spawns and owns an engine) and ``Engine.connect``
+(talks to one started with ``python -m engine run``). Both speak the same messages over
+a ``multiprocess`` connection, so they share this one client.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from dataclasses import asdict, dataclass, field, fields
+
+import socket
+import subprocess
+import sys
+
+from multiprocess.connection import Client, Connection
+
+from engine.config import Config, check_device
+from engine.errors import EngineClosed, EngineError, error_from
+from engine.messages import (CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery,
+                             Submit)
+
+START_TIMEOUT_S = 120.0
+
+
+def _child_env() -> dict:
+    """The supervisor imports what this process can import (the engine, and the
+    caller's processor modules), whether or not they are installed."""
+    env = dict(os.environ)
+    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if os.path.isdir(p or ".")]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+@dataclass
+class Report:
+    """One job's outcome: the contract's report, as attributes (``to_dict`` for JSON)."""
+    url: str
+    ok: bool
+    error: str | None
+    video: dict
+    frames_processed: int
+    timings_s: dict
+    fetch: dict
+    results: list = field(repr=False)
+    decoder: str | None = None
+    missing_frames: list = field(default_factory=list)
+    error_kind: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    """Results of consecutive frames, in frame order, as the engine produced them."""
+    frame_numbers: list[int]
+    results: list
+
+
+def raise_for(report: Report) -> None:
+    if not report.ok:
+        exc = error_from(report.error_kind or "EngineError", report.error or "job failed")
+        exc.report = report
+        raise exc
+
+
+class EngineClient:
+    """Jobs over one connection; safe to use from several threads at once."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, queue.Queue] = {}
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name="engine-client", daemon=True)
+        self._reader.start()
+
+    # -- plumbing --------------------------------------------------------------------
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            q = self._waiting.get(msg.token)
+            if q is not None:
+                q.put(msg)
+        self._closed = True
+        for q in list(self._waiting.values()):
+            q.put(None)
+
+    def _open(self, token: int | None = None) -> tuple[int, queue.Queue]:
+        token = next(self._tokens) if token is None else token
+        q = self._waiting[token] = queue.Queue()
+        return token, q
+
+    def _send(self, msg) -> None:
+        if self._closed:
+            raise EngineClosed("the engine is not running")
+        with self._lock:
+            try:
+                self._conn.send(msg)
+            except (OSError, EOFError):
+                raise EngineClosed("the engine is not running") from None
+
+    def _get(self, q: queue.Queue, timeout: float | None = None):
+        try:
+            msg = q.get(timeout=timeout)
+        except queue.Empty:
+            raise EngineError("the engine did not answer in time") from None
+        if msg is None:
+            raise EngineClosed("the engine stopped (its supervisor exited)")
+        return msg
+
+    def _call(self, make, timeout: float | None = 60.0) -> dict:
+        token, q = self._open()
+        try:
+            self._send(make(token))
+            reply = self._get(q, timeout)
+        finally:
+            self._waiting.pop(token, None)
+        if reply.error:
+            raise error_from(reply.kind or "EngineError", reply.error)
+        return reply.payload
+
+    # -- the interface -------------------------------------------------------------------
+    def prewarm(self, origins) -> int:
+        """Open pooled connections to these origins now; returns how many were opened."""
+        if isinstance(origins, str):
+            origins = [origins]
+        return self._call(lambda t: Prewarm(t, tuple(origins)), timeout=120.0)["opened"]
+
+    def status(self) -> dict:
+        return self._call(StatusQuery)
+
+    def submit(self, url: str, *, processor: str | None = None, max_frames: int | None = None,
+               stream: bool = False):
+        """Start a job; yields ``Batch`` objects if streaming, then the ``Report``."""
+        token, q = self._open()
+        try:
+            self._send(Submit(token, url, processor, max_frames, stream))
+            while True:
+                try:
+                    msg = self._get(q)
+                except GeneratorExit:
+                    raise
+                if isinstance(msg, ResultBatch):
+                    yield Batch(msg.frame_numbers, msg.results)
+                elif isinstance(msg, JobDone):
+                    yield Report.from_dict(msg.report)
+                    return
+        finally:
+            if self._waiting.pop(token, None) is not None and not self._closed:
+                try:
+                    self._send(CancelJob(token))
+                except EngineClosed:
+                    pass
+
+    def report(self, url: str, **options) -> Report:
+        """Like ``process`` but returns a failed report instead of raising."""
+        *_, report = self.submit(url, **options)
+        return report
+
+    def process(self, url: str, *, processor: str | None = None,
+                max_frames: int | None = None) -> Report:
+        """Run one job to the end. Raises ``FetchError``, ``DecodeError``,
+        ``ProcessorError`` or ``JobTimeout`` (with ``.report``) when it fails."""
+        report = self.report(url, processor=processor, max_frames=max_frames)
+        raise_for(report)
+        return report
+
+    def stream(self, url: str, *, processor: str | None = None, max_frames: int | None = None):
+        """Yield result batches as they are produced, in frame order."""
+        for item in self.submit(url, processor=processor, max_frames=max_frames, stream=True):
+            if isinstance(item, Batch):
+                yield item
+            else:
+                raise_for(item)
+                self.last_report = item
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Engine(EngineClient):
+    """Spawns a supervisor and its workers; ``close`` (or leaving ``with``) stops them all."""
+
+    def __init__(self, processor: str | None = None, device: str | None = None, *,
+                 config: Config | None = None, **overrides):
+        config = config or Config.from_env()
+        if device is not None:
+            device = check_device(device)
+        self.config = config.with_(processor=processor, device=device, **overrides)
+        mine, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], env=_child_env())
+        theirs.close()
+        parent = Connection(mine.detach())
+        parent.send(self.config)
+        super().__init__(parent)
+        token, q = self._open(0)
+        try:
+            self._send(StatusQuery(0))
+            reply = self._get(q, START_TIMEOUT_S)
+        except EngineError:
+            self.close()
+            raise
+        finally:
+            self._waiting.pop(0, None)
+        if reply.error:
+            self.close()
+            raise error_from(reply.kind or "EngineError", reply.error)
+        self.workers = reply.payload.get("workers", {})
+        if self.config.prewarm:
+            self.prewarm(list(self.config.prewarm))
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @staticmethod
+    def connect(socket_path: str | None = None) -> EngineClient:
+        from engine.config import default_socket_path
+        path = socket_path or default_socket_path()
+        try:
+            conn = Client(path, family="AF_UNIX")
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise EngineClosed(f"no engine is listening on {path} "
+                               "(start one with: python -m engine run)") from None
+        return EngineClient(conn)
+
+    def close(self) -> None:
+        """Stop the supervisor and every worker; remove every segment they made."""
+        super().close()
+        proc = getattr(self, "_process", None)
+        if proc is None:
+            return
+        try:
+            proc.wait(8.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2.0)
+        from shm.sweep import owned_blocks
+        from shm.block import unlink_block
+        for name in owned_blocks(proc.pid):
+            unlink_block(name)
+        self._process = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

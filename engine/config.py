@@ -1,0 +1,133 @@
+"""Configuration: the ENGINE_* variables of the contract and the seed miner's aliases.
+
+Read once, in the process that starts the engine, and handed to every worker as a
+frozen dataclass, so all processes agree even if the environment changes later.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+
+log = logging.getLogger("engine")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _int(env, name, default, minimum=1):
+    raw = env.get(name, "").strip()
+    if not raw or (name == "ENGINE_MAX_FRAMES" and raw.lower() == "all"):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def _float(env, name, default):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be > 0")
+    return value
+
+
+def _choice(env, name, default, choices):
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
+def check_device(device: str) -> str:
+    d = device.strip().lower()
+    if d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return d
+    raise ConfigError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def default_socket_path(env=None) -> str:
+    env = os.environ if env is None else env
+    if env.get("ENGINE_SOCKET"):
+        return env["ENGINE_SOCKET"]
+    if env.get("XDG_RUNTIME_DIR"):
+        return os.path.join(env["XDG_RUNTIME_DIR"], "engine.sock")
+    return f"/tmp/engine-{os.getuid()}.sock"
+
+
+@dataclass(frozen=True)
+class Config:
+    fetchers: int = 2
+    connections: int = 4
+    range_mb: float = 2.0
+    http2: str = "0"                 # "0", "1" or "auto"
+    keepalive_s: float = 120.0
+    prewarm: tuple[str, ...] = ()
+    decoder: str = "auto"            # auto, pyav, decord
+    decoders: int = 2                # decoder processes (jobs decoded at once)
+    device: str = "auto"
+    batch: int = 16
+    ring_slots: int = 48
+    max_bytes: int = 512 * 1024 * 1024
+    max_frames: int | None = None
+    partial_mb: float | None = None  # seed alias: only frames within the first N MB
+    job_timeout_s: float = 60.0
+    pooling: bool = True             # USE_CONNECTION_POOL=0 turns it off
+    head_kb: int = 512               # first range: learns the size and the box layout
+    processor: str = "engine.processors:stats"
+    log_level: str = "INFO"
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def range_bytes(self) -> int:
+        return max(64 * 1024, int(self.range_mb * 1024 * 1024) // (64 * 1024) * (64 * 1024))
+
+    def with_(self, **changes) -> "Config":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, env=None) -> "Config":
+        env = os.environ if env is None else env
+        notes = []
+        max_frames = _int(env, "ENGINE_MAX_FRAMES", None)
+        partial_mb = None
+        if env.get("PARTIAL_DOWNLOAD", "").strip() in ("1", "true", "True"):
+            partial_mb = _float(env, "PARTIAL_DOWNLOAD_MB", 4.0)
+        for name in ("CHUNKED_STREAMING", "STREAM_MIN_START_BYTES", "STREAM_BUFFER_TIMEOUT_S"):
+            if name in env:
+                notes.append(f"{name} is accepted and ignored: decoding always starts as soon "
+                             "as the first frame's bytes are in")
+        http2 = _choice(env, "ENGINE_HTTP2", "0", ("0", "1", "auto"))
+        batch = _int(env, "ENGINE_BATCH", 16)
+        return cls(
+            fetchers=_int(env, "ENGINE_FETCHERS", 2),
+            connections=_int(env, "ENGINE_CONNECTIONS", 4),
+            range_mb=_float(env, "ENGINE_RANGE_MB", 2.0),
+            http2=http2,
+            keepalive_s=_float(env, "ENGINE_KEEPALIVE_S", 120.0),
+            prewarm=tuple(o.strip() for o in env.get("ENGINE_PREWARM", "").split(",") if o.strip()),
+            decoder=_choice(env, "ENGINE_DECODER", "auto", ("auto", "pyav", "decord")),
+            decoders=_int(env, "ENGINE_DECODERS", 2),
+            device=check_device(env.get("ENGINE_DEVICE", "auto") or "auto"),
+            batch=batch,
+            ring_slots=_int(env, "ENGINE_RING_SLOTS", max(3 * batch, 8)),
+            max_bytes=_int(env, "ENGINE_MAX_BYTES", 512 * 1024 * 1024),
+            max_frames=max_frames,
+            partial_mb=partial_mb,
+            job_timeout_s=_float(env, "ENGINE_JOB_TIMEOUT_S", 60.0),
+            pooling=env.get("USE_CONNECTION_POOL", "1").strip() not in ("0", "false", "False"),
+            processor=env.get("ENGINE_PROCESSOR", "engine.processors:stats"),
+            log_level=_choice(env, "ENGINE_LOG_LEVEL", "info",
+                              ("debug", "info", "warning", "error")).upper(),
+            notes=tuple(notes),
+        )

@@ -1,0 +1,104 @@
+"""One job's state in the supervisor, and the report the contract defines."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.plan import RangePlan
+
+TIMING_KEYS = ("connect", "first_byte", "moov_ready", "first_frame", "first_result",
+               "download_done", "decode_done", "total")
+
+
+@dataclass
+class Job:
+    id: int
+    token: int
+    client: object                  # the connection the report goes back to
+    url: str
+    processor: str
+    max_frames: int | None
+    partial_mb: float | None
+    stream: bool
+    submitted: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    # fetch
+    final_url: str = ""
+    size: int = 0
+    ranged: bool = True
+    plan: RangePlan | None = None
+    segment: object = None          # shm.SharedBlock (the supervisor owns it)
+    amap: object = None             # shm.AvailabilityMap
+    ring: object = None             # shm.FrameRing
+    head_fetcher: object = None
+    head_done: bool = False
+    moov: tuple[int, int] | None = None
+    moov_layout: str | None = None
+    track: object = None            # engine.mp4.VideoTrack
+    http_version: str = ""
+    connections_new: int = 0
+    connections_reused: int = 0
+    ranges: int = 0
+    retries: int = 0
+    bytes: int = 0
+    # decode and process
+    decoder: object = None
+    waiting_decoder: bool = False
+    frame_limit: int | None = None
+    decode_done: bool = False
+    decode_retried: bool = False
+    outstanding: int = 0            # batches sent to the GPU worker, not yet answered
+    results: dict = field(default_factory=dict)
+    missing: list = field(default_factory=list)
+    decoder_backend: str = ""
+    # end
+    error: str | None = None
+    error_kind: str | None = None
+    finished: bool = False
+    timings: dict = field(default_factory=dict)
+
+    def mark(self, key: str, at: float | None = None) -> None:
+        """Record a stage the first time it happens, in seconds since submission."""
+        if key not in self.timings:
+            self.timings[key] = round(((at or time.monotonic()) - self.submitted), 4)
+
+    def count_request(self, stats) -> None:
+        if stats is None:
+            return
+        if stats.new_connection:
+            self.connections_new += 1
+        else:
+            self.connections_reused += 1
+        if stats.http_version:
+            self.http_version = stats.http_version
+
+    def shm_bytes(self) -> int:
+        total = 0
+        for block in (self.segment, self.amap and self.amap.block, self.ring and self.ring.block):
+            if block is not None:
+                total += block.size
+        return total
+
+    def report(self) -> dict:
+        track = self.track
+        video = {"bytes": self.size, "codec": getattr(track, "codec", None),
+                 "width": getattr(track, "width", None), "height": getattr(track, "height", None),
+                 "fps": getattr(track, "fps", None),
+                 "frames": track.frame_count if track is not None else None,
+                 "moov": self.moov_layout}
+        timings = {key: self.timings.get(key) for key in TIMING_KEYS}
+        results = [{"frame_number": n, "result": self.results[n]} for n in sorted(self.results)]
+        return {
+            "url": self.url, "ok": self.error is None, "error": self.error,
+            "video": video,
+            "frames_processed": len(self.results),
+            "timings_s": timings,
+            "fetch": {"http_version": self.http_version or None,
+                      "connections_new": self.connections_new,
+                      "connections_reused": self.connections_reused,
+                      "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes},
+            "decoder": self.decoder_backend or None,
+            "missing_frames": list(self.missing),
+            "error_kind": self.error_kind,
+            "results": results,
+        }

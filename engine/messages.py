@@ -1,0 +1,223 @@
+"""Typed records that travel between processes (pickled over pipes and the socket).
+
+They stay small: bulk bytes and frames move only through shared memory (``shm``);
+a message names a segment, a byte range or a run of ring slots.
+Timestamps are ``time.monotonic()`` values, which all processes of a machine share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------- client <-> supervisor
+
+
+@dataclass
+class Submit:
+    token: int
+    url: str
+    processor: str | None = None
+    max_frames: int | None = None
+    stream: bool = False
+
+
+@dataclass
+class Prewarm:
+    token: int
+    origins: tuple[str, ...]
+
+
+@dataclass
+class StatusQuery:
+    token: int
+
+
+@dataclass
+class CancelJob:
+    token: int
+
+
+@dataclass
+class ResultBatch:
+    """Results of consecutive frames, sent to a client that streams."""
+    token: int
+    frame_numbers: list[int]
+    results: list
+
+
+@dataclass
+class JobDone:
+    token: int
+    report: dict
+
+
+@dataclass
+class Reply:
+    token: int
+    payload: dict
+    error: str | None = None
+    kind: str | None = None
+
+
+# ---------------------------------------------------------------- supervisor -> workers
+
+
+@dataclass
+class FetchHead:
+    """First request of a job: a small range at 0 whose answer gives the size."""
+    job: int
+    url: str
+    length: int
+    attempt: int = 0
+
+
+@dataclass
+class SegmentReady:
+    """The supervisor made the job's segment after a ``HeadInfo``."""
+    job: int
+    segment: str | None          # None: the job was refused (size, admission)
+    amap: str | None
+
+
+@dataclass
+class FetchRange:
+    job: int
+    url: str
+    segment: str
+    amap: str
+    offset: int
+    end: int                     # exclusive
+    attempt: int = 0
+
+
+@dataclass
+class PrewarmOrigins:
+    origins: tuple[str, ...]
+    token: int = 0
+
+
+@dataclass
+class DecodeJob:
+    job: int
+    segment: str
+    amap: str
+    ring: str
+    size: int
+    backend: str                 # pyav or decord
+    batch: int
+    need_end: list[int]          # per presentation frame: bytes needed to output it
+    frame_limit: int | None      # decode only this many frames
+    readable_end: int            # bytes past this are never fetched (partial jobs)
+    moov: tuple[int, int]        # where the moov box lies: the reader lets decoders see it
+
+
+@dataclass
+class GpuJob:
+    job: int
+    ring: str
+    processor: str
+
+
+@dataclass
+class EndJob:
+    """The job is over (done, failed or cancelled): drop its work, unmap its segments."""
+    job: int
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---------------------------------------------------------------- workers -> supervisor
+
+
+@dataclass
+class Hello:
+    role: str
+    pid: int
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Heartbeat:
+    role: str
+    pid: int
+
+
+@dataclass
+class FetchStats:
+    """Per request: what the connection cost and what came back."""
+    new_connection: bool = False
+    http_version: str = ""
+    started: float = 0.0
+    connected: float | None = None   # TCP+TLS done (new connections only)
+    first_byte: float | None = None
+    bytes: int = 0
+
+
+@dataclass
+class HeadInfo:
+    job: int
+    size: int
+    ranged: bool                 # False: the server ignored Range, the body is the whole file
+    url: str                     # after redirects: later ranges go straight there
+    content_type: str
+    stats: FetchStats
+
+
+@dataclass
+class RangeDone:
+    job: int
+    offset: int
+    end: int
+    stats: FetchStats
+
+
+@dataclass
+class RangeFailed:
+    job: int
+    offset: int
+    end: int
+    written: int                 # bytes [offset, written) did arrive
+    error: str
+    kind: str                    # FetchError subclass name
+    retryable: bool
+    stats: FetchStats | None = None
+    attempt: int = 0
+    head: bool = False
+
+
+@dataclass
+class NeedBytes:
+    """The decoder blocks on bytes at ``offset``: fetch that range first."""
+    job: int
+    offset: int
+
+
+@dataclass
+class BatchReady:
+    job: int
+    first_slot: int
+    count: int
+    frame_numbers: list[int]
+    decoded_at: float
+
+
+@dataclass
+class DecodeDone:
+    job: int
+    frames: int
+    missing: list[int]
+    error: str | None = None
+    first_frame_at: float | None = None
+    codec: str | None = None
+
+
+@dataclass
+class BatchResults:
+    job: int
+    first_slot: int
+    count: int
+    frame_numbers: list[int]
+    results: list
+    error: str | None = None

@@ -1,0 +1,413 @@
+"""Minimal ISO-BMFF / MP4 reader: just enough to plan a streaming download.
+
+The engine fetches an MP4 by parallel byte ranges and wants to decode while
+bytes are still arriving.  For that it needs, *before* most of the file is
+here, two things:
+
+* where the ``moov`` box is (front or end of the file), so it can fetch it
+  first -- see :func:`top_level_boxes` and :func:`locate_moov`;
+* the video sample table from ``moov`` (file offset, size, dts/pts, keyframe
+  flag of every sample) -- see :func:`parse_moov` -- so it can tell how many
+  bytes must be present before frame *n* can be shown
+  (:meth:`VideoTrack.need_end`).
+
+This module is pure Python + numpy on purpose: it runs in the coordinator
+process, which must not pay for importing/initialising FFmpeg, and it works on
+partial buffers (the "head" of the file) where a real demuxer would block or
+fail.  Sample tables are expanded with numpy because real files have up to
+~100k samples.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "NotMP4",
+    "Box",
+    "top_level_boxes",
+    "MoovLocation",
+    "locate_moov",
+    "VideoTrack",
+    "parse_moov",
+]
+
+
+class NotMP4(ValueError):
+    """The bytes are not an ISO-BMFF/MP4 file (or not one we can read).
+
+    The message is a single line so it can go straight into a log or an error
+    reply, e.g. ``not an MP4 file (starts with b'<!DOCTYPE html>\\n')`` --
+    the typical case is a server answering with an HTML error page.
+    """
+
+
+# Box types that may legitimately open an MP4 file.  Checking the first box
+# against this list is what turns "HTML page / random bytes" into NotMP4
+# instead of a nonsense box walk.
+_FIRST_BOX_TYPES = frozenset(
+    {"ftyp", "styp", "moov", "mdat", "free", "skip", "wide", "pdin", "uuid"}
+)
+# Boxes whose payload is nothing but child boxes (the ones we need to reach
+# the sample tables; udta/meta are deliberately not descended into).
+_CONTAINERS = frozenset({"moov", "trak", "mdia", "minf", "stbl", "edts", "dinf"})
+
+_HDR = struct.Struct(">I4s")
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True)
+class Box:
+    """A top-level box: fourcc, file offset of its header, total size.
+
+    ``size`` is already resolved: a size field of 0 ("extends to end of
+    file") becomes ``file_size - offset`` and 64-bit ``largesize`` is used
+    when the 32-bit field is 1.
+    """
+
+    type: str
+    offset: int
+    size: int
+
+
+def _fourcc(raw: bytes) -> str:
+    """Decode a fourcc without ever failing (latin-1 maps every byte)."""
+    return raw.decode("latin-1")
+
+
+def _read_header(buf, pos: int, limit: int):
+    """Parse the box header at ``buf[pos]``.
+
+    Returns ``(type, header_size, size)`` with ``size`` as stored (0 and
+    largesize not yet resolved against a file size), or ``None`` if the
+    header does not fit before ``limit``.  Splitting this out lets the
+    top-level walk (partial head) and the moov walk (complete buffer) share
+    the one tricky bit: the 8 vs 16 byte header.
+    """
+    if pos + 8 > limit:
+        return None
+    size, raw = _HDR.unpack_from(buf, pos)
+    if size == 1:
+        if pos + 16 > limit:
+            return None
+        return _fourcc(raw), 16, _U64.unpack_from(buf, pos + 8)[0]
+    return _fourcc(raw), 8, size
+
+
+def top_level_boxes(head: bytes | memoryview, file_size: int) -> list[Box]:
+    """Walk the top-level boxes whose headers lie inside ``head``.
+
+    ``head`` is the first bytes of the file (usually much less than the whole
+    file); ``file_size`` is the full length (e.g. from Content-Length), which
+    is what lets us resolve size-0 boxes and reject impossible sizes.  The
+    walk stops at the first header not fully inside ``head`` or at
+    ``file_size``, so the caller learns where to look next from the last
+    box's end.
+
+    Raises NotMP4 when the first box is not a plausible MP4 opening box, or
+    when any box size is impossible -- better to fail fast with a clear
+    message than to plan byte ranges from garbage.
+    """
+    head = memoryview(head).cast("B")
+    limit = min(len(head), file_size)
+    if file_size < 8:
+        raise NotMP4(f"not an MP4 file (only {file_size} bytes)")
+    boxes: list[Box] = []
+    pos = 0
+    while pos < file_size:
+        hdr = _read_header(head, pos, limit)
+        if hdr is None:
+            break
+        kind, hsize, size = hdr
+        if not boxes and kind not in _FIRST_BOX_TYPES:
+            raise NotMP4(f"not an MP4 file (starts with {bytes(head[:16])!r})")
+        if size == 0:
+            size = file_size - pos
+        if size < hsize or pos + size > file_size:
+            raise NotMP4(
+                f"corrupt MP4: box {kind!r} at offset {pos} has size {size}"
+                f" (file size {file_size})"
+            )
+        boxes.append(Box(kind, pos, size))
+        pos += size
+    return boxes
+
+
+@dataclass(frozen=True)
+class MoovLocation:
+    """Where the moov box is, as far as the head bytes tell.
+
+    ``layout`` is ``'front'`` when moov precedes the first mdat (streamable,
+    "faststart" files) and ``'end'`` otherwise.  ``size`` is None when only
+    the offset is inferred (the moov header itself is not in head yet); the
+    caller then fetches a few bytes at ``offset`` to learn it.
+    """
+
+    offset: int
+    size: int | None
+    layout: str
+
+
+def locate_moov(head: bytes | memoryview, file_size: int) -> MoovLocation | None:
+    """Find (or infer) the moov box position from the file's head bytes.
+
+    * moov header inside head -> its exact offset and size.
+    * an mdat with known size seen before any moov -> moov is expected at the
+      next top-level box after the visible ones (where the walk stopped),
+      returned with ``size=None`` and ``layout='end'``.
+    * otherwise (head too short, no mdat seen yet, or the boxes seen already
+      reach the end of the file) -> None: nothing useful can be said, fetch a
+      longer head.
+
+    Raises NotMP4 (from :func:`top_level_boxes`) for non-MP4 bytes.
+    """
+    boxes = top_level_boxes(head, file_size)
+    seen_mdat = False
+    for box in boxes:
+        if box.type == "moov":
+            return MoovLocation(box.offset, box.size, "end" if seen_mdat else "front")
+        seen_mdat = seen_mdat or box.type == "mdat"
+    if not seen_mdat:
+        return None
+    next_offset = boxes[-1].offset + boxes[-1].size
+    if next_offset >= file_size:
+        return None  # mdat runs to EOF and there was no moov: nothing to fetch
+    return MoovLocation(next_offset, None, "end")
+
+
+# --------------------------------------------------------------------------
+# moov parsing
+
+
+def _children(buf: memoryview, start: int, end: int):
+    """Yield ``(type, payload_start, box_end)`` for boxes in ``buf[start:end]``.
+
+    Unlike the top-level walk, the buffer is complete here, so any box that
+    overruns its parent is corruption and raises NotMP4.
+    """
+    pos = start
+    while (hdr := _read_header(buf, pos, end)) is not None:
+        kind, hsize, size = hdr
+        if size == 0:
+            size = end - pos
+        if size < hsize or pos + size > end:
+            raise NotMP4(f"corrupt MP4: box {kind!r} at moov offset {pos} overruns its parent")
+        yield kind, pos + hsize, pos + size
+        pos += size
+
+
+def _collect(buf: memoryview, start: int, end: int, out: dict) -> dict:
+    """Map box type -> (payload_start, end) for every box below a container.
+
+    Recurses into :data:`_CONTAINERS`; the first occurrence of a type wins.
+    Flattening is fine because inside one trak every box we need (hdlr, mdhd,
+    stsd, stts, ...) occurs once.
+    """
+    for kind, p, e in _children(buf, start, end):
+        out.setdefault(kind, (p, e))
+        if kind in _CONTAINERS:
+            _collect(buf, p, e, out)
+    return out
+
+
+def _table(buf: memoryview, box: tuple[int, int], cols: int, dtype: str = ">u4") -> np.ndarray:
+    """Read a full-box table: version/flags, u32 entry_count, then entries.
+
+    Returns an ``(entry_count, cols)`` int64 array.  The count is clipped to
+    what the box really holds so a lying count cannot read past it.
+    """
+    p, e = box
+    (count,) = struct.unpack_from(">I", buf, p + 4)
+    itemsize = np.dtype(dtype).itemsize
+    count = min(count, (e - p - 8) // (itemsize * cols))
+    arr = np.frombuffer(buf, dtype=dtype, count=count * cols, offset=p + 8)
+    return arr.astype(np.int64).reshape(count, cols)
+
+
+@dataclass
+class VideoTrack:
+    """The video sample table, expanded to per-sample numpy arrays.
+
+    All arrays are indexed by sample number in DECODE order (file order).
+    Times are in ``timescale`` units and are the raw values from the sample
+    table: edit lists are ignored, so dts starts at 0 and pts may be shifted
+    relative to what FFmpeg reports (it subtracts the edit-list media_time).
+    """
+
+    codec: str
+    width: int
+    height: int
+    timescale: int
+    fps: float
+    offsets: np.ndarray
+    sizes: np.ndarray
+    dts: np.ndarray
+    pts: np.ndarray
+    keyframes: np.ndarray
+
+    @property
+    def frame_count(self) -> int:
+        """Number of video samples (= frames for video)."""
+        return int(len(self.sizes))
+
+    def presentation_order(self) -> np.ndarray:
+        """Decode indices sorted by pts; stable so equal pts keep file order."""
+        return np.argsort(self.pts, kind="stable")
+
+    def need_end(self) -> np.ndarray:
+        """Per PRESENTATION index i: bytes [.., E) needed to show frames 0..i.
+
+        With B-frames, presentation frame i may depend on a sample decoded
+        later than i (its reference), and decoding is sequential, so we need
+        every sample up to D(i) = the largest decode index among presentation
+        frames 0..i.  Samples are not necessarily at increasing offsets
+        (interleaving, odd muxers), hence the running max of sample ends.
+        """
+        if self.frame_count == 0:
+            return np.zeros(0, dtype=np.int64)
+        last_decode = np.maximum.accumulate(self.presentation_order())
+        max_end = np.maximum.accumulate(self.offsets + self.sizes)
+        return max_end[last_decode]
+
+    def bytes_needed(self, n_frames: int) -> int:
+        """File prefix length needed to show the first ``n_frames`` frames."""
+        n = min(n_frames, self.frame_count)
+        return int(self.need_end()[n - 1]) if n > 0 else 0
+
+
+def _mdhd(buf: memoryview, box: tuple[int, int]) -> tuple[int, int]:
+    """(timescale, duration) from mdhd, version 0 (32-bit) or 1 (64-bit)."""
+    p, _ = box
+    if buf[p] == 1:
+        return struct.unpack_from(">IQ", buf, p + 4 + 16)
+    return struct.unpack_from(">II", buf, p + 4 + 8)
+
+
+def _sample_entry(buf: memoryview, box: tuple[int, int]) -> tuple[str, int, int]:
+    """(codec, width, height) from the first visual sample entry in stsd."""
+    p, e = box
+    entry = next(_children(buf, p + 8, e), None)  # skip version/flags + count
+    if entry is None:
+        raise NotMP4("corrupt MP4: empty stsd in video track")
+    kind, ep, _ = entry
+    # 6 reserved + 2 data_reference_index + 16 pre_defined/reserved
+    width, height = struct.unpack_from(">HH", buf, ep + 24)
+    codec = {"avc1": "h264", "avc3": "h264", "hvc1": "hevc", "hev1": "hevc"}.get(kind, kind)
+    return codec, width, height
+
+
+def _expand_runs(table: np.ndarray, n: int) -> np.ndarray:
+    """Expand (count, value) run-length pairs (stts/ctts) to exactly n values.
+
+    Missing entries become 0 and extra ones are dropped, so a slightly
+    inconsistent table still yields arrays aligned with stsz.
+    """
+    values = np.repeat(table[:, 1], table[:, 0])[:n]
+    if len(values) < n:
+        values = np.concatenate([values, np.zeros(n - len(values), np.int64)])
+    return values
+
+
+def _sample_offsets(buf: memoryview, boxes: dict, sizes: np.ndarray) -> np.ndarray:
+    """File offset of every sample from stco/co64 + stsc + stsz.
+
+    stsc says "from chunk first_chunk on, each chunk holds k samples"; inside
+    a chunk samples are contiguous, so a sample's offset is its chunk's
+    offset plus the sizes of the chunk's earlier samples.
+    """
+    n = len(sizes)
+    if "stco" in boxes:
+        chunk_offsets = _table(buf, boxes["stco"], 1)[:, 0]
+    elif "co64" in boxes:
+        chunk_offsets = _table(buf, boxes["co64"], 1, ">u8")[:, 0]
+    else:
+        raise NotMP4("corrupt MP4: video track has no stco/co64")
+    stsc = _table(buf, boxes["stsc"], 3)
+    n_chunks = len(chunk_offsets)
+    first = np.clip(stsc[:, 0] - 1, 0, n_chunks)  # 1-based -> 0-based
+    runs = np.diff(np.append(first, n_chunks)).clip(min=0)
+    per_chunk = np.minimum(np.repeat(stsc[:, 1], runs), n)  # cap garbage counts
+    chunk_of_sample = np.repeat(np.arange(len(per_chunk)), per_chunk)[:n]
+    if len(chunk_of_sample) < n:
+        raise NotMP4("corrupt MP4: stsc/stco describe fewer samples than stsz")
+    chunk_first_sample = np.cumsum(per_chunk) - per_chunk
+    before = np.cumsum(sizes) - sizes  # bytes of all earlier samples
+    within = before - before[chunk_first_sample[chunk_of_sample]]
+    return chunk_offsets[chunk_of_sample] + within
+
+
+def _video_track(buf: memoryview, b: dict) -> VideoTrack:
+    """Build a VideoTrack from one trak's flattened box map."""
+    missing = {"mdhd", "stsd", "stts", "stsc", "stsz"} - b.keys()
+    if missing:
+        raise NotMP4(f"corrupt MP4: video track lacks {', '.join(sorted(missing))}")
+    timescale, duration = _mdhd(buf, b["mdhd"])
+    codec, width, height = _sample_entry(buf, b["stsd"])
+
+    p, e = b["stsz"]
+    const_size, n = struct.unpack_from(">II", buf, p + 4)
+    if const_size:
+        sizes = np.full(n, const_size, dtype=np.int64)
+    else:
+        n = min(n, (e - p - 12) // 4)
+        sizes = np.frombuffer(buf, ">u4", n, p + 12).astype(np.int64)
+
+    deltas = _expand_runs(_table(buf, b["stts"], 2), n)
+    dts = np.cumsum(deltas) - deltas
+    pts = dts.copy()
+    if "ctts" in b:
+        # Read as signed for both versions: v1 is signed by spec and v0
+        # "negative" offsets written by some muxers mean the same thing.
+        pts += _expand_runs(_table(buf, b["ctts"], 2, ">i4"), n)
+    if "stss" in b:
+        keyframes = np.zeros(n, dtype=bool)
+        sync = _table(buf, b["stss"], 1)[:, 0] - 1
+        keyframes[sync[(sync >= 0) & (sync < n)]] = True
+    else:
+        keyframes = np.ones(n, dtype=bool)
+
+    if not duration:
+        duration = int(deltas.sum())
+    fps = round(n * timescale / duration, 3) if duration and timescale else 0.0
+    return VideoTrack(
+        codec=codec, width=width, height=height, timescale=timescale, fps=fps,
+        offsets=_sample_offsets(buf, b, sizes), sizes=sizes, dts=dts, pts=pts,
+        keyframes=keyframes,
+    )
+
+
+def parse_moov(moov: bytes | memoryview) -> VideoTrack:
+    """Parse a complete moov box (starting at its header); first video track.
+
+    The video track is the first trak whose mdia/hdlr handler_type is
+    'vide'.  Edit lists (edts/elst) are walked past but not applied: the
+    engine numbers frames by sample order, and applying elst would only
+    shift times.  Raises NotMP4 for a non-moov buffer, corrupt boxes, or
+    ``NotMP4('no video track in the MP4')``.
+    """
+    buf = memoryview(moov).cast("B")
+    hdr = _read_header(buf, 0, len(buf))
+    if hdr is None or hdr[0] != "moov":
+        raise NotMP4(f"expected a moov box, got {bytes(buf[:8])!r}")
+    _, hsize, size = hdr
+    if size == 0:
+        size = len(buf)
+    if size > len(buf):
+        raise NotMP4(f"incomplete moov: have {len(buf)} of {size} bytes")
+    try:
+        for kind, p, e in _children(buf, hsize, size):
+            if kind != "trak":
+                continue
+            boxes = _collect(buf, p, e, {})
+            hdlr = boxes.get("hdlr")
+            # hdlr: version/flags(4) + pre_defined(4) + handler_type(4)
+            if hdlr and bytes(buf[hdlr[0] + 8 : hdlr[0] + 12]) == b"vide":
+                return _video_track(buf, boxes)
+    except (struct.error, ValueError) as exc:
+        if isinstance(exc, NotMP4):
+            raise
+        raise NotMP4(f"corrupt MP4: {exc}") from None
+    raise NotMP4("no video track in the MP4")

@@ -1,0 +1,795 @@
+"""The supervisor: starts every worker, routes every message, owns every segment.
+
+One thread runs one loop over ``multiprocess.connection.wait``: client connections,
+worker pipes and worker sentinels. Nothing is shared between threads but the accept
+queue, so job state needs no locks. Workers talk only to the supervisor (a star), which
+keeps restarts simple: it always knows what each worker holds and can requeue it.
+
+Segments (video, availability map, frame ring) are created and unlinked here only;
+workers attach by name. A crash of the supervisor itself is covered twice: workers die
+with it (``workers.base``) and the next start sweeps its segments (``shm.sweep``).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from urllib.parse import urlsplit
+
+import multiprocess as mp
+from multiprocess.connection import wait
+
+from engine import mp4
+from engine.config import Config
+from engine.job import Job
+from engine.messages import (BatchReady, BatchResults, CancelJob, DecodeDone, DecodeJob, EndJob,
+                             FetchHead, FetchRange, GpuJob, HeadInfo, Heartbeat, Hello, JobDone,
+                             NeedBytes, Prewarm, PrewarmOrigins, RangeDone, RangeFailed, Reply,
+                             ResultBatch, SegmentReady, Shutdown, StatusQuery, Submit)
+from engine.plan import RangePlan
+from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name, sweep_stale
+from shm.sweep import owned_blocks
+from shm.block import unlink_block
+
+log = logging.getLogger("engine.supervisor")
+
+HEARTBEAT_TIMEOUT_S = 10.0
+MAX_RANGE_ATTEMPTS = 4
+PREFIX_BYTES = 64 * 1024
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+
+
+class WorkerHandle:
+    """One child process of a role, and what it is holding right now."""
+
+    def __init__(self, role: str, index: int, target):
+        self.role, self.index, self.target = role, index, target
+        self.process = None
+        self.conn = None
+        self.pid = None
+        self.ready = False
+        self.info: dict = {}
+        self.started_at = 0.0
+        self.last_beat = 0.0
+        self.restarts = 0
+        self.quick_deaths = 0
+        self.causes: list[str] = []
+        self.restart_at: float | None = None
+        self.inflight: set[tuple[int, int]] = set()   # fetcher: (job, offset)
+        self.heads: set[int] = set()                  # fetcher: jobs whose head it fetches
+        self.job: int | None = None                   # decoder: the job it decodes
+        self.jobs: set[int] = set()                   # gpu: jobs with batches in flight
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}{self.index}" if self.role != "gpu" else "gpu"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+class Supervisor:
+    def __init__(self, config: Config, listener=None):
+        self.config = config
+        self.listener = listener
+        self.ctx = mp.get_context("spawn")
+        self.jobs: dict[int, Job] = {}
+        self.job_ids = itertools.count(1)
+        self.clients: list = []
+        self.accepted: queue.Queue = queue.Queue()
+        self.wake_r, self.wake_w = os.pipe()
+        self.running = True
+        self.stopping_since: float | None = None
+        self.prewarms: dict[int, tuple[object, int, int]] = {}   # token -> (client, waiting, opened)
+        self.ready_waiters: list = []
+        self.workers: list[WorkerHandle] = []
+        self.shm_in_use = 0
+        self.decode_queue: list[int] = []
+        self.rr = 0
+        from workers import decoder, fetcher, gpu
+        for i in range(config.fetchers):
+            self.workers.append(WorkerHandle("fetcher", i, fetcher.main))
+        for i in range(config.decoders):
+            self.workers.append(WorkerHandle("decoder", i, decoder.main))
+        self.workers.append(WorkerHandle("gpu", 0, gpu.main))
+        self.decoder_backend = self._pick_backend()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _pick_backend(self) -> str:
+        choice = self.config.decoder
+        if choice == "decord":
+            try:
+                import decord  # noqa: F401
+            except ImportError:
+                log.warning("ENGINE_DECODER=decord but decord is not installed: using pyav")
+                return "pyav"
+            return "decord"
+        return "pyav"  # auto: PyAV measured faster here (README, decoder backends)
+
+    def start(self) -> None:
+        swept = sweep_stale()
+        if swept:
+            log.info("swept %d stale shared-memory segments of dead engines", len(swept))
+        for note in self.config.notes:
+            log.info(note)
+        for w in self.workers:
+            self._spawn(w)
+        if self.listener is not None:
+            threading.Thread(target=self._accept, name="accept", daemon=True).start()
+
+    def _spawn(self, w: WorkerHandle) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        w.process = self.ctx.Process(target=w.target, args=(child, self.config, w.index),
+                                     name=f"engine-{w.name}", daemon=True)
+        w.process.start()
+        child.close()
+        w.conn, w.pid, w.ready, w.info = parent, w.process.pid, False, {}
+        w.started_at = w.last_beat = time.monotonic()
+        w.restart_at = None
+
+    def _accept(self) -> None:
+        while self.running:
+            try:
+                conn = self.listener.accept()
+            except (OSError, EOFError):
+                if not self.running:
+                    return
+                continue
+            self.accepted.put(conn)
+            os.write(self.wake_w, b"x")
+
+    def add_client(self, conn) -> None:
+        self.clients.append(conn)
+
+    def request_stop(self, *_) -> None:
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            os.write(self.wake_w, b"x")
+
+    def run(self) -> None:
+        """The loop. Returns after a stop request once jobs are done (at most 5 s)."""
+        try:
+            while True:
+                if self.stopping_since is not None:
+                    live = [j for j in self.jobs.values() if not j.finished]
+                    if not live or time.monotonic() - self.stopping_since > 4.0:
+                        for job in live:
+                            self.fail(job, "EngineError", f"{job.url}: engine is shutting down")
+                        break
+                self._tick()
+                handles = [self.wake_r] + list(self.clients)
+                for w in self.workers:
+                    if w.process is not None:
+                        handles += [w.conn, w.process.sentinel]
+                for ready in wait(handles, timeout=self._next_timeout()):
+                    self._dispatch(ready)
+        finally:
+            self.shutdown()
+
+    def _next_timeout(self) -> float:
+        return 0.05 if any(j.plan and j.plan.pending for j in self.jobs.values()) else 0.25
+
+    def shutdown(self) -> None:
+        self.running = False
+        for job in list(self.jobs.values()):
+            if not job.finished:
+                self.fail(job, "EngineError", f"{job.url}: engine is shutting down")
+        for w in self.workers:
+            if w.process is not None and w.process.is_alive():
+                try:
+                    w.conn.send(Shutdown())
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 2.0
+        for w in self.workers:
+            if w.process is not None:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+                if w.process.is_alive():
+                    w.process.kill()
+                    w.process.join(1.0)
+        for conn in self.clients:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        if self.listener is not None:
+            try:
+                self.listener.close()
+            except OSError:
+                pass
+        for name in owned_blocks(os.getpid()):
+            unlink_block(name)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    # ------------------------------------------------------------------ events
+    def _dispatch(self, ready) -> None:
+        if ready == self.wake_r:
+            os.read(self.wake_r, 4096)
+            while not self.accepted.empty():
+                self.clients.append(self.accepted.get())
+            return
+        if ready in self.clients:
+            try:
+                msg = ready.recv()
+            except (EOFError, OSError):
+                self._client_gone(ready)
+                return
+            self.on_client(ready, msg)
+            return
+        for w in self.workers:
+            if w.process is None:
+                continue
+            if ready is w.conn:
+                self._drain_worker(w)
+                return
+            if ready == w.process.sentinel:
+                self._drain_worker(w)
+                self.on_worker_death(w)
+                return
+
+    def _drain_worker(self, w: WorkerHandle) -> None:
+        try:
+            while w.conn.poll():
+                self.on_worker(w, w.conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            if not job.finished and now > job.deadline:
+                self.fail(job, "JobTimeout", f"{job.url}: job exceeded its deadline of "
+                          f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
+        for w in self.workers:
+            if w.process is None and w.restart_at is not None and now >= w.restart_at:
+                self._spawn(w)
+            elif (w.alive and w.ready and now - w.last_beat > HEARTBEAT_TIMEOUT_S):
+                log.warning("%s (pid %s) stopped heartbeating: killing it", w.name, w.pid)
+                w.causes.append("no heartbeat")
+                w.process.kill()
+        self._dispatch_ranges()
+        self._dispatch_decodes()
+
+    # ------------------------------------------------------------------ clients
+    def send(self, client, msg) -> None:
+        if client is None:
+            return
+        try:
+            client.send(msg)
+        except (OSError, EOFError):
+            self._client_gone(client)
+
+    def _client_gone(self, client) -> None:
+        if client in self.clients and self.listener is None and len(self.clients) == 1:
+            self.request_stop()   # an owned engine ends with its owner
+        if client in self.clients:
+            self.clients.remove(client)
+            try:
+                client.close()
+            except OSError:
+                pass
+        for job in list(self.jobs.values()):
+            if job.client is client and not job.finished:
+                job.client = None
+                self.fail(job, "EngineError", f"{job.url}: the client went away")
+
+    def on_client(self, client, msg) -> None:
+        if isinstance(msg, Submit):
+            self.submit(client, msg)
+        elif isinstance(msg, Prewarm):
+            fetchers = [w for w in self.workers if w.role == "fetcher" and w.alive]
+            self.prewarms[msg.token] = (client, len(fetchers), 0)
+            for w in fetchers:
+                self._send_worker(w, PrewarmOrigins(tuple(msg.origins), msg.token))
+            if not fetchers:
+                self.send(client, Reply(msg.token, {"opened": 0}))
+        elif isinstance(msg, StatusQuery):
+            if msg.token == 0:   # "tell me when all workers are up"
+                self.ready_waiters.append(client)
+                self._maybe_ready()
+            else:
+                from engine.status import snapshot
+                self.send(client, Reply(msg.token, snapshot(self)))
+        elif isinstance(msg, CancelJob):
+            for job in list(self.jobs.values()):
+                if job.client is client and job.token == msg.token and not job.finished:
+                    self.fail(job, "EngineError", f"{job.url}: cancelled")
+
+    def _maybe_ready(self) -> None:
+        if not self.ready_waiters:
+            return
+        failed = [w for w in self.workers if w.info.get("error")]
+        if failed:
+            error = failed[0].info["error"]
+            for client in self.ready_waiters:
+                self.send(client, Reply(0, {}, error, "ProcessorError"))
+            self.ready_waiters = []
+            self.request_stop()
+        elif all(w.ready for w in self.workers):
+            info = {w.name: w.info for w in self.workers}
+            for client in self.ready_waiters:
+                self.send(client, Reply(0, {"ready": True, "workers": info}))
+            self.ready_waiters = []
+
+    # ------------------------------------------------------------------ jobs: fetch
+    def submit(self, client, msg: Submit) -> None:
+        cfg = self.config
+        job = Job(next(self.job_ids), msg.token, client, msg.url,
+                  msg.processor or cfg.processor,
+                  msg.max_frames if msg.max_frames is not None else cfg.max_frames,
+                  cfg.partial_mb, msg.stream)
+        job.deadline = job.submitted + cfg.job_timeout_s
+        self.jobs[job.id] = job
+        scheme = urlsplit(msg.url).scheme.lower()
+        if scheme not in ("http", "https"):
+            self.fail(job, "FetchError", f"{msg.url}: unsupported URL scheme "
+                      f"{scheme or '(none)'!r}: only http and https")
+            return
+        if self.stopping_since is not None:
+            self.fail(job, "EngineError", f"{msg.url}: engine is shutting down")
+            return
+        job.final_url = msg.url
+        self._start_head(job)
+
+    def _fetchers(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.role == "fetcher" and w.alive and w.ready]
+
+    def _start_head(self, job: Job, attempt: int = 0) -> None:
+        fetchers = self._fetchers() or [w for w in self.workers if w.role == "fetcher" and w.alive]
+        if not fetchers:
+            self.fail(job, "FetchError", f"{job.url}: no fetcher process is running")
+            return
+        w = min(fetchers, key=lambda f: len(f.inflight) + len(f.heads))
+        w.heads.add(job.id)
+        job.head_fetcher = w
+        self._send_worker(w, FetchHead(job.id, job.final_url, cfg_head(self.config), attempt))
+
+    def on_head(self, w: WorkerHandle, msg: HeadInfo) -> None:
+        job = self.jobs.get(msg.job)
+        if job is None or job.finished:
+            self._send_worker(w, SegmentReady(msg.job, None, None))
+            return
+        job.count_request(msg.stats)
+        job.ranges += 1
+        if msg.stats.connected is not None:
+            job.mark("connect", msg.stats.connected)
+        else:
+            job.mark("connect", msg.stats.started)
+        job.mark("first_byte", msg.stats.first_byte)
+        job.final_url, job.size, job.ranged = msg.url, msg.size, msg.ranged
+        cfg = self.config
+        if msg.size > cfg.max_bytes:
+            self._send_worker(w, SegmentReady(msg.job, None, None))
+            self.fail(job, "FetchError", f"{job.url}: file is {msg.size} bytes, over the "
+                      f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
+            return
+        if msg.content_type.split(";")[0].strip().lower().startswith("text/"):
+            self._send_worker(w, SegmentReady(msg.job, None, None))
+            self.fail(job, "DecodeError", f"{job.url}: server sent {msg.content_type.split(';')[0]}"
+                      ", not a video")
+            return
+        if self.shm_in_use + msg.size > cfg.max_bytes:
+            self._send_worker(w, SegmentReady(msg.job, None, None))
+            self.fail(job, "FetchError", f"{job.url}: refused: jobs in flight already hold "
+                      f"{self.shm_in_use / 1e6:.0f} MB of shared memory (ENGINE_MAX_BYTES)")
+            return
+        try:
+            name = segment_name(os.getpid(), job.id)
+            job.segment = SharedBlock.create(name, msg.size)
+            job.amap = AvailabilityMap.create(name + ".map", msg.size)
+        except ShmError as exc:
+            self._send_worker(w, SegmentReady(msg.job, None, None))
+            self.fail(job, "FetchError", f"{job.url}: {exc}")
+            return
+        self.shm_in_use += job.shm_bytes()
+        self._send_worker(w, SegmentReady(job.id, job.segment.name, job.amap.name))
+        job.plan = RangePlan(msg.size, cfg.range_bytes)
+        head_len = min(cfg_head(cfg), msg.size) if msg.ranged else msg.size
+        job.plan.planned_until = head_len
+
+    def _plan_after_head(self, job: Job) -> None:
+        """The head is in: find the moov and plan the remaining ranges."""
+        head = job.segment.mm[:job.plan.planned_until]
+        try:
+            loc = mp4.locate_moov(head, job.size)
+        except mp4.NotMP4 as exc:
+            self.fail(job, "DecodeError", f"{job.url}: {exc}")
+            return
+        partial = job.max_frames is not None or job.partial_mb is not None
+        if loc is None:
+            job.plan.extend(job.size)   # unknown layout: fetch it all, find the moov later
+            return
+        job.moov_layout = loc.layout
+        moov_end = job.size if loc.size is None else loc.offset + loc.size
+        job.moov = (loc.offset, moov_end)
+        if loc.layout == "end":
+            job.plan.urgent(loc.offset, moov_end)
+            if not partial:
+                job.plan.extend(loc.offset)
+        else:
+            job.plan.extend(moov_end if partial else job.size)
+        self._check_moov(job)
+
+    def on_range_done(self, w: WorkerHandle, msg: RangeDone) -> None:
+        w.inflight.discard((msg.job, msg.offset))
+        job = self.jobs.get(msg.job)
+        if job is None or job.finished:
+            return
+        job.bytes += msg.stats.bytes
+        if msg.offset == 0 and not job.head_done:
+            w.heads.discard(job.id)
+            job.head_done = True
+            if job.ranged:
+                self._plan_after_head(job)
+            else:
+                job.plan.extend(job.size)
+                job.plan.inflight.clear()
+                job.plan.pending.clear()
+                self._check_moov(job)
+        else:
+            job.count_request(msg.stats)
+            job.ranges += 1
+            job.plan.done(msg.offset)
+            self._check_moov(job)
+        if not job.finished:
+            self._check_download(job)
+
+    def on_range_failed(self, w: WorkerHandle, msg: RangeFailed) -> None:
+        w.inflight.discard((msg.job, msg.offset))
+        job = self.jobs.get(msg.job)
+        if job is None or job.finished:
+            return
+        job.count_request(msg.stats)
+        if msg.head and not job.head_done:
+            w.heads.discard(job.id)
+            if job.segment is None and msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
+                job.retries += 1
+                self._start_head(job, msg.attempt + 1)
+            elif job.segment is not None and job.ranged and msg.retryable:
+                # The head broke off after the segment was made: fetch it as a range.
+                job.retries += 1
+                job.plan.pending.appendleft(_piece(0, job.plan.planned_until, msg.attempt + 1))
+                job.head_done = True
+                self._plan_after_head(job)
+            else:
+                self.fail(job, msg.kind, msg.error)
+            return
+        if msg.retryable and job.plan and msg.offset in job.plan.inflight \
+                and job.plan.inflight[msg.offset].attempt + 1 < MAX_RANGE_ATTEMPTS:
+            job.retries += 1
+            job.plan.retry(msg.offset, msg.written, 0.05 * 2 ** job.plan.inflight[msg.offset].attempt)
+            return
+        self.fail(job, msg.kind, msg.error)
+
+    def _dispatch_ranges(self) -> None:
+        """Hand pending pieces to fetchers with a free connection, jobs in turn."""
+        jobs = [j for j in self.jobs.values() if not j.finished and j.plan and j.plan.pending]
+        if not jobs:
+            return
+        limit = self.config.connections
+        fetchers = self._fetchers()
+        while jobs:
+            free = [f for f in fetchers if len(f.inflight) + len(f.heads) < limit]
+            if not free:
+                return
+            self.rr = (self.rr + 1) % len(jobs)
+            job = jobs[self.rr]
+            piece = job.plan.next()
+            if piece is None:
+                jobs.remove(job)
+                continue
+            w = min(free, key=lambda f: len(f.inflight) + len(f.heads))
+            w.inflight.add((job.id, piece.offset))
+            self._send_worker(w, FetchRange(job.id, job.final_url, job.segment.name, job.amap.name,
+                                            piece.offset, piece.end, piece.attempt))
+
+    def _check_moov(self, job: Job) -> None:
+        if job.track is not None or job.moov is None or job.finished:
+            return
+        start, end = job.moov
+        if not job.amap.present(start, end - start):
+            return
+        job.mark("moov_ready")
+        try:
+            mm = job.segment.mm
+            job.track = mp4.parse_moov(memoryview(mm)[start:end])
+        except mp4.NotMP4 as exc:
+            self.fail(job, "DecodeError", f"{job.url}: {exc}")
+            return
+        track = job.track
+        limit = track.frame_count
+        if job.max_frames is not None:
+            limit = min(limit, job.max_frames)
+        if job.partial_mb is not None:
+            need = track.need_end()
+            budget = int(job.partial_mb * 1024 * 1024)
+            limit = min(limit, int((need <= budget).sum()))
+        job.frame_limit = limit
+        if limit < track.frame_count or job.max_frames is not None:
+            job.plan.extend(track.bytes_needed(limit) if limit else 0)
+        if limit == 0:
+            self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
+            return
+        try:
+            job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"),
+                                        self.config.ring_slots, track.height, track.width)
+        except ShmError as exc:
+            self.fail(job, "FetchError", f"{job.url}: {exc}")
+            return
+        self.shm_in_use += job.ring.block.size
+        job.waiting_decoder = True
+        self.decode_queue.append(job.id)
+        self._dispatch_decodes()
+
+    def _check_download(self, job: Job) -> None:
+        if job.plan.finished and job.head_done and "download_done" not in job.timings:
+            if all(job.amap.present(lo, hi - lo) for lo, hi in job.plan.regions() if hi > lo):
+                job.mark("download_done")
+                if job.max_frames is not None or job.partial_mb is not None:
+                    log.info("Partial video downloaded successfully (%.1f MB)", job.bytes / 1e6)
+                if job.moov is None:   # layout unknown from the head: look again now
+                    try:
+                        loc = mp4.locate_moov(job.segment.mm, job.size)
+                    except mp4.NotMP4 as exc:
+                        self.fail(job, "DecodeError", f"{job.url}: {exc}")
+                        return
+                    if loc is None or loc.size is None:
+                        self.fail(job, "DecodeError", f"{job.url}: no moov box in the file "
+                                  "(not a complete MP4)")
+                        return
+                    job.moov_layout = loc.layout
+                    job.moov = (loc.offset, loc.offset + loc.size)
+                    self._check_moov(job)
+
+    # ------------------------------------------------------------------ jobs: decode
+    def _dispatch_decodes(self) -> None:
+        while self.decode_queue:
+            free = [w for w in self.workers if w.role == "decoder" and w.alive and w.ready
+                    and w.job is None]
+            if not free:
+                return
+            job = self.jobs.get(self.decode_queue.pop(0))
+            if job is None or job.finished:
+                continue
+            w = free[0]
+            w.job = job.id
+            job.decoder = w
+            job.waiting_decoder = False
+            job.decoder_backend = self.decoder_backend
+            gpu = self._gpu()
+            if gpu is not None:
+                self._send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
+            readable = job.plan.planned_until
+            self._send_worker(w, DecodeJob(
+                job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
+                self.decoder_backend, self.config.batch,
+                [int(x) for x in job.track.need_end()], job.frame_limit, readable,
+                job.moov))
+
+    def _gpu(self) -> WorkerHandle | None:
+        for w in self.workers:
+            if w.role == "gpu" and w.alive:
+                return w
+        return None
+
+    def on_batch(self, w: WorkerHandle, msg: BatchReady) -> None:
+        job = self.jobs.get(msg.job)
+        if job is None or job.finished:
+            return
+        job.mark("first_frame", msg.decoded_at)
+        gpu = self._gpu()
+        if gpu is None:
+            self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
+            return
+        job.outstanding += 1
+        gpu.jobs.add(job.id)
+        self._send_worker(gpu, msg)
+
+    def on_results(self, w: WorkerHandle, msg: BatchResults) -> None:
+        job = self.jobs.get(msg.job)
+        if job is None or job.finished:
+            return
+        job.outstanding -= 1
+        if msg.error:
+            self.fail(job, "ProcessorError", f"{job.url}: {msg.error}")
+            return
+        job.mark("first_result")
+        for n, result in zip(msg.frame_numbers, msg.results):
+            job.results[n] = result
+        if job.stream:
+            self.send(job.client, ResultBatch(job.token, list(msg.frame_numbers), msg.results))
+        self._maybe_finish(job)
+
+    def on_decode_done(self, w: WorkerHandle, msg: DecodeDone) -> None:
+        if w.job == msg.job:
+            w.job = None
+        job = self.jobs.get(msg.job)
+        self._dispatch_decodes()
+        if job is None or job.finished:
+            return
+        job.decode_done = True
+        job.mark("decode_done")
+        if msg.error:
+            self.fail(job, "DecodeError", f"{job.url}: {msg.error}")
+            return
+        job.missing = msg.missing
+        self._maybe_finish(job)
+
+    def _maybe_finish(self, job: Job) -> None:
+        if job.decode_done and job.outstanding == 0 and not job.finished:
+            self.finish(job)
+
+    # ------------------------------------------------------------------ jobs: end
+    def finish(self, job: Job) -> None:
+        job.finished = True
+        job.mark("total")
+        self._release(job)
+        self.send(job.client, JobDone(job.token, job.report()))
+
+    def fail(self, job: Job, kind: str, message: str) -> None:
+        if job.finished:
+            return
+        job.error, job.error_kind = message, kind
+        self.finish(job)
+
+    def _release(self, job: Job) -> None:
+        """Stop everything the job has going and give back its memory."""
+        for shared in (job.amap, job.ring):
+            if shared is not None:
+                shared.cancel()
+        if job.plan is not None:
+            job.plan.drop_pending()
+        if job.id in self.decode_queue:
+            self.decode_queue.remove(job.id)
+        for w in self.workers:
+            if w.alive and (w.role in ("fetcher", "gpu") or w.job == job.id):
+                self._send_worker(w, EndJob(job.id))
+            w.inflight = {(j, o) for j, o in w.inflight if j != job.id}
+            w.heads.discard(job.id)
+            w.jobs.discard(job.id)
+        self.shm_in_use -= job.shm_bytes()
+        for shared in (job.segment, job.amap, job.ring):
+            if shared is not None:
+                shared.unlink()
+                shared.close()
+        job.segment = job.amap = job.ring = None
+        self.jobs.pop(job.id, None)
+
+    # ------------------------------------------------------------------ workers
+    def _send_worker(self, w: WorkerHandle, msg) -> None:
+        try:
+            w.conn.send(msg)
+        except (OSError, EOFError):
+            pass   # its death is noticed through the sentinel
+
+    def on_worker(self, w: WorkerHandle, msg) -> None:
+        if isinstance(msg, Heartbeat):
+            w.last_beat = time.monotonic()
+        elif isinstance(msg, RangeDone):
+            self.on_range_done(w, msg)
+        elif isinstance(msg, BatchReady):
+            self.on_batch(w, msg)
+        elif isinstance(msg, BatchResults):
+            self.on_results(w, msg)
+        elif isinstance(msg, HeadInfo):
+            self.on_head(w, msg)
+        elif isinstance(msg, RangeFailed):
+            self.on_range_failed(w, msg)
+        elif isinstance(msg, NeedBytes):
+            job = self.jobs.get(msg.job)
+            if job is not None and job.plan is not None:
+                job.plan.raise_to_front(msg.offset)
+        elif isinstance(msg, DecodeDone):
+            self.on_decode_done(w, msg)
+        elif isinstance(msg, Reply):    # a fetcher finished a prewarm
+            entry = self.prewarms.get(msg.token)
+            if entry is not None:
+                client, waiting, opened = entry
+                opened += msg.payload.get("opened", 0)
+                if waiting <= 1:
+                    self.prewarms.pop(msg.token)
+                    self.send(client, Reply(msg.token, {"opened": opened}))
+                else:
+                    self.prewarms[msg.token] = (client, waiting - 1, opened)
+        elif isinstance(msg, Hello):
+            w.ready, w.info, w.last_beat = True, msg.info, time.monotonic()
+            if msg.info.get("error"):
+                log.error("%s", msg.info["error"])
+            if w.role == "decoder":
+                self._dispatch_decodes()
+            self._maybe_ready()
+
+    def on_worker_death(self, w: WorkerHandle) -> None:
+        w.process.join(0.1)
+        code = w.process.exitcode
+        cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+                 else f"exited with code {code}")
+        if self.running and self.stopping_since is None:
+            log.warning("%s (pid %s) %s: restarting it", w.name, w.pid, cause)
+        w.causes.append(cause)
+        w.causes = w.causes[-20:]
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        w.process, w.conn, w.ready = None, None, False
+        if w.role == "fetcher":
+            for job_id, offset in w.inflight:
+                job = self.jobs.get(job_id)
+                if job is not None and job.plan is not None:
+                    job.plan.requeue(offset)
+            for job_id in list(w.heads):
+                job = self.jobs.get(job_id)
+                if job is None or job.finished:
+                    continue
+                if job.segment is None:
+                    self._start_head(job)
+                elif job.ranged:
+                    job.plan.pending.appendleft(_piece(0, job.plan.planned_until, 1))
+                    job.head_done = True
+                    self._plan_after_head(job)
+                else:
+                    self.fail(job, "FetchError", f"{job.url}: fetcher process died during a "
+                              "download without Range support")
+        elif w.role == "decoder" and w.job is not None:
+            job = self.jobs.get(w.job)
+            w.job = None
+            if job is not None and not job.finished:
+                self.fail(job, "DecodeError", f"{job.url}: decoder process crashed ({cause}) "
+                          "while decoding this video")
+        elif w.role == "gpu":
+            for job_id in list(w.jobs):
+                job = self.jobs.get(job_id)
+                if job is not None and not job.finished:
+                    self.fail(job, "ProcessorError", f"{job.url}: GPU worker crashed ({cause})")
+            w.jobs.clear()
+        w.inflight.clear()
+        w.heads.clear()
+        if not self.running or self.stopping_since is not None:
+            return
+        if w.info.get("error"):
+            return   # it cannot start (bad processor): reported, not spun
+        quick = time.monotonic() - w.started_at < 2.0
+        w.quick_deaths = w.quick_deaths + 1 if quick else 0
+        w.restarts += 1
+        w.restart_at = time.monotonic() + RESTART_BACKOFF_S[min(w.quick_deaths,
+                                                               len(RESTART_BACKOFF_S) - 1)]
+        if w.restart_at <= time.monotonic():
+            self._spawn(w)
+
+
+def cfg_head(config: Config) -> int:
+    return config.head_kb * 1024
+
+
+def _piece(offset, end, attempt):
+    from engine.plan import Piece
+    return Piece(offset, end, attempt)
+
+
+def main(conn, config: Config) -> None:
+    """Entry of a supervisor spawned by ``Engine``: its only client is the pipe."""
+    from workers.base import die_with_parent
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    logging.basicConfig(level=config.log_level, format="%(asctime)s supervisor %(message)s")
+    sup = Supervisor(config)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    sup.add_client(conn)
+    sup.start()
+    sup.run()
+
+
+if __name__ == "__main__":
+    # ``Engine`` starts us as ``python -m engine.supervisor FD``: a plain exec, so the
+    # miner's own main module is never re-imported here (multiprocess' spawn would).
+    import sys
+    from multiprocess.connection import Connection
+    _conn = Connection(int(sys.argv[1]))
+    main(_conn, _conn.recv())

@@ -1,0 +1,246 @@
+"""Decoder process: frames out of a segment that is still being filled.
+
+It starts once the moov box is in (the supervisor says so with a ``DecodeJob``) and
+reads the segment through the availability map, blocking only on the bytes it needs
+next, so decoding runs at the pace of the download instead of after it. Frames go into
+the job's frame ring; each batch descriptor goes to the supervisor, which forwards it
+to the GPU worker. The first batch leaves with one frame (early first result); later
+ones fill to ``ENGINE_BATCH``, or leave early when decoding has to wait for bytes.
+
+A decoder backend that crashes (decord can segfault on bad input) takes down only this
+process; the supervisor fails that job and starts a new decoder.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+
+import numpy as np
+
+from engine.config import Config
+from engine.messages import BatchReady, DecodeDone, DecodeJob, NeedBytes, Shutdown
+from shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
+from shm.ring import SlotRun
+from workers.base import Link, worker_setup
+
+log = logging.getLogger("engine.decoder")
+
+STALL_WAIT_S = 0.002  # a read that is not satisfied this fast counts as a stall
+
+
+class Batcher:
+    """Frames -> ring slots -> batch descriptors, with the first-frame-early rule."""
+
+    def __init__(self, link: Link, job: DecodeJob, ring: FrameRing):
+        self.link, self.job, self.ring = link, job, ring
+        self.first = None
+        self.numbers: list[int] = []
+        self.sent_any = False
+        self.frames = 0
+        self.first_frame_at: float | None = None
+
+    def slot(self) -> tuple[int, np.ndarray]:
+        """A free slot for the next frame (blocks while the ring is full)."""
+        slot = self.ring.reserve()
+        if self.numbers and slot != self.first + len(self.numbers):
+            self.flush()  # the ring wrapped: batches stay contiguous
+        if not self.numbers:
+            self.first = slot
+        return slot, self.ring.frames[slot]
+
+    def add(self, number: int) -> None:
+        now = time.monotonic()
+        if self.first_frame_at is None:
+            self.first_frame_at = now
+        self.numbers.append(number)
+        self.frames += 1
+        if not self.sent_any or len(self.numbers) >= self.job.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.numbers:
+            return
+        run = SlotRun(self.first, len(self.numbers))
+        self.ring.publish(run)
+        self.link.send(BatchReady(self.job.job, run.first, run.count, self.numbers,
+                                  time.monotonic()))
+        self.sent_any = True
+        self.numbers = []
+
+
+class SegmentReader:
+    """A seekable, blocking file over the segment, for PyAV's custom IO.
+
+    ``read`` returns only bytes that have arrived; past ``readable_end`` (bytes that a
+    partial job never fetches) it reports end of file, except inside the moov box.
+    """
+
+    def __init__(self, link: Link, job: DecodeJob, block: SharedBlock, amap: AvailabilityMap,
+                 on_stall):
+        self.link, self.job, self.mm, self.amap = link, job, block.mm, amap
+        self.size = job.size
+        self.pos = 0
+        self.on_stall = on_stall
+        self._asked = -1
+
+    def _limit(self, pos: int) -> int:
+        moov_start, moov_end = self.job.moov
+        if moov_start <= pos < moov_end:
+            return moov_end
+        return min(self.job.readable_end, self.size) if pos < self.job.readable_end else pos
+
+    def read(self, n: int = -1) -> bytes:
+        limit = self._limit(self.pos)
+        end = limit if n < 0 else min(self.pos + n, limit)
+        if end <= self.pos:
+            return b""
+        self.wait(self.pos, end)
+        data = self.mm[self.pos:end]
+        self.pos = end
+        return data
+
+    def wait(self, start: int, end: int) -> None:
+        if self.amap.present(start, end - start):
+            return
+        if not self.amap.wait(start, end - start, STALL_WAIT_S):
+            self.on_stall()
+            missing = self.amap.first_missing(start, end - start)
+            if missing is not None and missing // (1 << 20) != self._asked:
+                self._asked = missing // (1 << 20)
+                self.link.send(NeedBytes(self.job.job, missing))
+            self.amap.wait(start, end - start, None)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        elif whence == os.SEEK_END:
+            self.pos = self.size + offset
+        else:
+            return -1
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+
+def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
+    import av
+
+    batcher = Batcher(link, job, ring)
+    reader = SegmentReader(link, job, block, amap, batcher.flush)
+    limit = job.frame_limit or len(job.need_end)
+    container = av.open(reader, mode="r", format="mp4")
+    try:
+        if not container.streams.video:
+            return DecodeDone(job.job, 0, [], "no video track in the file")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        height, width = ring.height, ring.width
+        seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
+        preroll = 0                   # packets an edit list hides (negative pts)
+        done: set[int] = set()
+        corrupt = 0
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                if packet.pts < 0:
+                    preroll += 1
+                bisect.insort(seen_pts, packet.pts)
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                corrupt += 1
+                continue
+            for frame in frames:
+                number = (bisect.bisect_left(seen_pts, frame.pts) - preroll
+                          if frame.pts is not None else batcher.frames)
+                if number >= limit:
+                    break
+                if number < 0 or number in done:
+                    continue
+                _, dest = batcher.slot()
+                if frame.width == width and frame.height == height:
+                    dest[...] = frame.to_ndarray(format="rgb24")
+                else:
+                    dest[...] = frame.to_ndarray(format="rgb24", width=width, height=height)
+                batcher.add(number)
+                done.add(number)
+            if len(done) >= limit:
+                break
+        batcher.flush()
+    finally:
+        container.close()
+    missing = sorted(set(range(limit)) - done)
+    error = None
+    if not done:
+        error = "no frame could be decoded (corrupt or unsupported video)"
+    return DecodeDone(job.job, len(done), missing, error, batcher.first_frame_at, "pyav")
+
+
+def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
+    import decord
+
+    batcher = Batcher(link, job, ring)
+    reader = SegmentReader(link, job, block, amap, batcher.flush)
+    # decord indexes the whole file at open: the moov must be in (it is), and the
+    # segment has its full size, so absent bytes read as zeros instead of crashing.
+    reader.wait(*job.moov)
+    vr = decord.VideoReader(block.path, ctx=decord.cpu(0))
+    limit = min(len(vr), job.frame_limit or len(vr), len(job.need_end))
+    need_end = job.need_end
+    i = 0
+    while i < limit:
+        count = 1 if i == 0 else min(job.batch, limit - i)
+        # Bytes for these frames plus a little look-ahead that the demuxer reads early.
+        lookahead = min(limit - 1, i + count + 8)
+        reader.wait(0, min(need_end[lookahead] + 256 * 1024, job.size,
+                           max(job.readable_end, need_end[lookahead])))
+        frames = vr.get_batch(list(range(i, i + count))).asnumpy()
+        for k in range(count):
+            _, dest = batcher.slot()
+            dest[...] = frames[k]
+            batcher.add(i + k)
+        i += count
+    batcher.flush()
+    del vr
+    return DecodeDone(job.job, limit, [], None, batcher.first_frame_at, "decord")
+
+
+BACKENDS = {"pyav": decode_pyav, "decord": decode_decord}
+
+
+def run_job(link: Link, job: DecodeJob) -> DecodeDone:
+    block = SharedBlock.attach(job.segment)
+    amap = AvailabilityMap.attach(job.amap)
+    ring = FrameRing.attach(job.ring)
+    try:
+        return BACKENDS[job.backend](link, job, block, amap, ring)
+    except Cancelled:
+        return DecodeDone(job.job, 0, [], "cancelled")
+    except Exception as exc:
+        if isinstance(exc.__context__, Cancelled) or amap.cancelled:
+            return DecodeDone(job.job, 0, [], "cancelled")
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return DecodeDone(job.job, 0, [], f"{job.backend} cannot decode the video: {text}")
+    finally:
+        ring.close()
+        amap.close()
+        block.close()
+
+
+def main(conn, config: Config, index: int = 0) -> None:
+    worker_setup(f"decoder{index}", config.log_level)
+    link = Link(conn, "decoder")
+    link.start()
+    while True:
+        msg = link.recv()
+        if isinstance(msg, Shutdown):
+            os._exit(0)
+        if isinstance(msg, DecodeJob):
+            link.send(run_job(link, msg))

@@ -1,0 +1,411 @@
+"""Fetcher process: persistent connection pools writing byte ranges into segments.
+
+Connection set-up on a distant CDN costs far more than a 2 MB range, so each fetcher
+keeps one ``httpx.Client`` per origin for its whole life, with ``ENGINE_CONNECTIONS``
+keep-alive connections, opened ahead of time by prewarm and kept warm by cheap HEADs.
+The supervisor hands out ranges (at most ``connections`` at once per origin); each
+range is streamed straight from the socket into the shared segment, marking chunks
+available as they complete so the decoder can start on a range before it finishes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+
+from engine.config import Config
+from engine.messages import (EndJob, FetchHead, FetchRange, FetchStats, HeadInfo, PrewarmOrigins,
+                             RangeDone, RangeFailed, Reply, SegmentReady, Shutdown)
+from shm import AvailabilityMap, SharedBlock, ShmError
+from workers.base import Link, worker_setup
+
+log = logging.getLogger("engine.fetcher")
+
+KEEP_WARM_EVERY_S = 20.0
+READ_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 15.0
+
+
+class RangeError(Exception):
+    def __init__(self, message: str, retryable: bool, kind: str = "FetchError"):
+        super().__init__(message)
+        self.retryable = retryable
+        self.kind = kind
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def ssl_context() -> ssl.SSLContext:
+    """TLS is always verified; SSL_CERT_FILE (tests, private CAs) replaces the system store."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    return ssl.create_default_context(cafile=cafile)
+
+
+def describe(exc: Exception) -> tuple[str, bool]:
+    """One line for a network error, and whether another attempt may succeed."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "connect timed out", False
+    if isinstance(exc, httpx.ConnectError):
+        low = text.lower()
+        if "certificate" in low or "ssl" in low or "tls" in low:
+            return f"TLS failed ({text})", False
+        if "name or service" in low or "nodename" in low or "temporary failure in name" in low:
+            return f"DNS lookup failed ({text})", False
+        return f"cannot connect ({text})", False
+    if isinstance(exc, httpx.ReadTimeout):
+        return "read timed out", True
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects (more than 5)", False
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return f"unsupported URL scheme ({text})", False
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
+                        httpx.PoolTimeout, httpx.WriteTimeout)):
+        return f"connection dropped ({text})", True
+    return f"{type(exc).__name__}: {text}", False
+
+
+class Tracer:
+    """httpcore trace hook: tells whether a request opened a new connection, and when."""
+
+    def __init__(self, stats: FetchStats):
+        self.stats = stats
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event == "connection.connect_tcp.started":
+            self.stats.new_connection = True
+        elif event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            self.stats.connected = time.monotonic()
+
+
+class Pools:
+    """One client per origin, created on first use and kept for the process' life."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.http2 = config.http2 == "1"
+        if self.http2:
+            try:
+                import h2  # noqa: F401
+                log.info("HTTP/2 support enabled for connection pool")
+            except ImportError:
+                log.warning("ENGINE_HTTP2=1 but the h2 package is missing: using HTTP/1.1")
+                self.http2 = False
+        self._clients: dict[str, httpx.Client] = {}
+        self._last_url: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._ssl = ssl_context()
+
+    def _new_client(self) -> httpx.Client:
+        n = self.config.connections
+        return httpx.Client(
+            http1=True, http2=self.http2, verify=self._ssl, trust_env=False,
+            follow_redirects=True, max_redirects=5,
+            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=60.0),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n,
+                                keepalive_expiry=self.config.keepalive_s),
+            headers={"Accept-Encoding": "identity", "User-Agent": "engine/0.1"})
+
+    def client(self, url: str) -> tuple[httpx.Client, bool]:
+        """The pooled client for the URL's origin; with pooling off, a throwaway one."""
+        origin = origin_of(url)
+        if not self.config.pooling:
+            return self._new_client(), True
+        with self._lock:
+            self._last_url[origin] = (url, time.monotonic())
+            client = self._clients.get(origin)
+            if client is None:
+                client = self._clients[origin] = self._new_client()
+                log.info("Connection pool initialized for %s (%d connections, %s)", origin,
+                         self.config.connections, "HTTP/2" if self.http2 else "HTTP/1.1")
+            return client, False
+
+    def prewarm(self, url: str) -> int:
+        """Open every pooled connection to the URL's origin (TCP, TLS, one HEAD each).
+
+        The requests are held open together so that each takes its own connection.
+        Returns how many new connections were opened.
+        """
+        client, _ = self.client(url)
+        width = 1 if self.http2 else self.config.connections
+        opened, responses, lock = [], [], threading.Lock()
+
+        def one():
+            stats = FetchStats()
+            try:
+                r = client.send(client.build_request("HEAD", url, extensions={"trace": Tracer(stats)}),
+                                stream=True)
+                with lock:
+                    responses.append(r)
+                    opened.append(stats.new_connection)
+            except httpx.HTTPError as exc:
+                log.info("prewarm of %s failed: %s", origin_of(url), describe(exc)[0])
+
+        threads = [threading.Thread(target=one) for _ in range(width)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in responses:
+            r.close()
+        return sum(opened)
+
+    def keep_warm(self) -> None:
+        cutoff = time.monotonic() - self.config.keepalive_s
+        with self._lock:
+            recent = [url for url, used in self._last_url.values() if used > cutoff]
+        for url in recent:
+            self.prewarm(url)
+
+
+def _content_range_total(value: str | None) -> int | None:
+    # "bytes 0-524287/14012345"
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+class Fetcher:
+    def __init__(self, link: Link, config: Config):
+        self.link = link
+        self.config = config
+        self.pools = Pools(config)
+        self.pool = ThreadPoolExecutor(max_workers=config.connections * 4 + 2,
+                                       thread_name_prefix="range")
+        self._segments: dict[int, tuple[SharedBlock, AvailabilityMap]] = {}
+        self._ended: set[int] = set()
+        self._waiting_segment: dict[int, tuple[threading.Event, list]] = {}
+        self._lock = threading.Lock()
+
+    # -- dispatch ----------------------------------------------------------------
+    def handle(self, msg) -> None:
+        if isinstance(msg, FetchHead):
+            with self._lock:
+                self._waiting_segment[msg.job] = (threading.Event(), [])
+            self.pool.submit(self._run, self.fetch_head, msg)
+        elif isinstance(msg, FetchRange):
+            self.pool.submit(self._run, self.fetch_range, msg)
+        elif isinstance(msg, SegmentReady):
+            with self._lock:
+                event, box = self._waiting_segment.get(msg.job, (None, None))
+            if event is not None:
+                box.append(msg)
+                event.set()
+        elif isinstance(msg, EndJob):
+            self.end_job(msg.job)
+        elif isinstance(msg, PrewarmOrigins):
+            self.pool.submit(self.prewarm, msg)
+
+    def prewarm(self, msg: PrewarmOrigins) -> None:
+        opened = 0
+        for origin in msg.origins:
+            try:
+                opened += self.pools.prewarm(origin if urlsplit(origin).path not in ("",)
+                                             else origin + "/")
+            except Exception as exc:   # a bad origin must not break the fetcher
+                log.warning("prewarm of %s failed: %s", origin, exc)
+        self.link.send(Reply(msg.token, {"opened": opened}))
+
+    def _run(self, fn, msg) -> None:
+        try:
+            fn(msg)
+        except RangeError as exc:
+            self.link.send(RangeFailed(msg.job, getattr(msg, "offset", 0), getattr(msg, "end", 0),
+                                       getattr(msg, "offset", 0), f"{msg.url}: {exc}", exc.kind,
+                                       exc.retryable, attempt=msg.attempt,
+                                       head=isinstance(msg, FetchHead)))
+        except Exception as exc:  # a bug must fail the job, not kill the fetcher silently
+            log.exception("fetch failed")
+            self.link.send(RangeFailed(msg.job, getattr(msg, "offset", 0), getattr(msg, "end", 0),
+                                       getattr(msg, "offset", 0), f"{msg.url}: internal error: {exc}",
+                                       "FetchError", False, head=isinstance(msg, FetchHead)))
+
+    def end_job(self, job: int) -> None:
+        with self._lock:
+            self._ended.add(job)
+            seg = self._segments.pop(job, None)
+            waiting = self._waiting_segment.pop(job, None)
+        if waiting:
+            waiting[0].set()
+        if seg:
+            seg[0].close()
+            seg[1].close()
+        if len(self._ended) > 10000:
+            self._ended = set(sorted(self._ended)[-1000:])
+
+    def _segment(self, job: int, segment: str, amap: str):
+        with self._lock:
+            if job in self._ended:
+                raise RangeError("job ended", False)
+            seg = self._segments.get(job)
+            if seg is None:
+                try:
+                    seg = self._segments[job] = (SharedBlock.attach(segment), AvailabilityMap.attach(amap))
+                except ShmError:
+                    raise RangeError("job ended", False) from None
+            return seg
+
+    # -- requests ------------------------------------------------------------------
+    def _open(self, url: str, headers: dict, stats: FetchStats):
+        client, throwaway = self.pools.client(url)
+        stats.started = time.monotonic()
+        try:
+            request = client.build_request("GET", url, headers=headers,
+                                           extensions={"trace": Tracer(stats)})
+            response = client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            if throwaway:
+                client.close()
+            message, retryable = describe(exc)
+            raise RangeError(message, retryable) from None
+        stats.first_byte = time.monotonic()
+        stats.http_version = response.http_version
+        if throwaway:
+            response.extensions["engine_client"] = client
+        return response
+
+    @staticmethod
+    def _close(response) -> None:
+        response.close()
+        client = response.extensions.get("engine_client")
+        if client is not None:
+            client.close()
+
+    def fetch_head(self, msg: FetchHead) -> None:
+        stats = FetchStats()
+        response = self._open(msg.url, {"Range": f"bytes=0-{msg.length - 1}"}, stats)
+        try:
+            status = response.status_code
+            if status == 206:
+                size = _content_range_total(response.headers.get("content-range"))
+                if size is None:
+                    raise RangeError("206 response without a usable Content-Range", False)
+                ranged = True
+            elif status == 200:
+                length = response.headers.get("content-length")
+                if length is None or not length.isdigit():
+                    raise RangeError("server ignores Range and sends no Content-Length", False)
+                size, ranged = int(length), False
+            elif status == 416:
+                raise RangeError("the file is empty (416 Range Not Satisfiable)", False)
+            else:
+                raise RangeError(f"HTTP {status} {response.reason_phrase}".rstrip(), False)
+            content_type = response.headers.get("content-type", "")
+            self.link.send(HeadInfo(msg.job, size, ranged, str(response.url), content_type, stats))
+            expect = min(msg.length, size) if ranged else size
+            # The body starts flowing while the supervisor makes the segment: buffer the
+            # head (at most ENGINE head size) until it is ready, then stream in place.
+            buffered = bytearray()
+            chunks = response.iter_raw()
+            for chunk in chunks:
+                buffered += chunk
+                if len(buffered) >= min(expect, msg.length):
+                    break
+            with self._lock:
+                event, box = self._waiting_segment[msg.job]
+            if not event.wait(30.0) or not box or box[0].segment is None:
+                raise RangeError("job ended", False)
+            with self._lock:
+                self._waiting_segment.pop(msg.job, None)
+            block, amap = self._segment(msg.job, box[0].segment, box[0].amap)
+            written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
+            stats.bytes = written
+            self.link.send(RangeDone(msg.job, 0, expect, stats))
+        except RangeError as exc:
+            exc.stats = stats
+            raise
+        except httpx.HTTPError as exc:
+            message, retryable = describe(exc)
+            raise RangeError(message, retryable) from None
+        finally:
+            self._close(response)
+
+    def fetch_range(self, msg: FetchRange) -> None:
+        stats = FetchStats()
+        written = msg.offset
+        try:
+            block, amap = self._segment(msg.job, msg.segment, msg.amap)
+            response = self._open(msg.url, {"Range": f"bytes={msg.offset}-{msg.end - 1}"}, stats)
+            try:
+                if response.status_code != 206:
+                    raise RangeError(f"HTTP {response.status_code} for a byte range", False)
+                total = _content_range_total(response.headers.get("content-range"))
+                if total is not None and total != amap.size:
+                    raise RangeError(f"the file changed size during the download "
+                                     f"({amap.size} then {total} bytes)", False)
+                progress = [msg.offset]
+                try:
+                    self._write(msg.job, block, amap, msg.offset, msg.end, b"",
+                                response.iter_raw(), progress)
+                finally:
+                    written = progress[0]
+            finally:
+                self._close(response)
+        except httpx.HTTPError as exc:
+            message, retryable = describe(exc)
+            self.link.send(RangeFailed(msg.job, msg.offset, msg.end, written, f"{msg.url}: {message}",
+                                       "FetchError", retryable, stats, msg.attempt))
+            return
+        except RangeError as exc:
+            self.link.send(RangeFailed(msg.job, msg.offset, msg.end, written, f"{msg.url}: {exc}",
+                                       exc.kind, exc.retryable, stats, msg.attempt))
+            return
+        stats.bytes = msg.end - msg.offset
+        self.link.send(RangeDone(msg.job, msg.offset, msg.end, stats))
+
+    def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
+        """Copy the body into the segment as it arrives; mark chunks as they complete."""
+        mm = block.mm
+        pos = marked = offset
+        step = amap.chunk
+        for chunk in ([first] if first else []), chunks:
+            for data in chunk:
+                n = len(data)
+                if pos + n > end:
+                    raise RangeError(f"server sent more bytes than announced ({end - offset})", False)
+                mm[pos:pos + n] = data
+                pos += n
+                if progress is not None:
+                    progress[0] = pos
+                if pos - marked >= step or pos == end:
+                    if job in self._ended:
+                        raise RangeError("job ended", False)
+                    amap.mark(marked, pos)
+                    marked = pos - pos % step if pos != end else pos
+        if pos != end:
+            raise RangeError(f"server sent fewer bytes than announced ({pos - offset} of "
+                             f"{end - offset})", True)
+        return pos - offset
+
+
+def main(conn, config: Config, index: int = 0) -> None:
+    worker_setup(f"fetcher{index}", config.log_level)
+    link = Link(conn, "fetcher")
+    fetcher = Fetcher(link, config)
+    link.start(connections=config.connections, http2=fetcher.pools.http2)
+
+    def keep_warm():
+        while True:
+            time.sleep(min(KEEP_WARM_EVERY_S, config.keepalive_s / 3))
+            try:
+                fetcher.pools.keep_warm()
+            except Exception:  # keeping warm is best effort
+                log.exception("keep-warm failed")
+
+    if config.pooling:
+        threading.Thread(target=keep_warm, name="keep-warm", daemon=True).start()
+    while True:
+        msg = link.recv()
+        if isinstance(msg, Shutdown):
+            os._exit(0)
+        fetcher.handle(msg)
