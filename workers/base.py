@@ -77,3 +77,4 @@ def worker_setup(role: str, level: str = "INFO") -> None:
     die_with_parent()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s {role}[%(process)d] %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)

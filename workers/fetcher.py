@@ -156,6 +156,10 @@ class Pools:
         for t in threads:
             t.join()
         for r in responses:
+            try:
+                r.read()   # an unread response would close its connection instead of pooling it
+            except httpx.HTTPError:
+                pass
             r.close()
         return sum(opened)
 

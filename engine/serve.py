@@ -1,0 +1,62 @@
+"""Serve mode: this process becomes the supervisor and takes jobs on a Unix socket."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+from multiprocess.connection import Listener
+
+from engine.config import Config, default_socket_path
+from engine.errors import EngineError
+
+log = logging.getLogger("engine")
+
+
+def _claim_socket(path: str) -> None:
+    """Remove a socket left by a dead engine; refuse to steal a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise EngineError(f"cannot use socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise EngineError(f"an engine is already serving on {path}")
+
+
+def serve(args) -> int:
+    from engine.supervisor import Supervisor
+
+    path = args.socket or default_socket_path()
+    _claim_socket(path)
+    config = Config.from_env().with_(processor=args.processor, device=args.device,
+                                     max_frames=args.max_frames)
+    old = os.umask(0o177)   # the socket is born 0600: only this user may submit jobs
+    try:
+        listener = Listener(path, family="AF_UNIX")
+    except OSError as exc:
+        raise EngineError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    sup = Supervisor(config, listener)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    sup.start()
+    print(f"engine serving on {path} (pid {os.getpid()}); stop with Ctrl-C or SIGTERM",
+          file=sys.stderr, flush=True)
+    try:
+        sup.run()
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return 0

@@ -1,0 +1,89 @@
+"""Session fixtures: a real nginx HTTPS CDN serving the sample clips.
+
+Why session scope: certificate, nginx start and clip generation are paid
+once.  The two 14 MB sn44 clips take ~20 s to generate on a cold cache, so
+they sit behind their own fixture (``sn44_clips``) that only slow tests use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.faulty_server import FaultyServer
+from tools.clips import cached_clip
+from tools.https_server import NginxCDN
+
+SMALL = ("small", "small-moov-end")
+SN44 = ("sn44", "sn44-moov-end")
+PAGE_HTML = "<!doctype html><html><body><p>an HTML page, not a video</p></body></html>\n"
+
+
+def _place(src: Path, dst: Path) -> Path:
+    """Hard-link src to dst (copy when across file systems)."""
+    if not dst.exists():
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_clips() -> dict[str, Path]:
+    """{'small': Path, 'small-moov-end': Path}: cached files; served by ``cdn`` as NAME.mp4."""
+    return {name: cached_clip(name) for name in SMALL}
+
+
+@pytest.fixture(scope="session")
+def cdn(tmp_path_factory, small_clips):
+    """A started NginxCDN; root holds small.mp4, small-moov-end.mp4, page.html.
+
+    SSL_CERT_FILE points at its certificate for the session, so plain
+    ``httpx.Client()`` (and child processes) trust it.
+    """
+    root = tmp_path_factory.mktemp("cdn-root")
+    for name, path in small_clips.items():
+        _place(path, root / f"{name}.mp4")
+    (root / "page.html").write_text(PAGE_HTML)
+    server = NginxCDN(root, tmp_path_factory.mktemp("nginx")).start()
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(server.ca_file)
+    try:
+        yield server
+    finally:
+        if old is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = old
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sn44_clips(cdn) -> dict[str, Path]:
+    """{'sn44': Path, 'sn44-moov-end': Path}: cached files, now also served by ``cdn`` as NAME.mp4.
+
+    Slow (~20 s) only when the cache is cold.
+    """
+    clips = {name: cached_clip(name) for name in SN44}
+    for name, path in clips.items():
+        _place(path, cdn.root / f"{name}.mp4")
+    return clips
+
+
+@pytest.fixture
+def faulty_server(cdn):
+    """Factory: ``faulty_server(data, mode='ok') -> started FaultyServer``, stopped after the test."""
+    servers: list[FaultyServer] = []
+
+    def make(data: bytes, mode: str = "ok") -> FaultyServer:
+        server = FaultyServer(data, certfile=cdn.cert_file, keyfile=cdn.key_file, mode=mode)
+        servers.append(server.start())
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()

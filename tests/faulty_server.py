@@ -1,0 +1,192 @@
+"""A small real HTTPS server that misbehaves on purpose.
+
+Why: nginx (tools/https_server.py) is always correct, but the engine must
+survive servers and networks that are not: connections that die mid-body,
+truncated bodies, bodies longer than the range asked for, and transfers
+that stall.  This server speaks just enough HTTP/1.1 (keep-alive, GET/HEAD,
+``Range: bytes=a-b`` / ``bytes=a-`` answered with 206 + Content-Range) over
+TLS with the same certificate as NginxCDN, and serves one byte string at
+every path.  ALPN offers only http/1.1, so HTTP/2 clients fall back.
+
+Modes and what httpx (0.28, HTTP/1.1) surfaces:
+  'ok'         correct responses (control).
+  'drop-once'  the first ranged response whose range does not start at 0
+               sends its headers and half its body, then closes the
+               connection (TCP FIN, no TLS close_notify); httpx raises
+               httpx.RemoteProtocolError ("peer closed connection without
+               sending complete message body").  Later requests are fine.
+  'short'      every response announces the full length but sends half the
+               body and closes: httpx.RemoteProtocolError on every request.
+  'long'       ranged requests get ``206`` with the honest Content-Range
+               ``bytes a-b/total`` but a Content-Length and body that are
+               half as long again: the requested bytes followed by 0xEE
+               garbage.  httpx frames by Content-Length, so it raises nothing
+               and returns the longer body; only a client that checks
+               len(body) against the Content-Range span notices.
+               (Garbage sent *after* an honest Content-Length is not seen
+               with the response: httpx returns the right body, then fails
+               the next request on that connection with RemoteProtocolError
+               "illegal status line" -- an error pinned on the wrong request,
+               which is why this mode lies in Content-Length instead.)
+  'stall'      every GET sends headers and the first 64 KiB of its body
+               (less one byte if the body is smaller), then holds the
+               connection open, sending nothing, until stop(): httpx raises
+               httpx.ReadTimeout once its read timeout passes.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import threading
+
+MODES = ("ok", "drop-once", "short", "long", "stall")
+STALL_PREFIX = 64 * 1024
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+class FaultyServer:
+    def __init__(self, data: bytes, *, certfile, keyfile, mode: str = "ok"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.data, self.mode = data, mode
+        self.requests = 0  # requests whose response we started to send
+        self.port: int | None = None
+        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ctx.load_cert_chain(str(certfile), str(keyfile))
+        self._ctx.set_alpn_protocols(["http/1.1"])
+        self._lock = threading.Lock()
+        self._dropped = False
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._clients: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+
+    def url(self, path: str = "file.mp4") -> str:
+        return f"https://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def start(self) -> "FaultyServer":
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # so the accept loop notices stop()
+        self.port = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            clients = list(self._clients)
+        for sock in clients:
+            try:  # the plain-socket shutdown wakes a thread blocked in recv/send
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+
+    def __enter__(self) -> "FaultyServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------
+    def _spawn(self, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            raw.settimeout(None)
+            with self._lock:
+                self._clients.add(raw)
+            self._spawn(self._serve, raw)
+
+    def _serve(self, raw: socket.socket) -> None:
+        conn = reader = None
+        try:
+            raw.settimeout(10)  # handshake only
+            conn = self._ctx.wrap_socket(raw, server_side=True)
+            conn.settimeout(None)
+            with self._lock:
+                self._clients.add(conn)
+            reader = conn.makefile("rb")
+            while not self._stopping.is_set():
+                request = _read_request(reader)
+                if request is None or not self._respond(conn, *request):
+                    return
+        except (OSError, ValueError):
+            pass  # client went away, handshake failed, or stop() shut us down
+        finally:
+            for sock in (conn, raw):
+                if sock is not None:
+                    with self._lock:
+                        self._clients.discard(sock)
+            if reader is not None:
+                reader.close()  # else it keeps the fd open after conn.close()
+            (conn or raw).close()  # no unwrap(): a close never sends close_notify
+
+    def _respond(self, conn, method: str, headers: dict[str, str]) -> bool:
+        """Send one response; return False when the connection must end."""
+        with self._lock:
+            self.requests += 1
+        total = len(self.data)
+        match = _RANGE.match(headers.get("range", "").replace(" ", ""))
+        if match and int(match.group(1)) < total:
+            start = int(match.group(1))
+            end = min(int(match.group(2) or total - 1), total - 1)
+            status = "206 Partial Content"
+            extra = [f"Content-Range: bytes {start}-{end}/{total}"]
+        else:
+            start, end, status, extra = 0, total - 1, "200 OK", []
+        body = self.data[start : end + 1]
+        send, keep = body, True
+        if method == "GET" and self.mode == "drop-once" and match and start > 0:
+            with self._lock:
+                first, self._dropped = not self._dropped, True
+            if first:
+                send, keep = body[: len(body) // 2], False
+        elif method == "GET" and self.mode == "short":
+            send, keep = body[: len(body) // 2], False
+        elif method == "GET" and self.mode == "long" and match:
+            body = send = body + b"\xee" * (len(body) // 2)
+        elif method == "GET" and self.mode == "stall":
+            send = body[: min(STALL_PREFIX, max(len(body) - 1, 0))]
+        close = headers.get("connection", "").lower() == "close"
+        head = [f"HTTP/1.1 {status}", "Content-Type: video/mp4", "Accept-Ranges: bytes",
+                f"Content-Length: {len(body)}", *extra]
+        if close:
+            head.append("Connection: close")
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        if method == "GET":
+            conn.sendall(send)
+            if self.mode == "stall":
+                self._stopping.wait()
+                return False
+        return keep and not close
+
+
+def _read_request(reader) -> tuple[str, dict[str, str]] | None:
+    """Read one request head (bodies are not supported); None at EOF."""
+    line = reader.readline(65536)
+    if not line:
+        return None
+    method = line.decode("latin-1").split(" ", 1)[0].upper()
+    headers = {}
+    while True:
+        line = reader.readline(65536)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return method, headers
