@@ -87,3 +87,37 @@ def faulty_server(cdn):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(cdn):
+    """One shared engine (stats processor, CPU) for tests that do not break it."""
+    from engine import Engine
+    with Engine(processor="engine.processors:stats", device="cpu", fetchers=2, connections=2,
+                decoders=2, job_timeout_s=60.0) as eng:
+        yield eng
+
+
+def engine_children() -> list:
+    """Processes of engines started by this test session that are still alive."""
+    import psutil
+    me = psutil.Process()
+    return [p for p in me.children(recursive=True)
+            if any(k in " ".join(p.cmdline() or []) for k in ("engine", "multiprocess"))]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the whole session: no engine segment and no engine process remains."""
+    yield
+    import time
+    from shm.block import SHM_DIR, PREFIX
+    deadline = time.monotonic() + 10
+    while True:
+        segs = [n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)]
+        procs = [p for p in engine_children() if p.is_running() and p.status() != "zombie"]
+        if not segs and not procs or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not segs, f"shared-memory segments left behind: {segs}"
+    assert not procs, f"engine processes left behind: {procs}"

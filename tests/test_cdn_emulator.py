@@ -4,22 +4,26 @@ The emulator's job is timing, so these tests measure it: a threaded bulk
 server (request = 8-byte big-endian length N, reply = N bytes then close) and
 an echo server run in-process, and clients time transfers through the
 emulator.  Bounds are +-20 % of the profile values; medians of a few trials
-keep them robust on a noisy 2-core machine.
+keep them robust on a noisy 2-core machine.  One test also runs real HTTPS
+(HTTP/2 via ALPN) through the emulator to the session's nginx ``cdn`` fixture.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from tools.cdn_emulator import PROFILES, CdnEmulator, Profile, profile
+from tools.cdn_emulator import PROFILES, CdnEmulator, Profile, main, profile
 
 TOL = 0.20
 IO_TIMEOUT = 15.0
@@ -427,10 +431,6 @@ def test_https_http2_passes_through(cdn, small_clips):
 
 
 def test_cli_prints_port_and_stops_on_ctrl_c(echo):
-    import signal
-    import subprocess
-    import sys
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.cdn_emulator", "--upstream", f"127.0.0.1:{echo.port}", "--profile", "lan"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -452,6 +452,4 @@ def test_cli_prints_port_and_stops_on_ctrl_c(echo):
             proc.kill()
             proc.wait()
     with pytest.raises(SystemExit):
-        from tools.cdn_emulator import main
-
         main(["--upstream", "127.0.0.1:1", "--profile", "nope"])

@@ -90,6 +90,9 @@ def profile(name: str) -> Profile:
         ) from None
 
 
+_lookup_profile = profile  # CdnEmulator.__init__'s argument shadows the name
+
+
 class _TokenBucket:
     """Token bucket that may go into debt.
 
@@ -182,7 +185,7 @@ class CdnEmulator:
     ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = int(upstream_port)
-        self.profile: Profile = globals()["profile"](profile) if isinstance(profile, str) else profile
+        self.profile: Profile = _lookup_profile(profile) if isinstance(profile, str) else profile
         if not isinstance(self.profile, Profile):
             raise TypeError(f"profile must be a Profile or a profile name, not {profile!r}")
         self.listen_port = int(listen_port)
