@@ -189,6 +189,12 @@ class EngineClient:
     def close(self) -> None:
         self._closed = True
         try:
+            # shutdown, not just close: our reader thread is blocked in recv on this
+            # socket, and a plain close would neither wake it nor tell the other end.
+            socket.socket(fileno=os.dup(self._conn.fileno())).shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self._conn.close()
         except OSError:
             pass

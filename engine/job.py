@@ -32,6 +32,7 @@ class Job:
     ring: object = None             # shm.FrameRing
     head_fetcher: object = None
     head_done: bool = False
+    head_len: int = 0
     moov: tuple[int, int] | None = None
     moov_layout: str | None = None
     track: object = None            # engine.mp4.VideoTrack
@@ -41,6 +42,7 @@ class Job:
     ranges: int = 0
     retries: int = 0
     bytes: int = 0
+    sha256: str | None = None
     # decode and process
     decoder: object = None
     waiting_decoder: bool = False
@@ -96,7 +98,8 @@ class Job:
             "fetch": {"http_version": self.http_version or None,
                       "connections_new": self.connections_new,
                       "connections_reused": self.connections_reused,
-                      "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes},
+                      "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes,
+                      **({"sha256": self.sha256} if self.sha256 else {})},
             "decoder": self.decoder_backend or None,
             "missing_frames": list(self.missing),
             "error_kind": self.error_kind,

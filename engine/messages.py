@@ -171,6 +171,7 @@ class RangeDone:
     offset: int
     end: int
     stats: FetchStats
+    head: bool = False
 
 
 @dataclass

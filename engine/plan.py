@@ -107,4 +107,11 @@ class RangePlan:
         return not self.pending and not self.inflight
 
     def regions(self) -> list[tuple[int, int]]:
-        return [(0, self.planned_until)] + self.extra
+        """The planned byte regions, sorted and merged."""
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted([(0, self.planned_until)] + self.extra):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            elif hi > lo:
+                merged.append((lo, hi))
+        return merged

@@ -11,6 +11,7 @@ with it (``workers.base``) and the next start sweeps its segments (``shm.sweep``
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ from engine.messages import (BatchReady, BatchResults, CancelJob, DecodeDone, De
                              FetchHead, FetchRange, GpuJob, HeadInfo, Heartbeat, Hello, JobDone,
                              NeedBytes, Prewarm, PrewarmOrigins, RangeDone, RangeFailed, Reply,
                              ResultBatch, SegmentReady, Shutdown, StatusQuery, Submit)
-from engine.plan import RangePlan
+from engine.plan import Piece, RangePlan
 from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name, sweep_stale
 from shm.sweep import owned_blocks
 from shm.block import unlink_block
@@ -113,6 +114,9 @@ class Supervisor:
 
     def start(self) -> None:
         swept = sweep_stale()
+        for name in owned_blocks(os.getpid()):   # a dead engine that had our pid
+            unlink_block(name)
+            swept.append(name)
         if swept:
             log.info("swept %d stale shared-memory segments of dead engines", len(swept))
         for note in self.config.notes:
@@ -304,9 +308,11 @@ class Supervisor:
     def _maybe_ready(self) -> None:
         if not self.ready_waiters:
             return
-        failed = [w for w in self.workers if w.info.get("error")]
+        failed = [w for w in self.workers if w.info.get("error") or w.quick_deaths >= 3]
         if failed:
-            error = failed[0].info["error"]
+            w = failed[0]
+            error = w.info.get("error") or (f"{w.name} cannot start ({w.causes[-1]}; "
+                                            "see its log above)")
             for client in self.ready_waiters:
                 self.send(client, Reply(0, {}, error, "ProcessorError"))
             self.ready_waiters = []
@@ -390,12 +396,13 @@ class Supervisor:
         self.shm_in_use += job.shm_bytes()
         self._send_worker(w, SegmentReady(job.id, job.segment.name, job.amap.name))
         job.plan = RangePlan(msg.size, cfg.range_bytes)
-        head_len = min(cfg_head(cfg), msg.size) if msg.ranged else msg.size
-        job.plan.planned_until = head_len
+        job.head_len = min(cfg_head(cfg), msg.size) if msg.ranged else msg.size
+        job.plan.planned_until = job.head_len
+        job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
 
     def _plan_after_head(self, job: Job) -> None:
         """The head is in: find the moov and plan the remaining ranges."""
-        head = job.segment.mm[:job.plan.planned_until]
+        head = memoryview(job.segment.mm)[:job.head_len]
         try:
             loc = mp4.locate_moov(head, job.size)
         except mp4.NotMP4 as exc:
@@ -422,20 +429,19 @@ class Supervisor:
         if job is None or job.finished:
             return
         job.bytes += msg.stats.bytes
-        if msg.offset == 0 and not job.head_done:
-            w.heads.discard(job.id)
-            job.head_done = True
-            if job.ranged:
-                self._plan_after_head(job)
-            else:
-                job.plan.extend(job.size)
-                job.plan.inflight.clear()
-                job.plan.pending.clear()
-                self._check_moov(job)
+        if msg.head:
+            w.heads.discard(job.id)    # its request was counted at HeadInfo
         else:
             job.count_request(msg.stats)
             job.ranges += 1
-            job.plan.done(msg.offset)
+        job.plan.done(msg.offset)
+        self._after_bytes(job)
+
+    def _after_bytes(self, job: Job) -> None:
+        if not job.head_done and job.amap.present(0, job.head_len):
+            job.head_done = True
+            self._plan_after_head(job)
+        if not job.finished:
             self._check_moov(job)
         if not job.finished:
             self._check_download(job)
@@ -446,20 +452,18 @@ class Supervisor:
         if job is None or job.finished:
             return
         job.count_request(msg.stats)
-        if msg.head and not job.head_done:
+        if msg.head:
             w.heads.discard(job.id)
-            if job.segment is None and msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
-                job.retries += 1
-                self._start_head(job, msg.attempt + 1)
-            elif job.segment is not None and job.ranged and msg.retryable:
-                # The head broke off after the segment was made: fetch it as a range.
-                job.retries += 1
-                job.plan.pending.appendleft(_piece(0, job.plan.planned_until, msg.attempt + 1))
-                job.head_done = True
-                self._plan_after_head(job)
-            else:
+            if job.segment is None:
+                if msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
+                    job.retries += 1
+                    self._start_head(job, msg.attempt + 1)
+                else:
+                    self.fail(job, msg.kind, msg.error)
+                return
+            if not job.ranged:
                 self.fail(job, msg.kind, msg.error)
-            return
+                return
         if msg.retryable and job.plan and msg.offset in job.plan.inflight \
                 and job.plan.inflight[msg.offset].attempt + 1 < MAX_RANGE_ATTEMPTS:
             job.retries += 1
@@ -531,6 +535,11 @@ class Supervisor:
         if job.plan.finished and job.head_done and "download_done" not in job.timings:
             if all(job.amap.present(lo, hi - lo) for lo, hi in job.plan.regions() if hi > lo):
                 job.mark("download_done")
+                if self.config.report_sha256:
+                    digest = hashlib.sha256()
+                    for lo, hi in job.plan.regions():
+                        digest.update(job.segment.mm[lo:hi])
+                    job.sha256 = digest.hexdigest()
                 if job.max_frames is not None or job.partial_mb is not None:
                     log.info("Partial video downloaded successfully (%.1f MB)", job.bytes / 1e6)
                 if job.moov is None:   # layout unknown from the head: look again now
@@ -731,9 +740,7 @@ class Supervisor:
                 if job.segment is None:
                     self._start_head(job)
                 elif job.ranged:
-                    job.plan.pending.appendleft(_piece(0, job.plan.planned_until, 1))
-                    job.head_done = True
-                    self._plan_after_head(job)
+                    job.plan.requeue(0)
                 else:
                     self.fail(job, "FetchError", f"{job.url}: fetcher process died during a "
                               "download without Range support")
@@ -762,15 +769,11 @@ class Supervisor:
                                                                len(RESTART_BACKOFF_S) - 1)]
         if w.restart_at <= time.monotonic():
             self._spawn(w)
+        self._maybe_ready()
 
 
 def cfg_head(config: Config) -> int:
     return config.head_kb * 1024
-
-
-def _piece(offset, end, attempt):
-    from engine.plan import Piece
-    return Piece(offset, end, attempt)
 
 
 def main(conn, config: Config) -> None:

@@ -56,7 +56,10 @@ class SharedBlock:
         if size <= 0:
             raise ShmError(f"cannot create an empty shared block {name!r}")
         path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:
+            raise ShmError(f"shared block {name} already exists") from None
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
@@ -66,7 +69,11 @@ class SharedBlock:
                     raise ShmFullError(
                         f"/dev/shm has no room for {size / 1e6:.1f} MB ({name})") from None
                 raise ShmError(f"cannot reserve {size} bytes for {name}: {exc.strerror}") from None
-            mm = mmap.mmap(fd, size)
+            try:
+                mm = mmap.mmap(fd, size)
+            except OSError as exc:
+                os.unlink(path)
+                raise ShmError(f"cannot map {name}: {exc.strerror}") from None
         finally:
             os.close(fd)
         return cls(name, mm, owner=True)

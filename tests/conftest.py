@@ -99,23 +99,45 @@ def engine(cdn):
 
 
 def engine_children() -> list:
-    """Processes of engines started by this test session that are still alive."""
+    """Engine processes (supervisors, workers) descended from this test session."""
     import psutil
-    me = psutil.Process()
-    return [p for p in me.children(recursive=True)
-            if any(k in " ".join(p.cmdline() or []) for k in ("engine", "multiprocess"))]
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline() or [])
+        except psutil.Error:
+            continue
+        if ("engine" in cmd or "multiprocess.spawn" in cmd) and "resource_tracker" not in cmd:
+            out.append(p)
+    return out
+
+
+def _engine_blocks() -> set[str]:
+    from shm.block import PREFIX, SHM_DIR
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)}
+
+
+def _leaked(before: set[str], children: set[int]) -> list[str]:
+    """Blocks that appeared during the session and whose owner is dead or ours."""
+    from shm.sweep import _alive
+    leaked = []
+    for name in _engine_blocks() - before:
+        pid = int(name.split("-")[1])
+        if pid == os.getpid() or pid in children or not _alive(pid):
+            leaked.append(name)
+    return sorted(leaked)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
-    """After the whole session: no engine segment and no engine process remains."""
-    yield
+    """After the whole session: no engine segment and no engine process of ours remains."""
     import time
-    from shm.block import SHM_DIR, PREFIX
+    before = _engine_blocks()
+    yield
     deadline = time.monotonic() + 10
     while True:
-        segs = [n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)]
         procs = [p for p in engine_children() if p.is_running() and p.status() != "zombie"]
+        segs = _leaked(before, {p.pid for p in procs})
         if not segs and not procs or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -324,7 +324,7 @@ class Fetcher:
             block, amap = self._segment(msg.job, box[0].segment, box[0].amap)
             written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
             stats.bytes = written
-            self.link.send(RangeDone(msg.job, 0, expect, stats))
+            self.link.send(RangeDone(msg.job, 0, expect, stats, head=True))
         except RangeError as exc:
             exc.stats = stats
             raise

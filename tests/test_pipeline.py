@@ -1,0 +1,170 @@
+"""The whole pipeline through the real nginx: URL in, one result per frame out."""
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+
+from engine import DecodeError, Engine, FetchError, ProcessorError
+from tests.reference import assert_matches, reference
+
+
+@pytest.mark.parametrize("name", ["small", "small-moov-end"])
+def test_stats_match_reference_for_every_frame(engine, cdn, small_clips, name):
+    report = engine.process(cdn.url(f"{name}.mp4"))
+    assert report.ok and report.error is None
+    assert report.video["frames"] == 50 and report.frames_processed == 50
+    assert report.video["moov"] == ("end" if name.endswith("moov-end") else "front")
+    assert (report.video["width"], report.video["height"], report.video["codec"]) == (320, 240, "h264")
+    assert_matches(report, reference(small_clips[name]))
+    t = report.timings_s
+    assert 0 <= t["first_byte"] <= t["moov_ready"] <= t["first_frame"] <= t["first_result"] \
+        <= t["total"]
+    assert t["first_frame"] <= t["decode_done"] <= t["total"]
+
+
+def test_null_processor_returns_one_empty_result_per_frame(engine, cdn):
+    report = engine.process(cdn.url("small.mp4"), processor="engine.processors:null")
+    assert [r["result"] for r in report.results] == [{}] * report.video["frames"]
+    assert report.frames_processed == 50
+
+
+def test_big_clip_both_layouts_frame_exact(engine, cdn, sn44_clips):
+    for name, path in sn44_clips.items():
+        report = engine.process(cdn.url(f"{name}.mp4"))
+        assert report.video["frames"] == 750 and report.video["bytes"] == path.stat().st_size
+        assert_matches(report, reference(path))
+
+
+def test_second_job_reuses_pooled_connections(engine, cdn):
+    engine.process(cdn.url("small.mp4"))
+    second = engine.process(cdn.url("small-moov-end.mp4"))
+    assert second.fetch["connections_new"] == 0
+    assert second.fetch["connections_reused"] >= 1
+
+
+def test_max_frames_fetches_only_what_the_first_frames_need(engine, cdn, sn44_clips):
+    size = sn44_clips["sn44"].stat().st_size
+    report = engine.process(cdn.url("sn44.mp4"), max_frames=10)
+    assert report.frames_processed == 10
+    assert report.fetch["bytes"] < size / 4
+    assert_matches(report, reference(sn44_clips["sn44"], 10))
+    end = engine.process(cdn.url("sn44-moov-end.mp4"), max_frames=10)
+    assert end.frames_processed == 10 and end.fetch["bytes"] < size / 4
+    assert_matches(end, reference(sn44_clips["sn44-moov-end"], 10))
+
+
+def test_stream_yields_batches_in_frame_order(engine, cdn):
+    seen = []
+    for batch in engine.stream(cdn.url("small.mp4")):
+        assert len(batch.frame_numbers) == len(batch.results)
+        seen += batch.frame_numbers
+    assert seen == list(range(50))
+    assert engine.last_report.frames_processed == 50
+
+
+def test_two_jobs_at_once(engine, cdn, small_clips):
+    reports = {}
+
+    def run(name):
+        reports[name] = engine.process(cdn.url(f"{name}.mp4"))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in small_clips]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for name, path in small_clips.items():
+        assert_matches(reports[name], reference(path))
+
+
+def test_raising_processor_fails_one_job_and_the_next_succeeds(engine, cdn):
+    with pytest.raises(ProcessorError, match="tests.processors:failing.*exploded on frame 5") as err:
+        engine.process(cdn.url("small.mp4"), processor="tests.processors:failing")
+    assert "\n" not in str(err.value)
+    assert engine.process(cdn.url("small.mp4")).frames_processed == 50
+
+
+def test_slow_processor_applies_backpressure_without_dropping(cdn):
+    with Engine(processor="tests.processors:slow", device="cpu", fetchers=1, decoders=1,
+                ring_slots=4, batch=2) as eng:
+        report = eng.process(cdn.url("small.mp4"))
+    assert [r["frame_number"] for r in report.results] == list(range(50))
+    # The decoder could not run ahead of the consumer by more than the ring.
+    assert report.timings_s["decode_done"] > 0.8 * (report.timings_s["total"] - 0.5)
+
+
+def test_http2_and_http1_give_the_same_bytes(cdn, small_clips):
+    want = hashlib.sha256(small_clips["small-moov-end"].read_bytes()).hexdigest()
+    for http2, url, version in (("1", cdn.url("small-moov-end.mp4"), "HTTP/2"),
+                                ("0", cdn.url_h1("small-moov-end.mp4"), "HTTP/1.1")):
+        with Engine(processor="engine.processors:null", device="cpu", http2=http2, fetchers=1,
+                    decoders=1, report_sha256=True, head_kb=64, range_mb=0.0625) as eng:
+            report = eng.process(url)
+        assert report.fetch["http_version"] == version
+        assert report.fetch["sha256"] == want
+        assert report.fetch["ranges"] >= 2
+
+
+def test_bytes_exact_for_both_layouts_in_many_ranges(cdn, sn44_clips):
+    with Engine(processor="engine.processors:null", device="cpu", report_sha256=True,
+                range_mb=0.25, max_frames=None) as eng:
+        for name, path in sn44_clips.items():
+            report = eng.process(cdn.url(f"{name}.mp4"))
+            assert report.fetch["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            assert report.fetch["ranges"] > 40
+
+
+def test_redirect_is_followed_and_norange_server_falls_back(engine, cdn, small_clips):
+    assert engine.process(cdn.url("redirect/small.mp4")).frames_processed == 50
+    report = engine.process(cdn.url("norange/small.mp4"))
+    assert_matches(report, reference(small_clips["small"]))
+    assert report.fetch["ranges"] == 1
+
+
+@pytest.mark.parametrize("path, kind, text", [
+    ("missing.mp4", FetchError, "HTTP 404"),
+    ("status/500", FetchError, "HTTP 500"),
+    ("page.html", DecodeError, "text/html"),
+    ("html", DecodeError, "text/html"),
+    ("loop", FetchError, "too many redirects"),
+])
+def test_bad_urls_fail_cleanly(engine, cdn, path, kind, text):
+    url = cdn.url(path)
+    with pytest.raises(kind, match=text) as err:
+        engine.process(url)
+    message = str(err.value)
+    assert url in message and "\n" not in message
+    assert err.value.report.ok is False
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.mp4", "not a url"])
+def test_non_http_schemes_are_refused(engine, url):
+    with pytest.raises(FetchError, match="only http and https"):
+        engine.process(url)
+
+
+def test_oversize_file_is_refused(cdn):
+    with Engine(processor="engine.processors:null", device="cpu", max_bytes=50_000,
+                fetchers=1, decoders=1) as eng:
+        with pytest.raises(FetchError, match="ENGINE_MAX_BYTES"):
+            eng.process(cdn.url("small.mp4"))
+
+
+def test_dropped_connection_is_retried(engine, faulty_server, small_clips):
+    data = small_clips["small-moov-end"].read_bytes()
+    server = faulty_server(data, mode="drop-once")
+    with Engine(processor="engine.processors:stats", device="cpu", head_kb=64,
+                range_mb=0.0625, fetchers=1, decoders=1) as eng:
+        report = eng.process(server.url("clip.mp4"))
+    assert report.fetch["retries"] >= 1
+    assert_matches(report, reference(small_clips["small-moov-end"]))
+
+
+@pytest.mark.parametrize("mode, text", [("short", "fewer bytes|connection dropped"),
+                                        ("long", "more bytes")])
+def test_lying_servers_fail_cleanly(engine, faulty_server, small_clips, mode, text):
+    server = faulty_server(small_clips["small"].read_bytes(), mode=mode)
+    with pytest.raises(FetchError, match=text):
+        engine.process(server.url("clip.mp4"))
