@@ -200,6 +200,10 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:   # bench parses its own options (argparse REMAINDER drops --x)
+        from tools.bench import main as bench_main
+        return bench_main(argv[1:])
     ap = parser()
     args = ap.parse_args(argv)
     if args.command is None:

@@ -108,6 +108,7 @@ class DecodeJob:
     frame_limit: int | None      # decode only this many frames
     readable_end: int            # bytes past this are never fetched (partial jobs)
     moov: tuple[int, int]        # where the moov box lies: the reader lets decoders see it
+    regions: list                # every (start, end) byte region the job fetches
 
 
 @dataclass

@@ -126,10 +126,12 @@ def top_level_boxes(head: bytes | memoryview, file_size: int) -> list[Box]:
             raise NotMP4(f"not an MP4 file (starts with {bytes(head[:16])!r})")
         if size == 0:
             size = file_size - pos
-        if size < hsize or pos + size > file_size:
+        if size < hsize:
+            raise NotMP4(f"corrupt MP4: box {kind!r} at offset {pos} has size {size}")
+        if pos + size > file_size:
             raise NotMP4(
-                f"corrupt MP4: box {kind!r} at offset {pos} has size {size}"
-                f" (file size {file_size})"
+                f"truncated file: box {kind!r} at offset {pos} needs {pos + size} bytes"
+                f" but the file has {file_size}"
             )
         boxes.append(Box(kind, pos, size))
         pos += size

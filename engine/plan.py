@@ -45,7 +45,7 @@ class RangePlan:
 
     def extend(self, until: int) -> None:
         """Plan everything up to ``until`` (ascending, after what is already pending)."""
-        until = min(until, self.size)
+        until = min(-(-until // CHUNK) * CHUNK, self.size)   # whole chunks: see module doc
         start = self.planned_until
         for lo, hi in self.extra:     # skip a region that is already planned urgently
             if start < hi and lo < until:

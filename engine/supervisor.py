@@ -32,6 +32,7 @@ from engine.messages import (BatchReady, BatchResults, CancelJob, DecodeDone, De
                              NeedBytes, Prewarm, PrewarmOrigins, RangeDone, RangeFailed, Reply,
                              ResultBatch, SegmentReady, Shutdown, StatusQuery, Submit)
 from engine.plan import Piece, RangePlan
+from workers.decoder import fetch_end
 from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name, sweep_stale
 from shm.sweep import owned_blocks
 from shm.block import unlink_block
@@ -507,6 +508,14 @@ class Supervisor:
             self.fail(job, "DecodeError", f"{job.url}: {exc}")
             return
         track = job.track
+        if track.frame_count == 0:
+            self.fail(job, "DecodeError", f"{job.url}: the video track has no frames")
+            return
+        data_end = int((track.offsets + track.sizes).max())
+        if data_end > job.size:
+            self.fail(job, "DecodeError", f"{job.url}: truncated file: its frames need "
+                      f"{data_end} bytes but the file has {job.size}")
+            return
         limit = track.frame_count
         if job.max_frames is not None:
             limit = min(limit, job.max_frames)
@@ -515,8 +524,8 @@ class Supervisor:
             budget = int(job.partial_mb * 1024 * 1024)
             limit = min(limit, int((need <= budget).sum()))
         job.frame_limit = limit
-        if limit < track.frame_count or job.max_frames is not None:
-            job.plan.extend(track.bytes_needed(limit) if limit else 0)
+        if limit and (limit < track.frame_count or job.max_frames is not None):
+            job.plan.extend(fetch_end(self.decoder_backend, track.need_end(), limit, job.size))
         if limit == 0:
             self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
             return
@@ -579,7 +588,7 @@ class Supervisor:
                 job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
                 self.decoder_backend, self.config.batch,
                 [int(x) for x in job.track.need_end()], job.frame_limit, readable,
-                job.moov))
+                job.moov, job.plan.regions()))
 
     def _gpu(self) -> WorkerHandle | None:
         for w in self.workers:

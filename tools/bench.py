@@ -21,7 +21,9 @@ spread over all of them:
   ``ca_file``/``tls_verify``), decode to rgb24, processor per frame.
 * ``limit`` -- not a method but the physical floor for this file on this link and this
   machine: the transfer at the link's aggregate rate, and the decode+process time of the
-  same file from local disk measured in this run (see ``limit_from``).
+  same file from local disk measured in this run (see ``limit_from``); ``limit-pipelined``,
+  shown with it, lets decode and processor overlap perfectly (decode alone vs processor
+  alone), the floor for a pipeline like the engine's.
 
 Each subprocess contender runs as ``python -m tools.bench --worker NAME ...`` and prints
 one JSON line; imports and the processor's load happen before its clock starts. CPU is
@@ -209,7 +211,9 @@ def _cv2_loop(path: str, clock: Clock, proc, dev, limit: int | None = None) -> i
     return n
 
 
-def _pyav_loop(container, clock: Clock, proc, dev) -> int:
+def _pyav_loop(container, clock: Clock, proc, dev, proc_time: list | None = None) -> int:
+    """PyAV (frame threads) to rgb24, the processor on batches of one; ``proc=None``
+    decodes only; ``proc_time`` (a one-item list) accumulates the processor's share."""
     import torch
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
@@ -217,8 +221,12 @@ def _pyav_loop(container, clock: Clock, proc, dev) -> int:
     for frame in container.decode(stream):
         clock.mark("first_frame")
         arr = frame.to_ndarray(format="rgb24")
-        proc(torch.from_numpy(arr[None]).to(dev), [n])
-        clock.mark("first_result")
+        if proc is not None:
+            t = time.perf_counter()
+            proc(torch.from_numpy(arr[None]).to(dev), [n])
+            if proc_time is not None:
+                proc_time[0] += time.perf_counter() - t
+            clock.mark("first_result")
         n += 1
     clock.mark("decode_done")
     return n
@@ -364,12 +372,20 @@ def worker_local(a) -> dict:
             clock.mark("first_result")
             break
     ff = dict(clock.t)
+    # decode alone: what a decoder process feeding a separate processor process can reach
+    dclock = Clock()
+    with av.open(a.video) as c:
+        _pyav_loop(c, dclock, None, dev)
+    dclock.mark("total")
+    # decode and processor in series in one process (the processor's share timed apart)
     meter = TreeMeter().start()
     clock = Clock()
+    proc_time = [0.0]
     with av.open(a.video) as c:
-        frames = _pyav_loop(c, clock, proc, dev)
+        frames = _pyav_loop(c, clock, proc, dev, proc_time)
     clock.mark("total")
     out = {"ok": frames > 0, "error": None, "t": clock.t, "wall_s": clock.t["total"],
+           "decode_only_s": dclock.t["total"], "process_only_s": round(proc_time[0], 4),
            "frames": frames, "first_frame_bytes": first_bytes,
            "first_frame_decode_s": ff.get("first_frame"),
            "first_result_s": ff.get("first_result"),
@@ -493,7 +509,7 @@ def _emu_delta(before: dict, after: dict) -> dict:
             "conns_accepted": after["connections_accepted"] - before["connections_accepted"]}
 
 
-def limit_from(local: dict, prof) -> dict:
+def limit_from(local: dict, prof) -> tuple[dict, dict]:
     """The floor: nothing can beat the link's aggregate rate or this machine's decoder.
 
     transfer      = size / total_bps                  (the last byte, after one RTT)
@@ -501,6 +517,11 @@ def limit_from(local: dict, prof) -> dict:
     first frame   = RTT + first_frame_bytes / per_conn_bps + first frame decode
     first result  = first frame floor + the processor on that frame
     Connections are assumed open (prewarmed); ``new_conn_s`` is not part of the floor.
+
+    Returns (``limit``, ``limit-pipelined``): the second lets decode and processor run
+    at once (as in separate processes), total = RTT + max(transfer, first-frame bytes at
+    one connection's rate + decode alone, processor alone) -- optimistic, since on few
+    cores the two share them.
     """
     rtt = prof.rtt_s
     size = local["size"]
@@ -512,12 +533,19 @@ def limit_from(local: dict, prof) -> dict:
     t = {"first_byte": round(rtt, 4), "first_frame": round(ff, 4), "first_result": round(fr, 4),
          "download_done": round(rtt + transfer, 4), "decode_done": round(rtt + max(transfer, decode), 4),
          "total": round(rtt + max(transfer, decode), 4), "decode_start": round(rtt + ff_net, 4)}
-    return {"ok": True, "error": None, "t": t, "frames": local["frames"], "bytes": size,
-            "local_decode_s": decode, "transfer_s": round(transfer, 4),
-            "first_frame_bytes": local["first_frame_bytes"],
-            "first_frame_decode_s": local["first_frame_decode_s"],
-            "cpu_s": local.get("cpu_s"), "peak_rss_mb": local.get("peak_rss_mb"),
-            "peak_pss_mb": local.get("peak_pss_mb")}
+    serial = {"ok": True, "error": None, "t": t, "frames": local["frames"], "bytes": size,
+              "local_decode_s": decode, "transfer_s": round(transfer, 4),
+              "first_frame_bytes": local["first_frame_bytes"],
+              "first_frame_decode_s": local["first_frame_decode_s"],
+              "cpu_s": local.get("cpu_s"), "peak_rss_mb": local.get("peak_rss_mb"),
+              "peak_pss_mb": local.get("peak_pss_mb")}
+    dec_only, proc_only = local["decode_only_s"], local["process_only_s"]
+    end = rtt + max(transfer, ff_net + dec_only, proc_only)
+    tp = dict(t, decode_done=round(rtt + ff_net + dec_only, 4), total=round(max(end, fr), 4))
+    pipelined = {"ok": True, "error": None, "t": tp, "frames": local["frames"], "bytes": size,
+                 "decode_only_s": dec_only, "process_only_s": proc_only,
+                 "transfer_s": round(transfer, 4)}
+    return serial, pipelined
 
 
 def _med(values):
@@ -581,7 +609,7 @@ def render(summary: dict, contenders: list[str]) -> str:
                        num(s.get("ratio_first_result"), "{:.2f}x"),
                        num(s.get("ratio_total"), "{:.2f}x"),
                        num(s.get("startup_s"), "{:.2f}")])
-        if c == "limit":
+        if c.startswith("limit"):
             conns = "-"
         elif s.get("conns_new") is not None or s.get("conns_accepted") is not None:
             new = s["conns_new"] if s.get("conns_new") is not None else s.get("conns_accepted")
@@ -794,7 +822,11 @@ def main(argv: list[str] | None = None) -> int:
                     local = run_worker("local", ["--video", str(video), "--processor", a.processor]
                                        + (["--device", a.device] if a.device else []),
                                        a.timeout, env)
-                    res = limit_from(local, prof) if local.get("ok") else local
+                    if local.get("ok"):
+                        res, pipelined = limit_from(local, prof)
+                        runs.append(dict(pipelined, contender="limit-pipelined", round=rnd))
+                    else:
+                        res = local
                     res["local"] = local
                 else:
                     extra = []
@@ -821,12 +853,15 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["SSL_CERT_FILE"] = old_ca
         _sweep()
 
-    summary = summarize(runs, a.contenders)
+    shown = list(a.contenders)
+    if "limit" in shown:
+        shown.insert(shown.index("limit") + 1, "limit-pipelined")
+    summary = summarize(runs, shown)
     if warm_startup is not None:
         notes.insert(0, f"engine-warm: started once in {warm_startup:.2f} s (start, prewarm and a "
                      "50-frame warm-up job on another clip, all off the clock)")
     print()
-    print(render(summary, a.contenders))
+    print(render(summary, shown))
     notes += _notes(summary, a, prof)
     for failed in (r for r in runs if not r.get("ok")):
         notes.append(f"{failed['contender']} round {failed['round'] + 1} failed: {failed.get('error')}")
@@ -842,11 +877,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "per_conn_bps": prof.per_conn_bps, "total_bps": prof.total_bps},
                        "video": {"path": str(video), "bytes": video.stat().st_size},
                        "processor": a.processor, "device": a.device, "runs_per_contender": a.runs,
-                       "contenders": a.contenders, "runs": runs, "summary": summary,
+                       "contenders": a.contenders, "rows": shown, "runs": runs, "summary": summary,
                        "notes": notes, "elapsed_s": round(time.monotonic() - started, 1)},
                       fh, indent=1)
     if a.plot:
-        plot(summary, a.contenders, a.plot,
+        plot(summary, shown, a.plot,
              f"{video.name} ({video.stat().st_size / 1e6:.1f} MB) on profile {prof.name}, "
              f"{a.processor}, {machine['cores_logical']} cores")
     print(f"\nbench finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -887,7 +922,10 @@ def _notes(summary: dict, a, prof) -> list[str]:
     if "limit" in summary and summary["limit"].get("total"):
         notes.append("limit: total = RTT + max(size / total_bps, local decode+process); first frame = "
                      "RTT + first-frame bytes / per_conn_bps + first-frame decode (connections "
-                     "assumed prewarmed); CPU/memory shown are the local decode's")
+                     "assumed prewarmed); CPU/memory shown are the local decode's; "
+                     "limit-pipelined: total = RTT + max(size / total_bps, first-frame bytes / "
+                     "per_conn_bps + local decode alone, processor alone), as if decode and "
+                     "processor overlapped perfectly on their own cores")
     notes.append("MB wire and new connections are counted by the CDN emulator (TLS included); "
                  "stock/seed-fork/pyav-url decode with OpenCV/PyAV threads inside one process")
     return notes

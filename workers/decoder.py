@@ -188,19 +188,17 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
 
     batcher = Batcher(link, job, ring)
     reader = SegmentReader(link, job, block, amap, batcher.flush)
-    # decord indexes the whole file at open: the moov must be in (it is), and the
-    # segment has its full size, so absent bytes read as zeros instead of crashing.
-    reader.wait(*job.moov)
+    # decord cannot stream: its threaded demuxer reads ahead by an amount we could not
+    # bound (with bytes arriving it decoded zeros -- "Invalid NAL unit size" -- even
+    # 48 frames and 2 MB behind the arrival front; its open also probes 5 MB). So it
+    # opens once every byte the job will use is in; PyAV is the streaming backend.
+    for lo, hi in job.regions:
+        reader.wait(lo, hi)
     vr = decord.VideoReader(block.path, ctx=decord.cpu(0))
     limit = min(len(vr), job.frame_limit or len(vr), len(job.need_end))
-    need_end = job.need_end
     i = 0
     while i < limit:
         count = 1 if i == 0 else min(job.batch, limit - i)
-        # Bytes for these frames plus a little look-ahead that the demuxer reads early.
-        lookahead = min(limit - 1, i + count + 8)
-        reader.wait(0, min(need_end[lookahead] + 256 * 1024, job.size,
-                           max(job.readable_end, need_end[lookahead])))
         frames = vr.get_batch(list(range(i, i + count))).asnumpy()
         for k in range(count):
             _, dest = batcher.slot()
@@ -210,6 +208,20 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     batcher.flush()
     del vr
     return DecodeDone(job.job, limit, [], None, batcher.first_frame_at, "decord")
+
+
+def fetch_end(backend: str, need_end, limit: int, size: int) -> int:
+    """How far a partial job must fetch so that ``backend`` can output ``limit`` frames.
+
+    PyAV reads exactly what the frames need. decord's open probes FFmpeg's probesize
+    (5,000,000 bytes) and its demuxer reads ahead of the frames asked for, taking absent
+    bytes for zeros; with a fixed prefix, 48 frames and 2 MB of margin were enough.
+    """
+    end = int(need_end[limit - 1])
+    if backend == "decord":
+        ahead = int(need_end[min(len(need_end) - 1, limit - 1 + 48)])
+        end = max(end, ahead + (2 << 20), 5_000_000)
+    return min(end, size)
 
 
 BACKENDS = {"pyav": decode_pyav, "decord": decode_decord}
