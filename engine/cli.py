@@ -91,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
                      help="serve a generated 750-frame clip from a local emulated CDN and run on it")
     run.add_argument("--profile", default="seed", help="network profile for --demo (lan, seed, ...)")
     run.add_argument("--socket", help="serve-mode socket path")
-    run.add_argument("--metrics-port", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--metrics-port", type=int,
+                     help="serve mode: Prometheus text metrics on 127.0.0.1:PORT/metrics")
     _job_options(run)
     submit = sub.add_parser("submit", help="send a job to a running engine")
     submit.add_argument("url", metavar="URL")

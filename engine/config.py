@@ -86,6 +86,7 @@ class Config:
     head_kb: int = 512               # first range: learns the size and the box layout
     processor: str = "engine.processors:stats"
     log_level: str = "INFO"
+    max_rss_mb: int = 0              # ENGINE_MAX_RSS_MB: recycle a worker past it (0: never)
     report_sha256: bool = False      # ENGINE_REPORT_SHA256=1: hash of the fetched bytes
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -128,6 +129,7 @@ class Config:
             job_timeout_s=_float(env, "ENGINE_JOB_TIMEOUT_S", 60.0),
             pooling=env.get("USE_CONNECTION_POOL", "1").strip() not in ("0", "false", "False"),
             processor=env.get("ENGINE_PROCESSOR", "engine.processors:stats"),
+            max_rss_mb=_int(env, "ENGINE_MAX_RSS_MB", 0, minimum=0),
             report_sha256=env.get("ENGINE_REPORT_SHA256", "0").strip() == "1",
             log_level=_choice(env, "ENGINE_LOG_LEVEL", "info",
                               ("debug", "info", "warning", "error")).upper(),

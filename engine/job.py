@@ -31,6 +31,7 @@ class Job:
     amap: object = None             # shm.AvailabilityMap
     ring: object = None             # shm.FrameRing
     head_fetcher: object = None
+    head_attempt: int = 0
     head_done: bool = False
     head_len: int = 0
     moov: tuple[int, int] | None = None

@@ -50,11 +50,22 @@ def serve(args) -> int:
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
     sup.start()
+    metrics = None
+    if args.metrics_port:
+        from engine.metrics import start_metrics
+        try:
+            metrics = start_metrics(args.metrics_port, sup)
+        except OSError as exc:
+            sup.shutdown()
+            raise EngineError(f"cannot serve metrics on port {args.metrics_port}: "
+                              f"{exc.strerror}") from None
     print(f"engine serving on {path} (pid {os.getpid()}); stop with Ctrl-C or SIGTERM",
           file=sys.stderr, flush=True)
     try:
         sup.run()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -40,6 +40,7 @@ from shm.block import unlink_block
 log = logging.getLogger("engine.supervisor")
 
 HEARTBEAT_TIMEOUT_S = 10.0
+SAMPLE_EVERY_S = 2.0
 MAX_RANGE_ATTEMPTS = 4
 PREFIX_BYTES = 64 * 1024
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
@@ -65,6 +66,7 @@ class WorkerHandle:
         self.heads: set[int] = set()                  # fetcher: jobs whose head it fetches
         self.job: int | None = None                   # decoder: the job it decodes
         self.jobs: set[int] = set()                   # gpu: jobs with batches in flight
+        self.recycling: str | None = None             # why we asked it to exit
 
     @property
     def name(self) -> str:
@@ -93,6 +95,8 @@ class Supervisor:
         self.shm_in_use = 0
         self.decode_queue: list[int] = []
         self.rr = 0
+        self.sampled_at = 0.0
+        self.last_status: dict = {}
         from workers import decoder, fetcher, gpu
         for i in range(config.fetchers):
             self.workers.append(WorkerHandle("fetcher", i, fetcher.main))
@@ -251,6 +255,9 @@ class Supervisor:
             if not job.finished and now > job.deadline:
                 self.fail(job, "JobTimeout", f"{job.url}: job exceeded its deadline of "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
+            elif not job.finished and job.segment is None and job.head_fetcher is None \
+                    and job.final_url:
+                self._start_head(job, job.head_attempt)
         for w in self.workers:
             if w.process is None and w.restart_at is not None and now >= w.restart_at:
                 self._spawn(w)
@@ -258,8 +265,28 @@ class Supervisor:
                 log.warning("%s (pid %s) stopped heartbeating: killing it", w.name, w.pid)
                 w.causes.append("no heartbeat")
                 w.process.kill()
+        if now - self.sampled_at >= SAMPLE_EVERY_S:
+            self.sampled_at = now
+            self._sample()
         self._dispatch_ranges()
         self._dispatch_decodes()
+
+    def _sample(self) -> None:
+        """psutil at a low fixed rate: the status view, and recycling of bloated workers."""
+        from engine.status import snapshot
+        self.last_status = snapshot(self)
+        limit = self.config.max_rss_mb
+        if not limit:
+            return
+        by_pid = {p["pid"]: p for p in self.last_status["processes"] if p["pid"]}
+        for w in self.workers:
+            rss = (by_pid.get(w.pid) or {}).get("rss_mb") or 0
+            idle = not w.inflight and not w.heads and w.job is None and not w.jobs
+            if w.alive and w.ready and idle and rss > limit:
+                log.warning("%s (pid %s) uses %.0f MB > ENGINE_MAX_RSS_MB=%d: recycling it",
+                            w.name, w.pid, rss, limit)
+                w.recycling = f"recycled at {rss:.0f} MB RSS"
+                self._send_worker(w, Shutdown())
 
     # ------------------------------------------------------------------ clients
     def send(self, client, msg) -> None:
@@ -349,8 +376,9 @@ class Supervisor:
 
     def _start_head(self, job: Job, attempt: int = 0) -> None:
         fetchers = self._fetchers() or [w for w in self.workers if w.role == "fetcher" and w.alive]
-        if not fetchers:
-            self.fail(job, "FetchError", f"{job.url}: no fetcher process is running")
+        if not fetchers:   # all restarting: the tick starts it when one is back
+            job.head_fetcher = None
+            job.head_attempt = attempt
             return
         w = min(fetchers, key=lambda f: len(f.inflight) + len(f.heads))
         w.heads.add(job.id)
@@ -728,6 +756,8 @@ class Supervisor:
         code = w.process.exitcode
         cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                  else f"exited with code {code}")
+        if w.recycling:
+            cause, w.recycling = w.recycling, None
         if self.running and self.stopping_since is None:
             log.warning("%s (pid %s) %s: restarting it", w.name, w.pid, cause)
         w.causes.append(cause)
@@ -736,7 +766,7 @@ class Supervisor:
             w.conn.close()
         except OSError:
             pass
-        w.process, w.conn, w.ready = None, None, False
+        w.process, w.conn, w.ready, w.pid = None, None, False, None
         if w.role == "fetcher":
             for job_id, offset in w.inflight:
                 job = self.jobs.get(job_id)

@@ -66,8 +66,12 @@ def test_bad_options_give_one_line_errors():
 @pytest.fixture
 def served(cdn, tmp_path):
     sock = tmp_path / "engine.sock"
+    from tools.https_server import free_port
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run", "--socket", str(sock),
-                             "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--metrics-port", str(port)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    proc.metrics_port = port
     deadline = time.monotonic() + 60
     while not sock.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -100,6 +104,11 @@ def test_serve_submit_status_and_clean_stop(served, cdn, tmp_path):
     table = engine_cmd("status", "--socket", str(sock)).stdout
     assert "supervisor" in table and "shared memory" in table
 
+    time.sleep(2.5)   # one psutil sample
+    import httpx
+    metrics = httpx.get(f"http://127.0.0.1:{proc.metrics_port}/metrics").text
+    assert 'engine_process_rss_bytes{role="gpu"}' in metrics and "engine_shm_bytes" in metrics
+
     children = psutil.Process(proc.pid).children(recursive=True)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
@@ -113,3 +122,18 @@ def test_serve_refuses_a_socket_in_use(served):
     _, sock = served
     res = engine_cmd("run", "--socket", str(sock), timeout=60)
     assert res.returncode == 1 and "already serving" in res.stderr
+
+
+def test_workers_past_the_rss_limit_are_recycled_between_jobs(cdn):
+    from engine import Engine
+    with Engine(processor="engine.processors:null", device="cpu", max_rss_mb=1, fetchers=1,
+                decoders=1) as eng:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            procs = eng.status()["processes"]
+            if any((p["last_restart_cause"] or "").startswith("recycled at") for p in procs):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no worker was recycled: {procs}")
+        assert eng.process(cdn.url("small.mp4")).frames_processed == 50
