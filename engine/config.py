@@ -83,7 +83,7 @@ class Config:
     partial_mb: float | None = None  # seed alias: only frames within the first N MB
     job_timeout_s: float = 60.0
     pooling: bool = True             # USE_CONNECTION_POOL=0 turns it off
-    head_kb: int = 512               # first range: learns the size and the box layout
+    head_kb: int = 128               # first range: learns the size and the box layout
     processor: str = "engine.processors:stats"
     log_level: str = "INFO"
     max_rss_mb: int = 0              # ENGINE_MAX_RSS_MB: recycle a worker past it (0: never)

@@ -34,6 +34,7 @@ class Job:
     head_attempt: int = 0
     head_done: bool = False
     head_len: int = 0
+    planned: bool = False           # the range plan is made (moov located)
     moov: tuple[int, int] | None = None
     moov_layout: str | None = None
     track: object = None            # engine.mp4.VideoTrack

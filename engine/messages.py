@@ -164,6 +164,7 @@ class HeadInfo:
     url: str                     # after redirects: later ranges go straight there
     content_type: str
     stats: FetchStats
+    prefix: bytes = b""          # the first bytes of the body: enough to plan the ranges
 
 
 @dataclass

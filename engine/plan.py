@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from shm.availability import CHUNK
 
 
+RAMP_MIN = 2 * CHUNK
+
+
 def align_down(offset: int) -> int:
     return offset - offset % CHUNK
 
@@ -36,9 +39,13 @@ class RangePlan:
         self.extra: list[tuple[int, int]] = []   # planned regions beyond it (the moov)
 
     def _pieces(self, start: int, end: int) -> list[Piece]:
+        """Pieces grow with their offset (128 KiB at 128 KiB, 256 KiB at 256 KiB, ... up to
+        ``range_bytes``): the first frames' bytes then arrive over several connections at
+        once instead of at one connection's rate, while later pieces stay large."""
         out = []
         while start < end:
-            stop = min(end, start + self.range_bytes)
+            size = min(self.range_bytes, max(RAMP_MIN, start - start % CHUNK))
+            stop = min(end, start + size)
             out.append(Piece(start, stop))
             start = stop
         return out

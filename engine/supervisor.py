@@ -41,6 +41,7 @@ log = logging.getLogger("engine.supervisor")
 
 HEARTBEAT_TIMEOUT_S = 10.0
 SAMPLE_EVERY_S = 2.0
+RING_POOL = 2          # finished rings kept per frame size
 MAX_RANGE_ATTEMPTS = 4
 PREFIX_BYTES = 64 * 1024
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
@@ -97,6 +98,7 @@ class Supervisor:
         self.rr = 0
         self.sampled_at = 0.0
         self.last_status: dict = {}
+        self.ring_pool: dict[tuple, list] = {}
         from workers import decoder, fetcher, gpu
         for i in range(config.fetchers):
             self.workers.append(WorkerHandle("fetcher", i, fetcher.main))
@@ -428,15 +430,24 @@ class Supervisor:
         job.head_len = min(cfg_head(cfg), msg.size) if msg.ranged else msg.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
+        if msg.prefix and msg.ranged:
+            self._plan_after_head(job, msg.prefix)
 
-    def _plan_after_head(self, job: Job) -> None:
-        """The head is in: find the moov and plan the remaining ranges."""
-        head = memoryview(job.segment.mm)[:job.head_len]
+    def _plan_after_head(self, job: Job, prefix=None) -> None:
+        """Find the moov and plan the remaining ranges: from the first bytes of the head
+        as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head."""
+        if job.planned:
+            return
+        final = prefix is None
+        head = memoryview(job.segment.mm)[:job.head_len] if final else prefix
         try:
             loc = mp4.locate_moov(head, job.size)
         except mp4.NotMP4 as exc:
             self.fail(job, "DecodeError", f"{job.url}: {exc}")
             return
+        if loc is None and not final:
+            return                      # the prefix says too little: wait for the head
+        job.planned = True
         partial = job.max_frames is not None or job.partial_mb is not None
         if loc is None:
             job.plan.extend(job.size)   # unknown layout: fetch it all, find the moov later
@@ -557,12 +568,17 @@ class Supervisor:
         if limit == 0:
             self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
             return
-        try:
-            job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"),
-                                        self.config.ring_slots, track.height, track.width)
-        except ShmError as exc:
-            self.fail(job, "FetchError", f"{job.url}: {exc}")
-            return
+        shape = (self.config.ring_slots, track.height, track.width)
+        pooled = self.ring_pool.get(shape)
+        if pooled:
+            job.ring = pooled.pop()
+            job.ring.reset()
+        else:
+            try:
+                job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"), *shape)
+            except ShmError as exc:
+                self.fail(job, "FetchError", f"{job.url}: {exc}")
+                return
         self.shm_in_use += job.ring.block.size
         job.waiting_decoder = True
         self.decode_queue.append(job.id)
@@ -686,8 +702,15 @@ class Supervisor:
 
     def _release(self, job: Job) -> None:
         """Stop everything the job has going and give back its memory."""
+        # A ring whose job ended cleanly (decoder and GPU worker done with it) is kept for
+        # the next job of the same frame size; any other is cancelled and unlinked.
+        keep = None
+        if job.ring is not None and job.error is None and job.decode_done and job.outstanding == 0:
+            shape = (job.ring.slots, job.ring.height, job.ring.width)
+            if len(self.ring_pool.setdefault(shape, [])) < RING_POOL:
+                keep = job.ring
         for shared in (job.amap, job.ring):
-            if shared is not None:
+            if shared is not None and shared is not keep:
                 shared.cancel()
         if job.plan is not None:
             job.plan.drop_pending()
@@ -700,8 +723,10 @@ class Supervisor:
             w.heads.discard(job.id)
             w.jobs.discard(job.id)
         self.shm_in_use -= job.shm_bytes()
+        if keep is not None:
+            self.ring_pool[(keep.slots, keep.height, keep.width)].append(keep)
         for shared in (job.segment, job.amap, job.ring):
-            if shared is not None:
+            if shared is not None and shared is not keep:
                 shared.unlink()
                 shared.close()
         job.segment = job.amap = job.ring = None

@@ -248,6 +248,7 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
 
 def main(conn, config: Config, index: int = 0) -> None:
     worker_setup(f"decoder{index}", config.log_level)
+    import av  # noqa: F401  (imported now, not on the first job's critical path)
     link = Link(conn, "decoder")
     link.start()
     while True:

@@ -28,6 +28,7 @@ from workers.base import Link, worker_setup
 log = logging.getLogger("engine.fetcher")
 
 KEEP_WARM_EVERY_S = 20.0
+PREFIX_BYTES = 16 * 1024   # ftyp and the moov or mdat header are in the first bytes
 READ_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 15.0
 
@@ -305,16 +306,18 @@ class Fetcher:
             else:
                 raise RangeError(f"HTTP {status} {response.reason_phrase}".rstrip(), False)
             content_type = response.headers.get("content-type", "")
-            self.link.send(HeadInfo(msg.job, size, ranged, str(response.url), content_type, stats))
             expect = min(msg.length, size) if ranged else size
-            # The body starts flowing while the supervisor makes the segment: buffer the
-            # head (at most ENGINE head size) until it is ready, then stream in place.
+            # The first bytes go with HeadInfo, so the supervisor can locate the moov and
+            # start the other ranges while the head still downloads; then the rest streams
+            # into the segment, which the supervisor makes on HeadInfo.
             buffered = bytearray()
             chunks = response.iter_raw()
             for chunk in chunks:
                 buffered += chunk
-                if len(buffered) >= min(expect, msg.length):
+                if len(buffered) >= min(expect, PREFIX_BYTES):
                     break
+            self.link.send(HeadInfo(msg.job, size, ranged, str(response.url), content_type, stats,
+                                    bytes(buffered[:PREFIX_BYTES])))
             with self._lock:
                 event, box = self._waiting_segment[msg.job]
             if not event.wait(30.0) or not box or box[0].segment is None:
