@@ -49,6 +49,7 @@ class Job:
     decoder: object = None
     waiting_decoder: bool = False
     frame_limit: int | None = None
+    readable_end: int = 0           # the decoder sees the file end here (partial jobs)
     decode_done: bool = False
     decode_retried: bool = False
     outstanding: int = 0            # batches sent to the GPU worker, not yet answered

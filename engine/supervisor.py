@@ -563,8 +563,12 @@ class Supervisor:
             budget = int(job.partial_mb * 1024 * 1024)
             limit = min(limit, int((need <= budget).sum()))
         job.frame_limit = limit
+        job.readable_end = job.size
         if limit and (limit < track.frame_count or job.max_frames is not None):
-            job.plan.extend(fetch_end(self.decoder_backend, track.need_end(), limit, job.size))
+            # The decoder sees end-of-file exactly at a sample boundary (a cut inside the
+            # next sample would hand it a truncated packet); the plan rounds up to chunks.
+            job.readable_end = fetch_end(self.decoder_backend, track.need_end(), limit, job.size)
+            job.plan.extend(job.readable_end)
         if limit == 0:
             self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
             return
@@ -626,8 +630,9 @@ class Supervisor:
             job.decoder_backend = self.decoder_backend
             gpu = self._gpu()
             if gpu is not None:
+                gpu.jobs.add(job.id)   # from now on its death fails this job
                 self._send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
-            readable = job.plan.planned_until
+            readable = job.readable_end
             self._send_worker(w, DecodeJob(
                 job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
                 self.decoder_backend, self.config.batch,

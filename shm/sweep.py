@@ -13,13 +13,18 @@ _NAME = re.compile(re.escape(PREFIX) + r"(\d+)-")
 
 
 def _alive(pid: int) -> bool:
+    """Running, and not a zombie (a killed engine whose parent has not reaped it yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def owned_blocks(pid: int) -> list[str]:

@@ -100,12 +100,14 @@ class GpuWorker:
         run = SlotRun(msg.first_slot, msg.count)
         spec = self.job_processor.get(msg.job, self.default)
         reply = BatchResults(msg.job, run.first, run.count, msg.frame_numbers, [])
+        released = False
         try:
             proc = self.processor(spec)
             view = ring.view(run)
             if self.staging is not None:
                 frames = self.staging.upload(view)
-                ring.release(run)
+                ring.release(run)   # the copy is done: the decoder may refill these slots
+                released = True
             else:
                 frames = self.torch.from_numpy(view)
             with self.torch.inference_mode():
@@ -119,7 +121,7 @@ class GpuWorker:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             reply.error = f"processor {spec} failed: {type(exc).__name__}: {text}"
         finally:
-            if self.staging is None:
+            if not released:
                 ring.release(run)
         self.link.send(reply)
 
