@@ -168,3 +168,41 @@ def test_lying_servers_fail_cleanly(engine, faulty_server, small_clips, mode, te
     server = faulty_server(small_clips["small"].read_bytes(), mode=mode)
     with pytest.raises(FetchError, match=text):
         engine.process(server.url("clip.mp4"))
+
+
+def test_idle_pooled_connections_are_kept_warm(cdn):
+    """With a 3 s idle expiry, connections survive 7 s of idleness only because the
+    fetchers touch them every second (keep-warm): the next job opens none."""
+    import time
+    with Engine(processor="engine.processors:null", device="cpu", keepalive_s=3.0, fetchers=1,
+                decoders=1) as eng:
+        first = eng.process(cdn.url("small.mp4"))
+        assert first.fetch["connections_new"] >= 1
+        time.sleep(7)
+        second = eng.process(cdn.url("small.mp4"))
+        assert second.fetch["connections_new"] == 0 and second.fetch["connections_reused"] >= 1
+
+
+def test_prewarm_opens_connections_before_the_first_job(cdn):
+    with Engine(processor="engine.processors:null", device="cpu", fetchers=2, connections=2,
+                decoders=1) as eng:
+        assert eng.prewarm([cdn.url("")]) == 4
+        report = eng.process(cdn.url("small.mp4"))
+        assert report.fetch["connections_new"] == 0
+
+
+def test_tls_is_verified(cdn, monkeypatch):
+    """Without the test CA the engine refuses the server's self-signed certificate."""
+    from engine import FetchError
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    with Engine(processor="engine.processors:null", device="cpu", fetchers=1, decoders=1) as eng:
+        with pytest.raises(FetchError, match="TLS failed"):
+            eng.process(cdn.url("small.mp4"))
+
+
+def test_connection_refused_is_a_clean_error(engine):
+    from tools.https_server import free_port
+    url = f"https://127.0.0.1:{free_port()}/x.mp4"
+    with pytest.raises(FetchError, match="cannot connect") as err:
+        engine.process(url)
+    assert url in str(err.value)
