@@ -1,9 +1,17 @@
 """The byte-range plan of one job: what to fetch next, and in which order.
 
 Order is what the decoder needs: the moov box first when it sits at the end of the
-file, then ascending offsets. Pieces are chunk-aligned (see ``shm.availability``) and
-at most ``ENGINE_RANGE_MB`` long; a decoder blocked on an offset moves that piece to
-the front; a piece that failed half-way goes back to the front as its remainder.
+file, then ascending offsets. A decoder blocked on an offset moves that offset to the
+front; a piece that failed half-way goes back to the front as its remainder.
+
+Pending bytes are kept as regions and a piece is cut from the front region when a
+connection is free, so its size can follow the state of the download:
+- near the start pieces grow with their offset (128 KiB at 128 KiB, 256 KiB at 256 KiB,
+  ...): the first frames' bytes arrive over several connections at once;
+- after that a piece is the outstanding bytes divided by the connections (at most
+  ``ENGINE_RANGE_MB``): connections finish at about the same time, instead of one last
+  large range running alone while the others idle.
+Pieces start on chunk boundaries (see ``shm.availability``).
 """
 from __future__ import annotations
 
@@ -13,12 +21,15 @@ from dataclasses import dataclass
 
 from shm.availability import CHUNK
 
-
 RAMP_MIN = 2 * CHUNK
 
 
 def align_down(offset: int) -> int:
     return offset - offset % CHUNK
+
+
+def align_up(offset: int) -> int:
+    return -(-offset // CHUNK) * CHUNK
 
 
 @dataclass
@@ -33,61 +44,68 @@ class RangePlan:
     def __init__(self, size: int, range_bytes: int):
         self.size = size
         self.range_bytes = range_bytes
-        self.pending: deque[Piece] = deque()
+        self.pending: deque[Piece] = deque()     # regions, in fetch order
         self.inflight: dict[int, Piece] = {}     # by offset
         self.planned_until = 0                   # [0, planned_until) is planned
         self.extra: list[tuple[int, int]] = []   # planned regions beyond it (the moov)
 
-    def _pieces(self, start: int, end: int) -> list[Piece]:
-        """Pieces grow with their offset (128 KiB at 128 KiB, 256 KiB at 256 KiB, ... up to
-        ``range_bytes``): the first frames' bytes then arrive over several connections at
-        once instead of at one connection's rate, while later pieces stay large."""
-        out = []
-        while start < end:
-            size = min(self.range_bytes, max(RAMP_MIN, start - start % CHUNK))
-            stop = min(end, start + size)
-            out.append(Piece(start, stop))
-            start = stop
-        return out
-
     def extend(self, until: int) -> None:
         """Plan everything up to ``until`` (ascending, after what is already pending)."""
-        until = min(-(-until // CHUNK) * CHUNK, self.size)   # whole chunks: see module doc
+        until = min(align_up(until), self.size)
         start = self.planned_until
         for lo, hi in self.extra:     # skip a region that is already planned urgently
             if start < hi and lo < until:
-                self.pending.extend(self._pieces(start, lo))
+                if start < lo:
+                    self.pending.append(Piece(start, lo))
                 start = max(start, hi)
         if start < until:
-            self.pending.extend(self._pieces(start, until))
+            self.pending.append(Piece(start, until))
         self.planned_until = max(self.planned_until, until)
 
     def urgent(self, start: int, end: int) -> None:
         """Plan ``[start, end)`` ahead of everything (the moov box at the end)."""
-        start = align_down(start)
-        if start < self.planned_until:
-            start = self.planned_until
+        start = max(align_down(start), self.planned_until)
         if start >= end:
             return
         self.extra.append((start, end))
-        for piece in reversed(self._pieces(start, end)):
-            self.pending.appendleft(piece)
+        self.pending.appendleft(Piece(start, end))
 
     def raise_to_front(self, offset: int) -> bool:
-        for piece in self.pending:
-            if piece.offset <= offset < piece.end:
-                self.pending.remove(piece)
-                self.pending.appendleft(piece)
+        for region in self.pending:
+            if region.offset <= offset < region.end:
+                cut = max(region.offset, align_down(offset))
+                self.pending.remove(region)
+                self.pending.appendleft(Piece(cut, region.end, region.attempt, region.not_before))
+                if cut > region.offset:
+                    self.pending.insert(1, Piece(region.offset, cut, region.attempt,
+                                                 region.not_before))
                 return True
         return False
 
-    def next(self) -> Piece | None:
+    def _size(self, start: int, slots: int) -> int:
+        # Share of the bytes not yet fetched (pending, and in flight counted whole: an
+        # estimate that errs towards fewer, larger pieces, each of which costs an RTT).
+        outstanding = sum(r.end - r.offset for r in self.pending)
+        outstanding += sum(p.end - p.offset for p in self.inflight.values())
+        balanced = -(-outstanding // max(1, slots))
+        ramp = max(RAMP_MIN, align_down(start))
+        return align_up(max(RAMP_MIN, min(self.range_bytes, ramp, balanced)))
+
+    def next(self, slots: int = 1) -> Piece | None:
+        """Cut the next piece for a free connection (``slots``: connections in all)."""
         now = time.monotonic()
-        for piece in self.pending:
-            if piece.not_before <= now:
-                self.pending.remove(piece)
-                self.inflight[piece.offset] = piece
-                return piece
+        for region in self.pending:
+            if region.not_before > now:
+                continue
+            size = self._size(region.offset, slots)
+            if region.end - region.offset <= size + RAMP_MIN:
+                self.pending.remove(region)
+                piece = region
+            else:
+                piece = Piece(region.offset, region.offset + size, region.attempt)
+                region.offset += size
+            self.inflight[piece.offset] = piece
+            return piece
         return None
 
     def done(self, offset: int) -> None:

@@ -524,7 +524,7 @@ class Supervisor:
                 return
             self.rr = (self.rr + 1) % len(jobs)
             job = jobs[self.rr]
-            piece = job.plan.next()
+            piece = job.plan.next(slots=limit * max(1, len(fetchers)))
             if piece is None:
                 jobs.remove(job)
                 continue

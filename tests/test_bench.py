@@ -29,3 +29,34 @@ def test_bench_smoke(tmp_path, capsys):
         assert data["summary"][name]["total"]["median"] > 0
     table = capsys.readouterr().out
     assert "engine-warm" in table and "stock" in table and "total/warm" in table
+
+
+@pytest.mark.timeout(120)
+def test_bench_fetch_smoke(tmp_path, capsys):
+    import shutil
+
+    from tools.bench import main
+
+    out = tmp_path / "fetch.json"
+    ca_before = os.environ.get("SSL_CERT_FILE")
+    rc = main(["--fetch", "--profile", "lan", "--clip", "small", "--runs", "1",
+               "--json", str(out)])
+    assert rc == 0
+    assert os.environ.get("SSL_CERT_FILE") == ca_before
+    data = json.loads(out.read_text())
+    size = data["video"]["bytes"]
+    measured = ["engine-warm", "engine-cold", "httpx-get"]
+    if shutil.which("aria2c"):
+        measured.append("aria2")
+    for name in measured:
+        runs = [r for r in data["runs"] if r["contender"] == name]
+        assert len(runs) == 1 and runs[0]["ok"], runs
+        assert runs[0]["t"]["download_done"] > 0
+        assert runs[0]["wire_bytes"] >= size            # the emulator saw the whole file
+    assert data["summary"]["engine-cold"]["startup_s"] > 0
+    assert data["summary"]["link"]["download_done"]["median"] == 0.0   # lan: no RTT, no cap
+    assert {c["goal"] for c in data["checks"]} == {
+        "warm engine >= 0.9 x aggregate capacity", "no slower than aria2",
+        "warm time-to-first-byte within 1.2 x one RTT"}
+    table = capsys.readouterr().out
+    assert "all bytes local s" in table and "link-cold" in table and "goal checks" in table

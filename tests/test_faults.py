@@ -15,11 +15,12 @@ supervisor, or a server that stalls -- and checks what the engine promises:
 * many jobs in a row leak neither memory, file descriptors nor segments;
 * concurrent jobs of different sizes and layouts are all frame-exact.
 
-Three engine bugs found here are pinned by ``xfail(strict=True)`` tests (reasons in
-ZOMBIE_BUG, GPU_WINDOW_BUG, PARTIAL_BUG): a supervisor killed under a still-referenced
-``Engine`` is a zombie whose segments no later start sweeps; a GPU worker death between
-a job's GpuJob and its first batch leaves that job hanging until its deadline; a
-``max_frames`` job that needs more than the head hangs until its deadline.
+Three engine bugs that these tests found are fixed; their tests stay as regression
+tests: a supervisor killed under a still-referenced ``Engine`` was a zombie whose
+segments no later start swept (``shm.sweep._alive``); a GPU worker death between a
+job's GpuJob and its first batch left that job hanging until its deadline; a
+``max_frames`` job needing more than the head hung until its deadline, then (after a
+first fix) lost its last 1-2 frames.
 
 After every test, ``own_engine`` checks that no process of that engine remains and no
 segment named after its supervisor pid is left in /dev/shm.
@@ -359,18 +360,15 @@ def test_gpu_worker_sigkill_fails_that_job_next_job_succeeds(cdn, slow_cdn):
                f"the job in flight ({error_frames(job)})")
 
 
-GPU_WINDOW_BUG = ("Supervisor.on_worker_death (gpu) fails only the jobs in w.jobs, i.e. jobs "
-                  "that already sent a BatchReady; a job whose GpuJob went to the dead worker "
-                  "but whose first batch had not left the decoder yet is neither failed nor "
-                  "re-announced to the new GPU worker, which drops its batches (no ring) "
-                  "without a reply: the job hangs until JobTimeout")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GPU_WINDOW_BUG)
 def test_gpu_worker_sigkill_before_first_batch_does_not_hang_the_job(cdn, sn44_clips):
     """The GPU worker dies after the job was announced to it (GpuJob, ring attached) but
     before its first batch: no result is lost, so the job may complete on the restarted
-    worker, or fail at once with ProcessorError -- but it must not wait for its deadline."""
+    worker, or fail at once with ProcessorError -- but it must not wait for its deadline.
+
+    This was a bug: Supervisor.on_worker_death (gpu) failed only the jobs in w.jobs (jobs
+    that had sent a BatchReady); this one was neither failed nor re-announced, the new
+    GPU worker dropped its batches (no ring) without a reply, and it hung until
+    JobTimeout."""
     # 100 kB/s in all and a 64 kB head: the decoder is dispatched once the head (with the
     # moov) is in, then waits ~2 s for the 278 kB that the first frame needs.
     trickle = Profile("trickle", 0.02, 0, None, 1e5)
@@ -404,20 +402,17 @@ def test_gpu_worker_sigkill_before_first_batch_does_not_hang_the_job(cdn, sn44_c
         assert ended < 15, f"the job took {ended:.1f} s after the GPU worker died"
 
 
-PARTIAL_BUG = ("max_frames jobs that need more bytes than the head: first they hung until "
-               "JobTimeout (RangePlan.extend planned a prefix ending mid-chunk, a chunk "
-               "AvailabilityMap.mark never flags); with extend() now rounding up to a chunk, "
-               "DecodeJob.readable_end (= plan.planned_until) falls inside the next sample, "
-               "the demuxer hands PyAV a truncated packet and, with frame threading, the "
-               "last 1-2 frames never come out: ok=True with missing_frames=[N-2, N-1]")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=PARTIAL_BUG)
 @pytest.mark.parametrize("name", ["sn44", "sn44-moov-end"])
 def test_max_frames_needing_more_than_the_head_is_frame_exact(cdn, sn44_clips, name):
     """Found while building the test above (a max_frames job hung without any fault):
     22, 30 and 100 frames need 542 kB, 703 kB and 2 MB, more than the 512 kB head, and
-    none of these ends on a 64 kB chunk boundary."""
+    none of these ends on a 64 kB chunk boundary.
+
+    This was a bug, twice: RangePlan.extend planned a prefix ending mid-chunk, a chunk
+    AvailabilityMap.mark never flags, so the job hung until JobTimeout; once extend()
+    rounded up to a chunk, DecodeJob.readable_end (then plan.planned_until) fell inside
+    the next sample, the demuxer handed PyAV a truncated packet and, with frame
+    threading, the last 1-2 frames never came out (ok=True, missing_frames=[N-2, N-1])."""
     problems = []
     with own_engine(processor=STATS, job_timeout_s=10) as owned:
         for frames in (22, 30, 100):
@@ -434,16 +429,11 @@ def test_max_frames_needing_more_than_the_head_is_frame_exact(cdn, sn44_clips, n
 
 # ------------------------------------------------------------------ 4. supervisor
 
-ZOMBIE_BUG = ("shm.sweep._alive() takes a zombie for a live process (os.kill(pid, 0) succeeds "
-              "on it), and nothing reaps a supervisor that died under Engine(): its segments "
-              "survive every later engine start until the owner calls close() or exits")
-
-
-@pytest.mark.parametrize("reaped", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=ZOMBIE_BUG)),
-], ids=["reaped", "zombie"])
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_supervisor_sigkill_children_exit_and_next_start_sweeps(cdn, slow_cdn, reaped):
+    """``zombie`` was a bug: shm.sweep._alive() took a zombie for a live process
+    (os.kill(pid, 0) succeeds on one), so while the owner of a killed supervisor had not
+    reaped it, no later engine start swept its segments."""
     with own_engine(fetchers=2, connections=2) as owned:
         eng, dead = owned.eng, owned.pid
         job = JobThread(eng, slow_cdn.url("/sn44.mp4"))
@@ -477,7 +467,7 @@ def test_supervisor_sigkill_children_exit_and_next_start_sweeps(cdn, slow_cdn, r
         with own_engine() as fresh:
             up = time.monotonic() - started
             remaining = owned_blocks(dead)
-            if not reaped:
+            if remaining:
                 record("supervisor SIGKILL, zombie not reaped", f"children exited in "
                        f"{children_s:.2f} s; new engine up in {up:.1f} s swept "
                        f"{len(left) - len(remaining)} of the {len(left)} segment(s) of the "

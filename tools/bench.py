@@ -25,6 +25,13 @@ spread over all of them:
   shown with it, lets decode and processor overlap perfectly (decode alone vs processor
   alone), the floor for a pipeline like the engine's.
 
+``python -m engine bench --fetch`` compares the transfer alone (time until every byte of
+the clip is local, no decoding in the measure) -- see ``fetch_main``: ``engine-warm``
+(prewarmed, ``engine.processors:null``, the report's ``download_done``), ``engine-cold``
+(a fresh engine's first job; start-up apart), ``httpx-get`` (one streamed GET to a temp
+file on a new connection), ``aria2`` (``aria2c -x16 -s16 -k1M``, subprocess wall clock)
+and ``link`` (the floor: RTT + size / total_bps), with the issue's three goal checks.
+
 Each subprocess contender runs as ``python -m tools.bench --worker NAME ...`` and prints
 one JSON line; imports and the processor's load happen before its clock starts. CPU is
 user+sys of the measured process tree over the timed part; memory is the peak of the
@@ -394,7 +401,35 @@ def worker_local(a) -> dict:
     return out
 
 
-WORKERS = {"engine-cold": worker_engine_cold, "stock": worker_stock, "seed-fork": worker_seed_fork,
+def worker_httpx_get(a) -> dict:
+    """One streamed GET of the whole file to a temp file, on a new connection; the clock
+    starts just before the request (client built, CA loaded, off the clock)."""
+    import ssl
+
+    import httpx
+    verify = ssl.create_default_context(cafile=a.ca) if a.ca else True
+    fd, path = tempfile.mkstemp(suffix=".mp4", prefix="bench-httpx-")
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as fh, httpx.Client(verify=verify, timeout=60.0) as client:
+            clock = Clock()
+            with client.stream("GET", a.url, extensions={"trace": _httpx_trace(clock, False)}) as r:
+                r.raise_for_status()
+                clock.mark("first_byte")
+                for chunk in r.iter_raw():
+                    fh.write(chunk)
+                    n += len(chunk)
+                fh.flush()
+                clock.mark("download_done")
+                http_version = r.http_version
+    finally:
+        os.unlink(path)
+    return {"ok": n > 0, "error": None if n else "no bytes", "t": clock.t,
+            "wall_s": clock.t["download_done"], "bytes": n, "http_version": http_version,
+            "conns_new": 1, "conns_reused": 0}
+
+
+WORKERS = {"engine-cold": worker_engine_cold, "httpx-get": worker_httpx_get, "stock": worker_stock, "seed-fork": worker_seed_fork,
            "pyav-url": worker_pyav_url, "local": worker_local}
 
 
@@ -730,6 +765,9 @@ def parse_args(argv):
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"comma-separated subset of {','.join(CONTENDERS)}")
     ap.add_argument("--prefix-mb", type=float, default=4.0, help="seed-fork's partial download (4)")
+    ap.add_argument("--fetch", action="store_true",
+                    help="fetch-only comparison instead (engine, httpx, aria2c, the link); "
+                         "see --fetch --help")
     ap.add_argument("--json", metavar="PATH", help="write every raw measurement as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG waterfall per contender")
     ap.add_argument("--timeout", type=float, default=120.0, help="per measurement, seconds (120)")
@@ -751,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     if "--worker" in argv:
         return worker_main(argv)
+    if "--fetch" in argv:
+        return fetch_main([x for x in argv if x != "--fetch"])
     a = parse_args(argv)
     from engine.demo import local_cdn
     from engine.errors import EngineError
@@ -933,6 +973,356 @@ def _notes(summary: dict, a, prof) -> list[str]:
 
 def _rate(bps) -> str:
     return "unlimited" if not bps else f"{bps / 1e6:g} MB/s"
+
+
+# ----------------------------------------------------------------------------- --fetch
+FETCH_CONTENDERS = ("engine-warm", "engine-cold", "httpx-get", "aria2", "link")
+NULL_PROCESSOR = "engine.processors:null"
+
+
+def parse_fetch_args(argv):
+    from tools.clips import PRESETS
+    ap = argparse.ArgumentParser(
+        prog="python -m engine bench --fetch",
+        description="Fetch only: the time until every byte of the clip is local, for the "
+                    "engine (warm and cold), one httpx GET, aria2c and the link's floor.")
+    ap.add_argument("--profile", default="seed", help="CDN emulator profile (lan, seed, mobile)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--video", metavar="PATH", help="an MP4 file to serve instead of a preset clip")
+    src.add_argument("--clip", default="sn44", choices=sorted(PRESETS), help="preset clip (sn44)")
+    ap.add_argument("--runs", type=int, default=5, help="measurements per contender (5)")
+    ap.add_argument("--device", help="the engines' device (default ENGINE_DEVICE or auto)")
+    ap.add_argument("--contenders", default=",".join(FETCH_CONTENDERS),
+                    help=f"comma-separated subset of {','.join(FETCH_CONTENDERS)}")
+    ap.add_argument("--json", metavar="PATH", help="write every raw measurement as JSON")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per measurement, seconds (60)")
+    ap.add_argument("--budget", type=float, default=180.0,
+                    help="start no new round after this many seconds (180)")
+    a = ap.parse_args(argv)
+    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    bad = [c for c in a.contenders if c not in FETCH_CONTENDERS]
+    if bad or not a.contenders:
+        ap.error(f"unknown contender(s) {bad}; known: {', '.join(FETCH_CONTENDERS)}")
+    if a.runs < 1:
+        ap.error("--runs must be >= 1")
+    return a
+
+
+def run_aria2(url: str, ca: str, size: int, timeout: float) -> dict:
+    """``aria2c -x16 -s16 -k1M`` to a temp dir; the time is the subprocess's wall clock
+    (process start-up included, a few ms)."""
+    exe = shutil.which("aria2c")
+    if exe is None:
+        return {"ok": False, "skipped": True, "error": "aria2c is not installed (apt-get install aria2)"}
+    d = tempfile.mkdtemp(prefix="bench-aria2-")
+    cmd = [exe, "--no-conf", "-x16", "-s16", "-k1M", f"--ca-certificate={ca}",
+           "--allow-overwrite=true", "--auto-file-renaming=false", "--file-allocation=none",
+           "--summary-interval=0", "--console-log-level=warn", "--download-result=hide",
+           "-d", d, "-o", "out.mp4", url]
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return {"ok": False, "error": f"aria2c timed out after {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+        _kill_group(proc)
+        got = os.path.getsize(os.path.join(d, "out.mp4")) if os.path.exists(os.path.join(d, "out.mp4")) else 0
+        ok = proc.returncode == 0 and got == size
+        res = {"ok": ok, "error": None if ok else
+               f"aria2c exited {proc.returncode}, {got} of {size} bytes: {out.strip()[-300:]}",
+               "t": {"download_done": round(wall, 4)}, "wall_s": round(wall, 4), "bytes": got,
+               "http_version": "HTTP/1.1"}
+        return res
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def fetch_link(prof, size: int) -> tuple[dict, dict]:
+    """The floor: one RTT then the file at the link's aggregate rate (connections open);
+    cold adds one new connection's set-up (``new_conn_s``)."""
+    transfer = size / prof.total_bps if prof.total_bps else 0.0
+    warm = {"ok": True, "error": None, "bytes": size, "transfer_s": round(transfer, 4),
+            "t": {"first_byte": round(prof.rtt_s, 4), "download_done": round(prof.rtt_s + transfer, 4)}}
+    cold_fb = prof.rtt_s + prof.new_conn_s
+    cold = {"ok": True, "error": None, "bytes": size, "transfer_s": round(transfer, 4),
+            "t": {"first_byte": round(cold_fb, 4), "download_done": round(cold_fb + transfer, 4)}}
+    return warm, cold
+
+
+def summarize_fetch(runs: list[dict], rows: list[str]) -> dict:
+    out = {}
+    for c in rows:
+        rs = [r for r in runs if r["contender"] == c and r.get("ok")]
+        s = {"runs_ok": len(rs), "runs_failed": sum(1 for r in runs if r["contender"] == c
+                                                   and not r.get("ok") and not r.get("skipped")),
+             "skipped": next((r["error"] for r in runs if r["contender"] == c and r.get("skipped")),
+                             None)}
+        for k in ("connect", "first_byte", "download_done"):
+            vals = [r["t"][k] for r in rs if r.get("t") and r["t"].get(k) is not None]
+            if vals:
+                s[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        for k in ("wall_s", "startup_s", "bytes", "wire_bytes", "conns_accepted", "conns_new",
+                  "conns_reused", "cpu_s"):
+            m = _med(r.get(k) for r in rs)
+            if m is not None:
+                s[k] = m
+        out[c] = s
+    ref = out.get("engine-warm", {}).get("download_done")
+    for s in out.values():
+        if ref and ref["median"] and s.get("download_done"):
+            s["ratio"] = s["download_done"]["median"] / ref["median"]
+    return out
+
+
+def fetch_checks(summary: dict, prof, size: int) -> list[dict]:
+    """The issue's goals, on the medians. Throughput is defined two ways:
+    end to end = size / download_done (submit to last byte local), and
+    after one RTT = size / (download_done - RTT) (the request's unavoidable round trip
+    taken out: what the transfer itself reached). Informational: size / (download_done -
+    first_byte), the rate once the first byte is in (the engine's first byte is its head
+    request's)."""
+    checks = []
+    w = summary.get("engine-warm", {})
+    dl = w.get("download_done", {}).get("median")
+    fb = w.get("first_byte", {}).get("median")
+    cap = prof.total_bps
+    rtt = prof.rtt_s
+    if dl and cap:
+        target = 0.9 * cap
+        for label, denom, goal in (("end to end: size / download_done", dl, True),
+                                   ("after one RTT: size / (download_done - RTT)", dl - rtt, True),
+                                   ("after first byte: size / (download_done - first_byte)",
+                                    dl - fb if fb is not None else None, False)):
+            if not denom or denom <= 0:
+                continue
+            rate = size / denom
+            checks.append({"goal": "warm engine >= 0.9 x aggregate capacity", "how": label,
+                           "value": rate, "target": target, "ratio": rate / cap,
+                           "pass": rate >= target if goal else None,
+                           "text": f"{rate / 1e6:.1f} MB/s = {rate / cap:.2f} x capacity "
+                                   f"(goal >= {target / 1e6:.1f} MB/s)"})
+    else:
+        checks.append({"goal": "warm engine >= 0.9 x aggregate capacity", "how": "-", "pass": None,
+                       "text": "n/a (" + ("the link is unlimited" if not cap else "no engine-warm run")
+                               + ")"})
+    ar = summary.get("aria2", {}).get("download_done", {}).get("median")
+    if dl and ar:
+        checks.append({"goal": "no slower than aria2", "how": "engine-warm download_done vs aria2 wall",
+                       "value": dl, "target": ar, "ratio": dl / ar, "pass": dl <= ar,
+                       "text": f"{dl:.3f} s vs {ar:.3f} s = {dl / ar:.2f} x aria2's time"})
+        cold = summary.get("engine-cold", {}).get("download_done", {}).get("median")
+        if cold:
+            checks.append({"goal": "no slower than aria2", "pass": None,
+                           "how": "engine-cold (start-up excluded) vs aria2 wall, both on new "
+                                  "connections",
+                           "value": cold, "target": ar, "ratio": cold / ar,
+                           "text": f"{cold:.3f} s vs {ar:.3f} s = {cold / ar:.2f} x aria2's time"})
+    else:
+        why = summary.get("aria2", {}).get("skipped") or "no successful aria2/engine-warm run"
+        checks.append({"goal": "no slower than aria2", "how": "-", "pass": None, "text": f"n/a ({why})"})
+    if fb is not None and rtt > 0:
+        checks.append({"goal": "warm time-to-first-byte within 1.2 x one RTT",
+                       "how": "engine-warm first_byte / RTT", "value": fb, "target": 1.2 * rtt,
+                       "ratio": fb / rtt, "pass": fb <= 1.2 * rtt,
+                       "text": f"{fb * 1000:.0f} ms = {fb / rtt:.2f} x RTT ({rtt * 1000:.0f} ms; "
+                               f"goal <= {1.2 * rtt * 1000:.0f} ms)"})
+    else:
+        checks.append({"goal": "warm time-to-first-byte within 1.2 x one RTT", "how": "-", "pass": None,
+                       "text": "n/a (" + ("RTT is 0 on this profile" if fb is not None
+                                          else "no engine-warm run") + ")"})
+    return checks
+
+
+def render_fetch(summary: dict, rows: list[str], prof, size: int) -> str:
+    def num(v, f="{:.2f}"):
+        return "-" if v is None else f.format(v)
+
+    out = []
+    for c in rows:
+        s = summary[c]
+        if s.get("skipped"):
+            out.append([c, "skipped"] + ["-"] * 7)
+            continue
+        fail = f" ({s['runs_failed']} failed)" if s["runs_failed"] else ""
+        dl, fb = s.get("download_done"), s.get("first_byte")
+        fb_rtt = (fb["median"] / prof.rtt_s) if fb and prof.rtt_s > 0 else None
+        conns = "-"
+        if s.get("conns_new") is not None:
+            conns = f"{s['conns_new']:.0f}/{num(s.get('conns_reused'), '{:.0f}')}"
+        if s.get("conns_accepted") is not None:
+            conns += f" ({s['conns_accepted']:.0f})"
+        out.append([c + fail, _fmt_stage(s, "download_done"), num(s.get("ratio"), "{:.2f}x"),
+                    _fmt_stage(s, "first_byte"), num(fb_rtt, "{:.2f}"),
+                    num(size / dl["median"] / 1e6 if dl and dl["median"] else None, "{:.1f}"),
+                    conns, num(s["wire_bytes"] / 1e6 if s.get("wire_bytes") else None),
+                    num(s.get("startup_s"))])
+    return _table(out, ["contender", "all bytes local s", "/warm", "first byte s", "fb/RTT",
+                        "MB/s", "req new/reused (conns)", "MB wire", "start-up s"])
+
+
+def fetch_main(argv: list[str]) -> int:
+    a = parse_fetch_args(argv)
+    from engine.demo import local_cdn
+    from engine.errors import EngineError
+    from tools.cdn_emulator import profile as get_profile
+    from tools.clips import cached_clip
+
+    try:
+        prof = get_profile(a.profile)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
+    started = time.monotonic()
+    print("preparing the clip (generated once, then cached) ...", file=sys.stderr)
+    video = Path(a.video).resolve() if a.video else cached_clip(a.clip)
+    if not video.is_file():
+        raise EngineError(f"--video {a.video}: no such file")
+    size = video.stat().st_size
+    name = "bench.mp4"
+    machine = machine_info()
+    cmdline = "python -m engine bench --fetch " + " ".join(shlex.quote(x) for x in argv)
+    head = [f"$ {cmdline}",
+            f"machine: {machine['cpu']}, {machine['cores_logical']} logical cores (affinity "
+            f"{machine['affinity']}), load average {' '.join(map(str, machine['loadavg']))} at start; "
+            f"httpx {machine['httpx']}",
+            f"profile {prof.name}: RTT {prof.rtt_s * 1000:.0f} ms, +{prof.new_conn_s * 1000:.0f} ms "
+            f"per new connection, {_rate(prof.per_conn_bps)} per connection, "
+            f"{_rate(prof.total_bps)} in total (the link's aggregate capacity)",
+            f"clip: {video.name} ({size / 1e6:.2f} MB); runs {a.runs}; measured: the time until "
+            "every byte is local (engine: report download_done, since submit)"]
+    print("\n".join(head), flush=True)
+
+    rows = [c for c in a.contenders]
+    if "link" in rows:
+        rows.insert(rows.index("link") + 1, "link-cold")
+    measured = [c for c in a.contenders if c != "link"]
+    runs: list[dict] = []
+    notes: list[str] = []
+    if "link" in a.contenders:
+        lw, lc = fetch_link(prof, size)
+        runs += [dict(lw, contender="link", round=0), dict(lc, contender="link-cold", round=0)]
+    aria2_missing = "aria2" in measured and shutil.which("aria2c") is None
+    if aria2_missing:
+        print("aria2c is not installed: skipping the aria2 contender", file=sys.stderr)
+        runs.append({"ok": False, "skipped": True, "contender": "aria2", "round": 0,
+                     "error": "aria2c is not installed (apt-get install aria2)"})
+        measured.remove("aria2")
+
+    cdn, emu, tmp = local_cdn({name: video, "warmup.mp4": cached_clip("small")}, prof.name)
+    old_ca = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    eng = None
+    warm_startup = None
+    try:
+        url, origin = emu.url("/" + name), emu.url("/")
+        ca = str(cdn.ca_file)
+        dev = ["--device", a.device] if a.device else []
+        if "engine-warm" in measured:
+            from engine.api import Engine
+            print("starting the warm engine ...", file=sys.stderr)
+            t = time.perf_counter()
+            eng = Engine(processor=NULL_PROCESSOR, device=a.device)
+            eng.prewarm([origin])
+            warm = eng.report(emu.url("/warmup.mp4"))
+            warm_startup = time.perf_counter() - t
+            if not warm.ok:
+                notes.append(f"engine-warm: the warm-up job failed: {warm.error}")
+        for rnd in range(a.runs):
+            if rnd and time.monotonic() - started > a.budget:
+                notes.append(f"stopped after {rnd} rounds: the {a.budget:.0f} s budget was spent")
+                break
+            k = rnd % max(len(measured), 1)
+            for c in measured[k:] + measured[:k]:
+                print(f"round {rnd + 1}/{a.runs}: {c} ...", file=sys.stderr, flush=True)
+                before = emu.stats()
+                if c == "engine-warm":
+                    res = _measure_warm(eng, url, origin, emu)
+                    before = res.pop("_emu_before")
+                elif c == "engine-cold":
+                    res = run_worker("engine-cold", ["--url", url, "--processor", NULL_PROCESSOR,
+                                                     "--ca", ca] + dev, a.timeout + 60, env)
+                elif c == "httpx-get":
+                    res = run_worker("httpx-get", ["--url", url, "--ca", ca], a.timeout, env)
+                else:
+                    res = run_aria2(url, ca, size, a.timeout)
+                res.update(_emu_delta(before, emu.stats()))
+                res.update(contender=c, round=rnd)
+                runs.append(res)
+                dl = (res.get("t") or {}).get("download_done")
+                status = (f"all bytes local at {dl:.3f} s" if res.get("ok") and dl is not None
+                          else f"FAILED: {res.get('error')}")
+                print(f"  {c}: {status}", file=sys.stderr, flush=True)
+    finally:
+        if eng is not None:
+            eng.close()
+        emu.stop()
+        cdn.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old_ca is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = old_ca
+        _sweep()
+
+    summary = summarize_fetch(runs, rows)
+    checks = fetch_checks(summary, prof, size)
+    print()
+    print("time until all bytes are local: median [min-max] over the runs, seconds; /warm = "
+          "median over engine-warm's; fb/RTT = first byte / one RTT; MB/s = size / median; "
+          "requests on new/reused connections as the client counts them, and in brackets the "
+          "connections the emulator accepted during the run")
+    print(render_fetch(summary, rows, prof, size))
+    print()
+    print(f"link: aggregate capacity {_rate(prof.total_bps)}"
+          + (f" = {prof.total_bps / prof.per_conn_bps:g} connections at {_rate(prof.per_conn_bps)}"
+             if prof.total_bps and prof.per_conn_bps else "")
+          + f"; floor for {size / 1e6:.2f} MB = RTT + size/capacity "
+          f"= {prof.rtt_s:.3f} + {(size / prof.total_bps if prof.total_bps else 0):.3f} s; "
+          f"cold floor adds one new connection ({prof.new_conn_s:.3f} s; the emulator's TLS "
+          "handshake round trips come on top of it)")
+    print("goal checks (medians):")
+    for ch in checks:
+        verdict = {True: "PASS", False: "FAIL", None: "info"}[ch["pass"]]
+        how = f" [{ch['how']}]" if ch.get("how") and ch["how"] != "-" else ""
+        print(f"  {verdict:4}  {ch['goal']}{how}: {ch['text']}")
+    if warm_startup is not None:
+        notes.insert(0, f"engine-warm: started once in {warm_startup:.2f} s (start, prewarm and a "
+                     "warm-up job on another clip, off the clock); prewarmed again before each run; "
+                     f"processor {NULL_PROCESSOR}")
+    c = summary.get("engine-cold", {})
+    if c.get("startup_s"):
+        notes.append(f"engine-cold: Engine() start-up {c['startup_s']:.2f} s (median), excluded; "
+                     "its time starts at submit")
+    if "httpx-get" in summary:
+        notes.append("httpx-get: a fresh subprocess, httpx.Client().stream('GET') on a new "
+                     "connection to a temp file, clock from just before the request")
+    if "aria2" in summary and not summary["aria2"].get("skipped"):
+        notes.append("aria2: aria2c -x16 -s16 -k1M --file-allocation=none, subprocess wall clock "
+                     "(process start included)")
+    notes.append("the engines still decode (null processor) while fetching; download_done is "
+                 "when the last byte is in shared memory, not when the job ends")
+    for failed in (r for r in runs if not r.get("ok") and not r.get("skipped")):
+        notes.append(f"{failed['contender']} round {failed['round'] + 1} failed: {failed.get('error')}")
+    print()
+    for n in notes:
+        print(f"- {n}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"command": cmdline, "machine": machine,
+                       "profile": {"name": prof.name, "rtt_s": prof.rtt_s,
+                                   "new_conn_s": prof.new_conn_s,
+                                   "per_conn_bps": prof.per_conn_bps, "total_bps": prof.total_bps},
+                       "video": {"path": str(video), "bytes": size}, "runs_per_contender": a.runs,
+                       "contenders": a.contenders, "rows": rows, "runs": runs, "summary": summary,
+                       "checks": checks, "notes": notes,
+                       "elapsed_s": round(time.monotonic() - started, 1)}, fh, indent=1)
+    print(f"\nbench --fetch finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0 if all(r.get("ok") or r.get("skipped") for r in runs) else 1
 
 
 if __name__ == "__main__":

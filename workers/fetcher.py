@@ -230,6 +230,8 @@ class Fetcher:
                                        exc.retryable, attempt=msg.attempt,
                                        head=isinstance(msg, FetchHead)))
         except Exception as exc:  # a bug must fail the job, not kill the fetcher silently
+            if msg.job in self._ended:
+                return   # the job ended under a range still writing (segment unmapped)
             log.exception("fetch failed")
             self.link.send(RangeFailed(msg.job, getattr(msg, "offset", 0), getattr(msg, "end", 0),
                                        getattr(msg, "offset", 0), f"{msg.url}: internal error: {exc}",
@@ -367,6 +369,10 @@ class Fetcher:
             self.link.send(RangeFailed(msg.job, msg.offset, msg.end, written, f"{msg.url}: {exc}",
                                        exc.kind, exc.retryable, stats, msg.attempt))
             return
+        except ValueError:
+            if msg.job in self._ended:
+                return   # the job ended under us: its segment was unmapped mid-write
+            raise
         stats.bytes = msg.end - msg.offset
         self.link.send(RangeDone(msg.job, msg.offset, msg.end, stats))
 
