@@ -32,6 +32,7 @@ class Job:
     ring: object = None             # shm.FrameRing
     head_fetcher: object = None
     head_attempt: int = 0
+    speculative: dict = field(default_factory=dict)   # offset -> (end, fetcher)
     head_done: bool = False
     head_len: int = 0
     planned: bool = False           # the range plan is made (moov located)

@@ -82,8 +82,8 @@ class SegmentReady:
 class FetchRange:
     job: int
     url: str
-    segment: str
-    amap: str
+    segment: str | None          # None: sent with the head, before the segment exists
+    amap: str | None
     offset: int
     end: int                     # exclusive
     attempt: int = 0
@@ -188,6 +188,7 @@ class RangeFailed:
     stats: FetchStats | None = None
     attempt: int = 0
     head: bool = False
+    speculative: bool = False
 
 
 @dataclass

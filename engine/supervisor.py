@@ -42,6 +42,7 @@ log = logging.getLogger("engine.supervisor")
 HEARTBEAT_TIMEOUT_S = 10.0
 SAMPLE_EVERY_S = 2.0
 RING_POOL = 2          # finished rings kept per frame size
+SPECULATIVE_RANGES = 3  # sent with the head: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
 PREFIX_BYTES = 64 * 1024
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
@@ -372,6 +373,24 @@ class Supervisor:
             return
         job.final_url = msg.url
         self._start_head(job)
+        self._start_speculative(job)
+
+    def _start_speculative(self, job: Job) -> None:
+        """Ask for the bytes after the head right away, on other connections, before the
+        size is known: the first frames' bytes then arrive one round trip sooner. The
+        fetchers hold them until the segment exists; a file shorter than a range answers
+        416, which only drops that range."""
+        head = cfg_head(self.config)
+        limit = self.config.connections
+        for k in range(SPECULATIVE_RANGES):
+            free = [f for f in self._fetchers() if len(f.inflight) + len(f.heads) < limit]
+            if not free:
+                return
+            w = min(free, key=lambda f: len(f.inflight) + len(f.heads))
+            offset, end = head << k, head << (k + 1)
+            w.inflight.add((job.id, offset))
+            job.speculative[offset] = (end, w)
+            self._send_worker(w, FetchRange(job.id, job.final_url, None, None, offset, end))
 
     def _fetchers(self) -> list[WorkerHandle]:
         return [w for w in self.workers if w.role == "fetcher" and w.alive and w.ready]
@@ -425,11 +444,20 @@ class Supervisor:
             self.fail(job, "FetchError", f"{job.url}: {exc}")
             return
         self.shm_in_use += job.shm_bytes()
-        self._send_worker(w, SegmentReady(job.id, job.segment.name, job.amap.name))
+        ready = SegmentReady(job.id, job.segment.name, job.amap.name)
+        for f in {w} | {holder for _, holder in job.speculative.values()}:
+            self._send_worker(f, ready)
         job.plan = RangePlan(msg.size, cfg.range_bytes)
         job.head_len = min(cfg_head(cfg), msg.size) if msg.ranged else msg.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
+        for offset, (end, holder) in sorted(job.speculative.items()):
+            # still on its way, and contiguous with what is planned: part of the plan
+            if not msg.ranged or offset != job.plan.planned_until or offset >= msg.size \
+                    or (job.id, offset) not in holder.inflight:
+                break
+            job.plan.inflight[offset] = Piece(offset, min(end, msg.size))
+            job.plan.planned_until = min(end, msg.size)
         if msg.prefix and msg.ranged:
             self._plan_after_head(job, msg.prefix)
 
@@ -504,6 +532,10 @@ class Supervisor:
             if not job.ranged:
                 self.fail(job, msg.kind, msg.error)
                 return
+        if msg.speculative and (job.plan is None or msg.offset not in job.plan.inflight):
+            if msg.retryable:
+                job.retries += 1    # its bytes are planned (again) like any others
+            return
         if msg.retryable and job.plan and msg.offset in job.plan.inflight \
                 and job.plan.inflight[msg.offset].attempt + 1 < MAX_RANGE_ATTEMPTS:
             job.retries += 1

@@ -195,17 +195,14 @@ class Fetcher:
     # -- dispatch ----------------------------------------------------------------
     def handle(self, msg) -> None:
         if isinstance(msg, FetchHead):
-            with self._lock:
-                self._waiting_segment[msg.job] = (threading.Event(), [])
+            self._segment_event(msg.job)
             self.pool.submit(self._run, self.fetch_head, msg)
         elif isinstance(msg, FetchRange):
             self.pool.submit(self._run, self.fetch_range, msg)
         elif isinstance(msg, SegmentReady):
-            with self._lock:
-                event, box = self._waiting_segment.get(msg.job, (None, None))
-            if event is not None:
-                box.append(msg)
-                event.set()
+            event, box = self._segment_event(msg.job)
+            box.append(msg)
+            event.set()
         elif isinstance(msg, EndJob):
             self.end_job(msg.job)
         elif isinstance(msg, PrewarmOrigins):
@@ -220,6 +217,22 @@ class Fetcher:
             except Exception as exc:   # a bad origin must not break the fetcher
                 log.warning("prewarm of %s failed: %s", origin, exc)
         self.link.send(Reply(msg.token, {"opened": opened}))
+
+    def _segment_event(self, job: int) -> tuple[threading.Event, list]:
+        """Set when the supervisor has made (or refused) the job's segment."""
+        with self._lock:
+            entry = self._waiting_segment.get(job)
+            if entry is None:
+                entry = self._waiting_segment[job] = (threading.Event(), [])
+                if job in self._ended:
+                    entry[0].set()
+            return entry
+
+    def _await_segment(self, job: int):
+        event, box = self._segment_event(job)
+        if not event.wait(30.0) or not box or box[0].segment is None:
+            raise RangeError("job ended", False)
+        return self._segment(job, box[0].segment, box[0].amap)
 
     def _run(self, fn, msg) -> None:
         try:
@@ -283,6 +296,15 @@ class Fetcher:
 
     @staticmethod
     def _close(response) -> None:
+        """Close a response; a small unread one (an error page, a 416) is read first so its
+        connection goes back to the pool instead of being dropped."""
+        length = response.headers.get("content-length", "")
+        if not response.is_stream_consumed and length.isdigit() and int(length) <= 65536 \
+                and response.status_code != 206:
+            try:
+                response.read()
+            except httpx.HTTPError:
+                pass
         response.close()
         client = response.extensions.get("engine_client")
         if client is not None:
@@ -320,13 +342,7 @@ class Fetcher:
                     break
             self.link.send(HeadInfo(msg.job, size, ranged, str(response.url), content_type, stats,
                                     bytes(buffered[:PREFIX_BYTES])))
-            with self._lock:
-                event, box = self._waiting_segment[msg.job]
-            if not event.wait(30.0) or not box or box[0].segment is None:
-                raise RangeError("job ended", False)
-            with self._lock:
-                self._waiting_segment.pop(msg.job, None)
-            block, amap = self._segment(msg.job, box[0].segment, box[0].amap)
+            block, amap = self._await_segment(msg.job)
             written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
             stats.bytes = written
             self.link.send(RangeDone(msg.job, 0, expect, stats, head=True))
@@ -342,19 +358,26 @@ class Fetcher:
     def fetch_range(self, msg: FetchRange) -> None:
         stats = FetchStats()
         written = msg.offset
+        end = msg.end
         try:
-            block, amap = self._segment(msg.job, msg.segment, msg.amap)
+            if msg.segment is not None:
+                block, amap = self._segment(msg.job, msg.segment, msg.amap)
             response = self._open(msg.url, {"Range": f"bytes={msg.offset}-{msg.end - 1}"}, stats)
             try:
                 if response.status_code != 206:
                     raise RangeError(f"HTTP {response.status_code} for a byte range", False)
                 total = _content_range_total(response.headers.get("content-range"))
+                if msg.segment is None:
+                    # Sent with the head, before the size was known: stream into the
+                    # segment once the supervisor has made it (about when it arrives).
+                    block, amap = self._await_segment(msg.job)
+                    end = min(end, amap.size)
                 if total is not None and total != amap.size:
                     raise RangeError(f"the file changed size during the download "
                                      f"({amap.size} then {total} bytes)", False)
                 progress = [msg.offset]
                 try:
-                    self._write(msg.job, block, amap, msg.offset, msg.end, b"",
+                    self._write(msg.job, block, amap, msg.offset, end, b"",
                                 response.iter_raw(), progress)
                 finally:
                     written = progress[0]
@@ -362,19 +385,21 @@ class Fetcher:
                 self._close(response)
         except httpx.HTTPError as exc:
             message, retryable = describe(exc)
-            self.link.send(RangeFailed(msg.job, msg.offset, msg.end, written, f"{msg.url}: {message}",
-                                       "FetchError", retryable, stats, msg.attempt))
+            self.link.send(RangeFailed(msg.job, msg.offset, end, written, f"{msg.url}: {message}",
+                                       "FetchError", retryable, stats, msg.attempt,
+                                       speculative=msg.segment is None))
             return
         except RangeError as exc:
-            self.link.send(RangeFailed(msg.job, msg.offset, msg.end, written, f"{msg.url}: {exc}",
-                                       exc.kind, exc.retryable, stats, msg.attempt))
+            self.link.send(RangeFailed(msg.job, msg.offset, end, written, f"{msg.url}: {exc}",
+                                       exc.kind, exc.retryable, stats, msg.attempt,
+                                       speculative=msg.segment is None))
             return
         except ValueError:
             if msg.job in self._ended:
                 return   # the job ended under us: its segment was unmapped mid-write
             raise
-        stats.bytes = msg.end - msg.offset
-        self.link.send(RangeDone(msg.job, msg.offset, msg.end, stats))
+        stats.bytes = end - msg.offset
+        self.link.send(RangeDone(msg.job, msg.offset, end, stats))
 
     def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
         """Copy the body into the segment as it arrives; mark chunks as they complete."""
