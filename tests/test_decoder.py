@@ -111,3 +111,23 @@ def test_random_bytes_are_not_a_video(engine, cdn):
     data = np.random.default_rng(2).integers(0, 256, 200_000, np.uint8).tobytes()
     with pytest.raises(DecodeError, match="not an MP4"):
         engine.process(_serve(cdn, "noise.mp4", data))
+
+
+def test_stream_yields_the_first_batch_before_the_last_byte(cdn, sn44_clips):
+    """The first result batch reaches the caller while the download is still running."""
+    import time
+    slow = Profile("slow", rtt_s=0.08, new_conn_s=0.3, per_conn_bps=2.5e6, total_bps=8e6)
+    with CdnEmulator("127.0.0.1", cdn.port, slow) as emu, \
+            Engine(processor="engine.processors:null", device="cpu", decoder="pyav") as eng:
+        eng.prewarm([emu.url("/")])
+        start = time.monotonic()
+        first_batch_at = None
+        frames = 0
+        for batch in eng.stream(emu.url("/sn44.mp4")):
+            if first_batch_at is None:
+                first_batch_at = time.monotonic() - start
+            frames += len(batch.frame_numbers)
+        report = eng.last_report
+        assert frames == 750
+        # Both clocks start at submission (the engine's a little later than ours).
+        assert first_batch_at < report.timings_s["download_done"], (first_batch_at, report.timings_s)

@@ -188,10 +188,10 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
 
     batcher = Batcher(link, job, ring)
     reader = SegmentReader(link, job, block, amap, batcher.flush)
-    # decord cannot stream: its threaded demuxer reads ahead by an amount we could not
-    # bound (with bytes arriving it decoded zeros -- "Invalid NAL unit size" -- even
-    # 48 frames and 2 MB behind the arrival front; its open also probes 5 MB). So it
-    # opens once every byte the job will use is in; PyAV is the streaming backend.
+    # decord cannot stream: bytes written into the file after VideoReader opened it are
+    # not seen (opened with 5, 6 or 7 MB present, it decoded zeros -- "Invalid NAL unit
+    # size" -- just past that point however far behind the arrival front it read). So it
+    # opens once every byte the job uses is in; PyAV is the streaming backend.
     for lo, hi in job.regions:
         reader.wait(lo, hi)
     vr = decord.VideoReader(block.path, ctx=decord.cpu(0))
