@@ -46,6 +46,7 @@ class Job:
     retries: int = 0
     bytes: int = 0
     sha256: str | None = None
+    versions: dict = field(default_factory=dict)    # requests per HTTP version
     # decode and process
     decoder: object = None
     waiting_decoder: bool = False
@@ -77,6 +78,7 @@ class Job:
             self.connections_reused += 1
         if stats.http_version:
             self.http_version = stats.http_version
+            self.versions[stats.http_version] = self.versions.get(stats.http_version, 0) + 1
 
     def shm_bytes(self) -> int:
         total = 0
@@ -103,6 +105,7 @@ class Job:
                       "connections_new": self.connections_new,
                       "connections_reused": self.connections_reused,
                       "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes,
+                      "requests_by_version": dict(self.versions),
                       **({"sha256": self.sha256} if self.sha256 else {})},
             "decoder": self.decoder_backend or None,
             "missing_frames": list(self.missing),

@@ -206,3 +206,17 @@ def test_connection_refused_is_a_clean_error(engine):
     with pytest.raises(FetchError, match="cannot connect") as err:
         engine.process(url)
     assert url in str(err.value)
+
+
+def test_http2_auto_measures_and_then_sticks_to_one_protocol(cdn, sn44_clips):
+    """auto: a server without HTTP/2 is seen as such at once; one with it gets both
+    protocols timed, then every request of a later job uses the one that measured faster."""
+    with Engine(processor="engine.processors:null", device="cpu", http2="auto", fetchers=1,
+                decoders=1, range_mb=0.25) as eng:
+        report = eng.process(cdn.url_h1("sn44.mp4"), max_frames=200)
+        assert set(report.fetch["requests_by_version"]) == {"HTTP/1.1"}
+        versions = []
+        for _ in range(4):
+            versions.append(eng.process(cdn.url("sn44.mp4")).fetch["requests_by_version"])
+    assert "HTTP/2" in versions[0] and "HTTP/1.1" in versions[0]     # measuring both
+    assert len(versions[-1]) == 1, versions                            # decided

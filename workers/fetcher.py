@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,9 @@ from workers.base import Link, worker_setup
 log = logging.getLogger("engine.fetcher")
 
 KEEP_WARM_EVERY_S = 20.0
-PREFIX_BYTES = 16 * 1024   # ftyp and the moov or mdat header are in the first bytes
+PREFIX_BYTES = 16 * 1024
+AUTO_SAMPLES = 4               # ENGINE_HTTP2=auto: ranges timed on each protocol
+AUTO_MIN_BYTES = 256 * 1024    # smaller ranges time the round trip, not the protocol   # ftyp and the moov or mdat header are in the first bytes
 READ_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 15.0
 
@@ -89,46 +92,95 @@ class Tracer:
 
 
 class Pools:
-    """One client per origin, created on first use and kept for the process' life."""
+    """One client per origin (and protocol), created on first use and kept for the
+    process' life.
+
+    ``ENGINE_HTTP2=auto`` measures instead of guessing: while undecided for an origin, range
+    requests alternate between an HTTP/1.1 and an HTTP/2 client; a server that answers the
+    HTTP/2 client in HTTP/1.1 does not offer it; after ``AUTO_SAMPLES`` ranges each, the
+    protocol with the higher median per-request throughput is kept for that origin.
+    """
 
     def __init__(self, config: Config):
         self.config = config
-        self.http2 = config.http2 == "1"
-        if self.http2:
+        self.mode = config.http2
+        if self.mode in ("1", "auto"):
             try:
                 import h2  # noqa: F401
                 log.info("HTTP/2 support enabled for connection pool")
             except ImportError:
-                log.warning("ENGINE_HTTP2=1 but the h2 package is missing: using HTTP/1.1")
-                self.http2 = False
-        self._clients: dict[str, httpx.Client] = {}
+                log.warning("ENGINE_HTTP2=%s but the h2 package is missing: using HTTP/1.1",
+                            self.mode)
+                self.mode = "0"
+        self._clients: dict[tuple[str, bool], httpx.Client] = {}
+        self._choice: dict[str, bool] = {}                  # auto: origin -> use HTTP/2
+        self._samples: dict[tuple[str, bool], list[float]] = {}
         self._last_url: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._ssl = ssl_context()
 
-    def _new_client(self) -> httpx.Client:
+    @property
+    def http2(self) -> bool:
+        return self.mode == "1"
+
+    def _new_client(self, http2: bool) -> httpx.Client:
         n = self.config.connections
         return httpx.Client(
-            http1=True, http2=self.http2, verify=self._ssl, trust_env=False,
+            http1=True, http2=http2, verify=self._ssl, trust_env=False,
             follow_redirects=True, max_redirects=5,
             timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=60.0),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n,
                                 keepalive_expiry=self.config.keepalive_s),
             headers={"Accept-Encoding": "identity", "User-Agent": "engine/0.1"})
 
-    def client(self, url: str) -> tuple[httpx.Client, bool]:
-        """The pooled client for the URL's origin; with pooling off, a throwaway one."""
+    def _use_http2(self, origin: str) -> bool:
+        if self.mode != "auto":
+            return self.mode == "1"
+        if origin in self._choice:
+            return self._choice[origin]
+        h1 = len(self._samples.get((origin, False), ()))
+        h2 = len(self._samples.get((origin, True), ()))
+        return h2 < h1
+
+    def client(self, url: str, http2: bool | None = None) -> tuple[httpx.Client, bool, bool]:
+        """(client, throwaway, is HTTP/2) for the URL's origin; with pooling off the
+        client is a throwaway one."""
         origin = origin_of(url)
-        if not self.config.pooling:
-            return self._new_client(), True
         with self._lock:
+            if http2 is None:
+                http2 = self._use_http2(origin)
+            if not self.config.pooling:
+                return self._new_client(http2), True, http2
             self._last_url[origin] = (url, time.monotonic())
-            client = self._clients.get(origin)
+            client = self._clients.get((origin, http2))
             if client is None:
-                client = self._clients[origin] = self._new_client()
+                client = self._clients[(origin, http2)] = self._new_client(http2)
                 log.info("Connection pool initialized for %s (%d connections, %s)", origin,
-                         self.config.connections, "HTTP/2" if self.http2 else "HTTP/1.1")
-            return client, False
+                         self.config.connections, "HTTP/2" if http2 else "HTTP/1.1")
+            return client, False, http2
+
+    def record(self, url: str, http2: bool, stats: FetchStats, nbytes: int) -> None:
+        """A range finished: in auto mode, one more sample for the origin's decision."""
+        if self.mode != "auto" or nbytes < AUTO_MIN_BYTES:
+            return
+        origin = origin_of(url)
+        with self._lock:
+            if origin in self._choice:
+                return
+            if http2 and stats.http_version != "HTTP/2":
+                self._choice[origin] = False
+                log.info("%s does not offer HTTP/2: using HTTP/1.1", origin)
+                return
+            samples = self._samples.setdefault((origin, http2), [])
+            samples.append(nbytes / max(1e-6, time.monotonic() - stats.started))
+            h1 = self._samples.get((origin, False), [])
+            h2 = self._samples.get((origin, True), [])
+            if len(h1) >= AUTO_SAMPLES and len(h2) >= AUTO_SAMPLES:
+                faster = statistics.median(h2) > statistics.median(h1)
+                self._choice[origin] = faster
+                log.info("ENGINE_HTTP2=auto: %s measured %.1f MB/s per range on HTTP/2, %.1f "
+                         "on HTTP/1.1: using %s", origin, statistics.median(h2) / 1e6,
+                         statistics.median(h1) / 1e6, "HTTP/2" if faster else "HTTP/1.1")
 
     def prewarm(self, url: str) -> int:
         """Open every pooled connection to the URL's origin (TCP, TLS, one HEAD each).
@@ -136,8 +188,9 @@ class Pools:
         The requests are held open together so that each takes its own connection.
         Returns how many new connections were opened.
         """
-        client, _ = self.client(url)
-        width = 1 if self.http2 else self.config.connections
+        http2 = self._use_http2(origin_of(url))
+        client, _, _ = self.client(url, http2)
+        width = 1 if http2 else self.config.connections
         opened, responses, lock = [], [], threading.Lock()
 
         def one():
@@ -277,7 +330,7 @@ class Fetcher:
 
     # -- requests ------------------------------------------------------------------
     def _open(self, url: str, headers: dict, stats: FetchStats):
-        client, throwaway = self.pools.client(url)
+        client, throwaway, http2 = self.pools.client(url)
         stats.started = time.monotonic()
         try:
             request = client.build_request("GET", url, headers=headers,
@@ -292,6 +345,7 @@ class Fetcher:
         stats.http_version = response.http_version
         if throwaway:
             response.extensions["engine_client"] = client
+        response.extensions["engine_http2"] = http2
         return response
 
     @staticmethod
@@ -381,6 +435,8 @@ class Fetcher:
                                 response.iter_raw(), progress)
                 finally:
                     written = progress[0]
+                self.pools.record(msg.url, response.extensions["engine_http2"], stats,
+                                  end - msg.offset)
             finally:
                 self._close(response)
         except httpx.HTTPError as exc:
