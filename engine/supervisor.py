@@ -431,6 +431,8 @@ class Supervisor:
                       ", not a video")
             return
         if self.shm_in_use + msg.size > cfg.max_bytes:
+            self._drop_ring_pool()
+        if self.shm_in_use + msg.size > cfg.max_bytes:
             self._send_worker(w, SegmentReady(msg.job, None, None))
             self.fail(job, "FetchError", f"{job.url}: refused: jobs in flight already hold "
                       f"{self.shm_in_use / 1e6:.0f} MB of shared memory (ENGINE_MAX_BYTES)")
@@ -607,7 +609,7 @@ class Supervisor:
         shape = (self.config.ring_slots, track.height, track.width)
         pooled = self.ring_pool.get(shape)
         if pooled:
-            job.ring = pooled.pop()
+            job.ring = pooled.pop()     # already counted in shm_in_use
             job.ring.reset()
         else:
             try:
@@ -615,10 +617,19 @@ class Supervisor:
             except ShmError as exc:
                 self.fail(job, "FetchError", f"{job.url}: {exc}")
                 return
-        self.shm_in_use += job.ring.block.size
+            self.shm_in_use += job.ring.block.size
         job.waiting_decoder = True
         self.decode_queue.append(job.id)
         self._dispatch_decodes()
+
+    def _drop_ring_pool(self) -> None:
+        """Give back the idle pooled rings (a job needs their room)."""
+        for rings in self.ring_pool.values():
+            for ring in rings:
+                self.shm_in_use -= ring.block.size
+                ring.unlink()
+                ring.close()
+            rings.clear()
 
     def _check_download(self, job: Job) -> None:
         if job.plan.finished and job.head_done and "download_done" not in job.timings:
@@ -760,8 +771,9 @@ class Supervisor:
             w.heads.discard(job.id)
             w.jobs.discard(job.id)
         self.shm_in_use -= job.shm_bytes()
-        if keep is not None:
+        if keep is not None:   # a pooled ring still holds its memory
             self.ring_pool[(keep.slots, keep.height, keep.width)].append(keep)
+            self.shm_in_use += keep.block.size
         for shared in (job.segment, job.amap, job.ring):
             if shared is not None and shared is not keep:
                 shared.unlink()

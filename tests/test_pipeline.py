@@ -220,3 +220,13 @@ def test_http2_auto_measures_and_then_sticks_to_one_protocol(cdn, sn44_clips):
             versions.append(eng.process(cdn.url("sn44.mp4")).fetch["requests_by_version"])
     assert "HTTP/2" in versions[0] and "HTTP/1.1" in versions[0]     # measuring both
     assert len(versions[-1]) == 1, versions                            # decided
+
+
+def test_idle_pooled_rings_give_way_to_a_new_job(cdn, sn44_clips):
+    """A finished job's frame ring is kept for reuse, but never at the cost of admitting a
+    job: with room for one video and no more, jobs still run one after another."""
+    size = sn44_clips["sn44"].stat().st_size
+    with Engine(processor="engine.processors:null", device="cpu", fetchers=1, decoders=1,
+                max_bytes=size + 2 * 2**20) as eng:
+        for _ in range(2):
+            assert eng.process(cdn.url("sn44.mp4"), max_frames=5).frames_processed == 5
