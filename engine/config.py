@@ -91,6 +91,10 @@ class Config:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def head_bytes(self) -> int:
+        return self.head_kb * 1024
+
+    @property
     def range_bytes(self) -> int:
         return max(64 * 1024, int(self.range_mb * 1024 * 1024) // (64 * 1024) * (64 * 1024))
 

@@ -380,7 +380,7 @@ class Supervisor:
         size is known: the first frames' bytes then arrive one round trip sooner. The
         fetchers hold them until the segment exists; a file shorter than a range answers
         416, which only drops that range."""
-        head = cfg_head(self.config)
+        head = self.config.head_bytes
         limit = self.config.connections
         for k in range(SPECULATIVE_RANGES):
             free = [f for f in self._fetchers() if len(f.inflight) + len(f.heads) < limit]
@@ -404,7 +404,7 @@ class Supervisor:
         w = min(fetchers, key=lambda f: len(f.inflight) + len(f.heads))
         w.heads.add(job.id)
         job.head_fetcher = w
-        self._send_worker(w, FetchHead(job.id, job.final_url, cfg_head(self.config), attempt))
+        self._send_worker(w, FetchHead(job.id, job.final_url, self.config.head_bytes, attempt))
 
     def on_head(self, w: WorkerHandle, msg: HeadInfo) -> None:
         job = self.jobs.get(msg.job)
@@ -450,7 +450,7 @@ class Supervisor:
         for f in {w} | {holder for _, holder in job.speculative.values()}:
             self._send_worker(f, ready)
         job.plan = RangePlan(msg.size, cfg.range_bytes)
-        job.head_len = min(cfg_head(cfg), msg.size) if msg.ranged else msg.size
+        job.head_len = min(cfg.head_bytes, msg.size) if msg.ranged else msg.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
         for offset, (end, holder) in sorted(job.speculative.items()):
@@ -883,10 +883,6 @@ class Supervisor:
         if w.restart_at <= time.monotonic():
             self._spawn(w)
         self._maybe_ready()
-
-
-def cfg_head(config: Config) -> int:
-    return config.head_kb * 1024
 
 
 def main(conn, config: Config) -> None:

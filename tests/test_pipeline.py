@@ -230,3 +230,9 @@ def test_idle_pooled_rings_give_way_to_a_new_job(cdn, sn44_clips):
                 max_bytes=size + 2 * 2**20) as eng:
         for _ in range(2):
             assert eng.process(cdn.url("sn44.mp4"), max_frames=5).frames_processed == 5
+
+
+def test_a_ring_smaller_than_a_batch_does_not_deadlock(cdn, small_clips):
+    with Engine(processor="engine.processors:stats", device="cpu", fetchers=1, decoders=1,
+                ring_slots=4, batch=16, job_timeout_s=30) as eng:
+        assert_matches(eng.process(cdn.url("small.mp4")), reference(small_clips["small"]))

@@ -40,6 +40,8 @@ class Batcher:
         self.sent_any = False
         self.frames = 0
         self.first_frame_at: float | None = None
+        # a batch may never need more slots than the ring can give while others are busy
+        self.batch = max(1, min(job.batch, ring.slots // 2))
 
     def slot(self) -> tuple[int, np.ndarray]:
         """A free slot for the next frame (blocks while the ring is full)."""
@@ -56,7 +58,7 @@ class Batcher:
             self.first_frame_at = now
         self.numbers.append(number)
         self.frames += 1
-        if not self.sent_any or len(self.numbers) >= self.job.batch:
+        if not self.sent_any or len(self.numbers) >= self.batch:
             self.flush()
 
     def flush(self) -> None:
