@@ -3,14 +3,16 @@
 It loads processors once (the engine's default at start, others on first use) and
 keeps them, because model loading costs far more than a job. On a CPU device the
 processor sees a zero-copy tensor over the ring slots; on CUDA the batch is copied
-through a pinned staging buffer on a side stream, and the slots are released as soon
-as the copy is done, so the decoder can refill them while the model runs.
+through pinned staging buffers on a side stream, and the slots are released as soon
+as the host copy is done, so the decoder can refill them while the model runs; batches
+are handled two deep, so the device copy of batch k+1 overlaps the processing of k.
 """
 from __future__ import annotations
 
 import logging
 import os
 import traceback
+from dataclasses import dataclass
 
 from engine.config import Config
 from engine.messages import BatchReady, BatchResults, EndJob, GpuJob, Shutdown
@@ -34,30 +36,51 @@ def resolve_device(name: str):
 
 
 class Staging:
-    """Pinned host buffers and a copy stream for host-to-device transfers."""
+    """Two pinned host buffers used in turn, and a copy stream: the copy of batch k+1 to
+    the device runs while the processor works on batch k (see ``main``)."""
 
     def __init__(self, device):
         import torch
         self.torch = torch
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.buffers = {}
+        self.buffers = [None, None]
+        self.events = [None, None]
+        self.turn = 0
 
     def upload(self, view):
+        """Copy ``view`` (ring slots) into pinned memory, then start the device copy.
+        Returns the device tensor and the event its copy completes."""
         torch = self.torch
-        shape = tuple(view.shape)
-        buf = self.buffers.get(shape[1:])
-        if buf is None or buf.shape[0] < shape[0]:
-            buf = self.buffers[shape[1:]] = torch.empty(
-                (max(shape[0], 16),) + shape[1:], dtype=torch.uint8).pin_memory()
-        host = buf[:shape[0]]
+        i, self.turn = self.turn, self.turn ^ 1
+        n, shape = view.shape[0], tuple(view.shape[1:])
+        buf = self.buffers[i]
+        if buf is None or tuple(buf.shape[1:]) != shape or buf.shape[0] < n:
+            buf = self.buffers[i] = torch.empty((max(n, 16),) + shape,
+                                                dtype=torch.uint8).pin_memory()
+        elif self.events[i] is not None:
+            self.events[i].synchronize()   # its previous copy must be done before reuse
+        host = buf[:n]
         host.copy_(torch.from_numpy(view))
         with torch.cuda.stream(self.stream):
             frames = host.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        torch.cuda.current_stream(self.device).wait_event(done)
-        return frames
+        self.events[i] = done
+        return frames, done
+
+
+@dataclass
+class Staged:
+    """A batch on its way to the processor."""
+    msg: BatchReady
+    ring: FrameRing
+    run: SlotRun
+    spec: str
+    frames: object = None
+    copied: object = None        # CUDA event: the device copy is done
+    released: bool = False
+    error: str | None = None
 
 
 class GpuWorker:
@@ -85,45 +108,61 @@ class GpuWorker:
                 self.rings[msg.job] = FrameRing.attach(msg.ring)
             except ShmError:
                 pass
-        elif isinstance(msg, BatchReady):
-            self.run_batch(msg)
         elif isinstance(msg, EndJob):
             ring = self.rings.pop(msg.job, None)
             self.job_processor.pop(msg.job, None)
             if ring is not None:
                 ring.close()
 
-    def run_batch(self, msg: BatchReady) -> None:
+    def stage(self, msg: BatchReady) -> Staged | None:
+        """First half of a batch: get its frames onto the device (CUDA: start the copy
+        and free the ring slots at once; CPU: a zero-copy view of the slots)."""
         ring = self.rings.get(msg.job)
         if ring is None:
-            return  # the job ended meanwhile
-        run = SlotRun(msg.first_slot, msg.count)
-        spec = self.job_processor.get(msg.job, self.default)
-        reply = BatchResults(msg.job, run.first, run.count, msg.frame_numbers, [])
-        released = False
+            return None  # the job ended meanwhile
+        staged = Staged(msg, ring, SlotRun(msg.first_slot, msg.count),
+                        self.job_processor.get(msg.job, self.default))
         try:
-            proc = self.processor(spec)
-            view = ring.view(run)
+            view = ring.view(staged.run)
             if self.staging is not None:
-                frames = self.staging.upload(view)
-                ring.release(run)   # the copy is done: the decoder may refill these slots
-                released = True
+                staged.frames, staged.copied = self.staging.upload(view)
+                ring.release(staged.run)   # in pinned memory now: the decoder may refill
+                staged.released = True
             else:
-                frames = self.torch.from_numpy(view)
+                staged.frames = self.torch.from_numpy(view)
+        except Exception as exc:
+            staged.error = _one_line(exc)
+        return staged
+
+    def finish(self, staged: Staged) -> None:
+        """Second half: run the processor and send the results."""
+        msg, run = staged.msg, staged.run
+        reply = BatchResults(msg.job, run.first, run.count, msg.frame_numbers, [])
+        try:
+            if staged.error:
+                raise RuntimeError(staged.error)
+            proc = self.processor(staged.spec)
+            frames = staged.frames
+            if staged.copied is not None:
+                stream = self.torch.cuda.current_stream(self.device)
+                stream.wait_event(staged.copied)
+                frames.record_stream(stream)
             with self.torch.inference_mode():
-                results = proc(frames, list(msg.frame_numbers))
-            results = list(results)
+                results = list(proc(frames, list(msg.frame_numbers)))
             if len(results) != run.count:
                 raise ValueError(f"returned {len(results)} results for {run.count} frames")
             reply.results = results
         except Exception as exc:
             log.debug("processor failed: %s", traceback.format_exc())
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            reply.error = f"processor {spec} failed: {type(exc).__name__}: {text}"
+            reply.error = f"processor {staged.spec} failed: {type(exc).__name__}: {_one_line(exc)}"
         finally:
-            if not released:
-                ring.release(run)
+            if not staged.released:
+                staged.ring.release(run)
         self.link.send(reply)
+
+
+def _one_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def main(conn, config: Config, index: int = 0) -> None:
@@ -140,8 +179,24 @@ def main(conn, config: Config, index: int = 0) -> None:
         link.start(error=f"cannot start the GPU worker: {text}")
         os._exit(3)
     link.start(**info)
+    # Two batches deep: a staged batch is processed once the next one has been staged
+    # (its device copy then overlaps this processing) or as soon as nothing else waits.
+    pending: Staged | None = None
     while True:
+        if pending is not None and not conn.poll(0):
+            worker.finish(pending)
+            pending = None
+            continue
         msg = link.recv()
         if isinstance(msg, Shutdown):
             os._exit(0)
-        worker.handle(msg)
+        if isinstance(msg, BatchReady):
+            staged = worker.stage(msg)
+            if pending is not None:
+                worker.finish(pending)
+            pending = staged
+        else:
+            if pending is not None:
+                worker.finish(pending)
+                pending = None
+            worker.handle(msg)
