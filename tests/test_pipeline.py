@@ -236,3 +236,16 @@ def test_a_ring_smaller_than_a_batch_does_not_deadlock(cdn, small_clips):
     with Engine(processor="engine.processors:stats", device="cpu", fetchers=1, decoders=1,
                 ring_slots=4, batch=16, job_timeout_s=30) as eng:
         assert_matches(eng.process(cdn.url("small.mp4")), reference(small_clips["small"]))
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device (the GPU path: pinned staging, "
+                                        "copy stream, two batches deep)")
+def test_cuda_path_gives_the_cpu_results(cdn, sn44_clips):
+    with Engine(processor="engine.processors:stats", device="cuda") as eng:
+        report = eng.process(cdn.url("sn44.mp4"))
+    assert_matches(report, reference(sn44_clips["sn44"]))
