@@ -501,6 +501,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _teardown(eng, emu, cdn, tmp, old_ca) -> None:
+    """Stop what a bench run started and give back SSL_CERT_FILE."""
+    if eng is not None:
+        eng.close()
+    emu.stop()
+    cdn.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old_ca is None:
+        os.environ.pop("SSL_CERT_FILE", None)
+    else:
+        os.environ["SSL_CERT_FILE"] = old_ca
+    _sweep()
+
+
 def _sweep() -> None:
     try:
         from shm.sweep import sweep_stale
@@ -882,16 +896,7 @@ def main(argv: list[str] | None = None) -> int:
                           else f"FAILED: {res.get('error')}")
                 print(f"  {c}: {status}", file=sys.stderr, flush=True)
     finally:
-        if eng is not None:
-            eng.close()
-        emu.stop()
-        cdn.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old_ca is None:
-            os.environ.pop("SSL_CERT_FILE", None)
-        else:
-            os.environ["SSL_CERT_FILE"] = old_ca
-        _sweep()
+        _teardown(eng, emu, cdn, tmp, old_ca)
 
     shown = list(a.contenders)
     if "limit" in shown:
@@ -1258,16 +1263,7 @@ def fetch_main(argv: list[str]) -> int:
                           else f"FAILED: {res.get('error')}")
                 print(f"  {c}: {status}", file=sys.stderr, flush=True)
     finally:
-        if eng is not None:
-            eng.close()
-        emu.stop()
-        cdn.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old_ca is None:
-            os.environ.pop("SSL_CERT_FILE", None)
-        else:
-            os.environ["SSL_CERT_FILE"] = old_ca
-        _sweep()
+        _teardown(eng, emu, cdn, tmp, old_ca)
 
     summary = summarize_fetch(runs, rows)
     checks = fetch_checks(summary, prof, size)
