@@ -148,10 +148,7 @@ class EngineClient:
         try:
             self._send(Submit(token, url, processor, max_frames, stream))
             while True:
-                try:
-                    msg = self._get(q)
-                except GeneratorExit:
-                    raise
+                msg = self._get(q)
                 if isinstance(msg, ResultBatch):
                     yield Batch(msg.frame_numbers, msg.results)
                 elif isinstance(msg, JobDone):

@@ -103,8 +103,8 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     diag = sub.add_parser("diagnose", help="where the time goes, cold then warm")
     diag.add_argument("url", metavar="URL")
-    bench = sub.add_parser("bench", help="side-by-side benchmark against other methods")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    # listed for --help; main() hands "bench ..." to tools.bench, which parses its own options
+    sub.add_parser("bench", help="side-by-side benchmark against other methods", add_help=False)
     return ap
 
 
@@ -195,11 +195,6 @@ def cmd_diagnose(args) -> int:
     return diagnose(args.url)
 
 
-def cmd_bench(args) -> int:
-    from tools.bench import main as bench_main
-    return bench_main(args.rest)
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:   # bench parses its own options (argparse REMAINDER drops --x)
@@ -220,7 +215,7 @@ def main(argv=None) -> int:
             check_device(args.device)
         Config.from_env()
         return {"run": cmd_run, "submit": cmd_submit, "status": cmd_status,
-                "diagnose": cmd_diagnose, "bench": cmd_bench}[args.command](args)
+                "diagnose": cmd_diagnose}[args.command](args)
     except (EngineError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

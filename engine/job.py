@@ -48,12 +48,9 @@ class Job:
     sha256: str | None = None
     versions: dict = field(default_factory=dict)    # requests per HTTP version
     # decode and process
-    decoder: object = None
-    waiting_decoder: bool = False
     frame_limit: int | None = None
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)
     decode_done: bool = False
-    decode_retried: bool = False
     outstanding: int = 0            # batches sent to the GPU worker, not yet answered
     results: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)

@@ -213,8 +213,6 @@ class DecodeDone:
     frames: int
     missing: list[int]
     error: str | None = None
-    first_frame_at: float | None = None
-    codec: str | None = None
 
 
 @dataclass

@@ -43,6 +43,10 @@ def process_info(role: str, pid: int | None, restarts: int = 0, causes=()) -> di
 
 def snapshot(sup) -> dict:
     me = os.getpid()
+    live = {me} | {w.pid for w in sup.workers if w.pid}
+    for pid in list(_procs):       # restarted workers: forget the dead ones
+        if pid not in live:
+            del _procs[pid]
     procs = [process_info("supervisor", me)]
     for w in sup.workers:
         procs.append(process_info(w.name, w.pid if w.alive else None, w.restarts, w.causes))

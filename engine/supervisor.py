@@ -618,7 +618,6 @@ class Supervisor:
                 self.fail(job, "FetchError", f"{job.url}: {exc}")
                 return
             self.shm_in_use += job.ring.block.size
-        job.waiting_decoder = True
         self.decode_queue.append(job.id)
         self._dispatch_decodes()
 
@@ -668,8 +667,6 @@ class Supervisor:
                 continue
             w = free[0]
             w.job = job.id
-            job.decoder = w
-            job.waiting_decoder = False
             job.decoder_backend = self.decoder_backend
             gpu = self._gpu()
             if gpu is not None:

@@ -501,6 +501,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _parse(ap, argv, known) -> argparse.Namespace:
+    """Parse, then check the contender list and the run count against ``known``."""
+    a = ap.parse_args(argv)
+    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    bad = [c for c in a.contenders if c not in known]
+    if bad or not a.contenders:
+        ap.error(f"unknown contender(s) {bad}; known: {', '.join(known)}")
+    if a.runs < 1:
+        ap.error("--runs must be >= 1")
+    return a
+
+
 def _teardown(eng, emu, cdn, tmp, old_ca) -> None:
     """Stop what a bench run started and give back SSL_CERT_FILE."""
     if eng is not None:
@@ -787,14 +799,7 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=120.0, help="per measurement, seconds (120)")
     ap.add_argument("--budget", type=float, default=540.0,
                     help="start no new round after this many seconds (540)")
-    a = ap.parse_args(argv)
-    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
-    bad = [c for c in a.contenders if c not in CONTENDERS]
-    if bad or not a.contenders:
-        ap.error(f"unknown contender(s) {bad}; known: {', '.join(CONTENDERS)}")
-    if a.runs < 1:
-        ap.error("--runs must be >= 1")
-    return a
+    return _parse(ap, argv, CONTENDERS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1003,14 +1008,7 @@ def parse_fetch_args(argv):
     ap.add_argument("--timeout", type=float, default=60.0, help="per measurement, seconds (60)")
     ap.add_argument("--budget", type=float, default=180.0,
                     help="start no new round after this many seconds (180)")
-    a = ap.parse_args(argv)
-    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
-    bad = [c for c in a.contenders if c not in FETCH_CONTENDERS]
-    if bad or not a.contenders:
-        ap.error(f"unknown contender(s) {bad}; known: {', '.join(FETCH_CONTENDERS)}")
-    if a.runs < 1:
-        ap.error("--runs must be >= 1")
-    return a
+    return _parse(ap, argv, FETCH_CONTENDERS)
 
 
 def run_aria2(url: str, ca: str, size: int, timeout: float) -> dict:

@@ -39,7 +39,6 @@ class Batcher:
         self.numbers: list[int] = []
         self.sent_any = False
         self.frames = 0
-        self.first_frame_at: float | None = None
         # a batch may never need more slots than the ring can give while others are busy
         self.batch = max(1, min(job.batch, ring.slots // 2))
 
@@ -53,9 +52,6 @@ class Batcher:
         return slot, self.ring.frames[slot]
 
     def add(self, number: int) -> None:
-        now = time.monotonic()
-        if self.first_frame_at is None:
-            self.first_frame_at = now
         self.numbers.append(number)
         self.frames += 1
         if not self.sent_any or len(self.numbers) >= self.batch:
@@ -182,7 +178,7 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     error = None
     if not done:
         error = "no frame could be decoded (corrupt or unsupported video)"
-    return DecodeDone(job.job, len(done), missing, error, batcher.first_frame_at, "pyav")
+    return DecodeDone(job.job, len(done), missing, error)
 
 
 def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
@@ -209,7 +205,7 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         i += count
     batcher.flush()
     del vr
-    return DecodeDone(job.job, limit, [], None, batcher.first_frame_at, "decord")
+    return DecodeDone(job.job, limit, [], None)
 
 
 def fetch_end(backend: str, need_end, limit: int, size: int) -> int:

@@ -400,9 +400,6 @@ class Fetcher:
             written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
             stats.bytes = written
             self.link.send(RangeDone(msg.job, 0, expect, stats, head=True))
-        except RangeError as exc:
-            exc.stats = stats
-            raise
         except httpx.HTTPError as exc:
             message, retryable = describe(exc)
             raise RangeError(message, retryable) from None
