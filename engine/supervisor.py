@@ -657,6 +657,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ jobs: decode
     def _dispatch_decodes(self) -> None:
+        gpu = self._gpu()
+        if gpu is None:
+            return   # restarting: decodes wait for it, as ranges wait for their fetchers
         while self.decode_queue:
             free = [w for w in self.workers if w.role == "decoder" and w.alive and w.ready
                     and w.job is None]
@@ -668,10 +671,8 @@ class Supervisor:
             w = free[0]
             w.job = job.id
             job.decoder_backend = self.decoder_backend
-            gpu = self._gpu()
-            if gpu is not None:
-                gpu.jobs.add(job.id)   # from now on its death fails this job
-                self._send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
+            gpu.jobs.add(job.id)   # from now on its death fails this job
+            self._send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
             readable = job.readable_end
             self._send_worker(w, DecodeJob(
                 job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
@@ -818,7 +819,7 @@ class Supervisor:
             w.ready, w.info, w.last_beat = True, msg.info, time.monotonic()
             if msg.info.get("error"):
                 log.error("%s", msg.info["error"])
-            if w.role == "decoder":
+            if w.role in ("decoder", "gpu"):
                 self._dispatch_decodes()
             self._maybe_ready()
 

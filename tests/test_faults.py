@@ -15,10 +15,11 @@ supervisor, or a server that stalls -- and checks what the engine promises:
 * many jobs in a row leak neither memory, file descriptors nor segments;
 * concurrent jobs of different sizes and layouts are all frame-exact.
 
-Three engine bugs that these tests found are fixed; their tests stay as regression
+Four engine bugs that these tests found are fixed; their tests stay as regression
 tests: a supervisor killed under a still-referenced ``Engine`` was a zombie whose
 segments no later start swept (``shm.sweep._alive``); a GPU worker death between a
-job's GpuJob and its first batch left that job hanging until its deadline; a
+job's GpuJob and its first batch left that job hanging until its deadline; a job
+submitted while the GPU worker was restarting failed instead of waiting for it; a
 ``max_frames`` job needing more than the head hung until its deadline, then (after a
 first fix) lost its last 1-2 frames.
 
@@ -358,6 +359,34 @@ def test_gpu_worker_sigkill_fails_that_job_next_job_succeeds(cdn, slow_cdn):
                "GPU worker restarted (torch import), next job waited for it",
                respawn, hello, following.ended_at - killed_at,
                f"the job in flight ({error_frames(job)})")
+
+
+def test_job_submitted_while_the_gpu_worker_is_down_waits_for_it(cdn, small_clips):
+    """A GPU worker that dies within 2 s of its start is restarted after a back-off
+    (0.5 s); a job submitted in that window waits for the new worker.
+
+    This was a bug, seen as a rare failure of the test above: the job's decode was
+    dispatched while no GPU worker was alive, and its first batch failed it with "the GPU
+    worker is not running"."""
+    with own_engine(fetchers=1, connections=2) as owned:
+        eng = owned.eng
+        first = role_info(eng, "gpu")["pid"]
+        os.kill(first, signal.SIGKILL)
+        second = wait_respawned(eng, "gpu", first)["pid"]
+        owned.remember()
+        os.kill(second, signal.SIGKILL)     # a quick death: the next start is delayed
+        wait_for(lambda: role_info(eng, "gpu")["pid"] is None, 10,
+                 "the GPU worker to be down (restart back-off)", every=0.005)
+        killed_at = time.monotonic()
+        job = JobThread(eng, cdn.url("small.mp4"))
+        info = wait_respawned(eng, "gpu", second)
+        owned.remember()
+        report, error = job.outcome(60)
+        assert error is None, f"a job submitted while the GPU worker was down failed: {error!r}"
+        assert report.frames_processed == 50
+        assert info["restarts"] == 2
+        record("gpu down (restart back-off) at submit", "the job waited for the new GPU "
+               "worker", None, None, job.ended_at - killed_at, "nothing")
 
 
 def test_gpu_worker_sigkill_before_first_batch_does_not_hang_the_job(cdn, sn44_clips):
