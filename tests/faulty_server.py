@@ -30,7 +30,8 @@ Modes and what httpx (0.28, HTTP/1.1) surfaces:
                which is why this mode lies in Content-Length instead.)
   'stall'      every GET sends headers and the first 64 KiB of its body
                (less one byte if the body is smaller), then holds the
-               connection open, sending nothing, until stop(): httpx raises
+               connection open, sending nothing, until stop() or until the
+               client hangs up (counted in ``hung_up``): httpx raises
                httpx.ReadTimeout once its read timeout passes.
 """
 
@@ -52,6 +53,8 @@ class FaultyServer:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.data, self.mode = data, mode
         self.requests = 0  # requests whose response we started to send
+        self.stalled = 0   # 'stall': responses held open
+        self.hung_up = 0   # 'stall': of those, the ones the client closed
         self.port: int | None = None
         self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ctx.load_cert_chain(str(certfile), str(keyfile))
@@ -171,9 +174,28 @@ class FaultyServer:
         if method == "GET":
             conn.sendall(send)
             if self.mode == "stall":
-                self._stopping.wait()
+                self._hold(conn)
                 return False
         return keep and not close
+
+
+    def _hold(self, conn) -> None:
+        """Send nothing more until stop(), or until the client closes the connection."""
+        with self._lock:
+            self.stalled += 1
+        conn.settimeout(0.05)
+        while not self._stopping.is_set():
+            try:
+                if conn.recv(1):
+                    continue   # a client sends nothing more on a connection mid-response
+            except socket.timeout:
+                continue
+            except OSError:
+                pass
+            if not self._stopping.is_set():
+                with self._lock:
+                    self.hung_up += 1
+            return
 
 
 def _read_request(reader) -> tuple[str, dict[str, str]] | None:

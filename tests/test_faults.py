@@ -532,15 +532,20 @@ def test_server_stall_ends_in_job_timeout_engine_stays_usable(cdn, small_clips, 
         assert server.requests >= 1
         left = owned_blocks(owned.pid)
         assert left == [], f"segments of the timed-out job remain: {left} (had {seen})"
+        # The fetcher threads reading the stalled responses hang up when the job ends,
+        # instead of holding their threads until the 15 s read timeout.
+        wait_for(lambda: server.stalled and server.hung_up == server.stalled, 5,
+                 "the engine to hang up every stalled response")
+        hung_up = time.monotonic() - started - elapsed
         t = time.monotonic()
         following = eng.process(cdn.url("small.mp4"))
         assert following.ok and following.frames_processed == 50
         next_ok = time.monotonic() - t
         idle_segments(owned.pid)
         record("server stalls mid-body (3 s deadline)", f"JobTimeout after {elapsed:.2f} s; "
-               f"segments {seen} unlinked at once; next job on cdn ok in {next_ok:.2f} s",
-               None, None, elapsed, "that job (the fetcher thread stays blocked until its "
-               "15 s read timeout)")
+               f"segments {seen} unlinked at once; its {server.stalled} stalled responses "
+               f"hung up {hung_up:.2f} s later; next job on cdn ok in {next_ok:.2f} s",
+               None, None, elapsed, "that job")
 
 
 # ------------------------------------------------------------------ 6. 200 jobs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import statistics
 import threading
@@ -225,6 +226,22 @@ class Pools:
             self.prewarm(url)
 
 
+def _hang_up(response) -> None:
+    """Wake a thread blocked reading a response whose job has ended (a stalled server
+    would hold it until the read timeout): shut its socket down. It costs nothing: a
+    response closed before its end drops its connection anyway. HTTP/1.1 only, since an
+    HTTP/2 connection carries other jobs' streams too."""
+    if response.http_version != "HTTP/1.1":
+        return
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        try:   # the plain-socket shutdown: an SSLSocket's own would drop its TLS state
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def _content_range_total(value: str | None) -> int | None:
     # "bytes 0-524287/14012345"
     if not value or "/" not in value:
@@ -243,6 +260,7 @@ class Fetcher:
         self._segments: dict[int, tuple[SharedBlock, AvailabilityMap]] = {}
         self._ended: set[int] = set()
         self._waiting_segment: dict[int, tuple[threading.Event, list]] = {}
+        self._responses: dict[int, set] = {}    # job -> its responses still open
         self._lock = threading.Lock()
 
     # -- dispatch ----------------------------------------------------------------
@@ -308,8 +326,11 @@ class Fetcher:
             self._ended.add(job)
             seg = self._segments.pop(job, None)
             waiting = self._waiting_segment.pop(job, None)
+            responses = self._responses.pop(job, ())
         if waiting:
             waiting[0].set()
+        for response in responses:
+            _hang_up(response)
         if seg:
             seg[0].close()
             seg[1].close()
@@ -329,7 +350,7 @@ class Fetcher:
             return seg
 
     # -- requests ------------------------------------------------------------------
-    def _open(self, url: str, headers: dict, stats: FetchStats):
+    def _open(self, job: int, url: str, headers: dict, stats: FetchStats):
         client, throwaway, http2 = self.pools.client(url)
         stats.started = time.monotonic()
         try:
@@ -346,12 +367,25 @@ class Fetcher:
         if throwaway:
             response.extensions["engine_client"] = client
         response.extensions["engine_http2"] = http2
+        response.extensions["engine_job"] = job
+        with self._lock:
+            ended = job in self._ended
+            if not ended:
+                self._responses.setdefault(job, set()).add(response)
+        if ended:
+            _hang_up(response)
         return response
 
-    @staticmethod
-    def _close(response) -> None:
+    def _close(self, response) -> None:
         """Close a response; a small unread one (an error page, a 416) is read first so its
         connection goes back to the pool instead of being dropped."""
+        job = response.extensions["engine_job"]
+        with self._lock:
+            still_open = self._responses.get(job)
+            if still_open is not None:
+                still_open.discard(response)
+                if not still_open:
+                    del self._responses[job]
         length = response.headers.get("content-length", "")
         if not response.is_stream_consumed and length.isdigit() and int(length) <= 65536 \
                 and response.status_code != 206:
@@ -366,7 +400,7 @@ class Fetcher:
 
     def fetch_head(self, msg: FetchHead) -> None:
         stats = FetchStats()
-        response = self._open(msg.url, {"Range": f"bytes=0-{msg.length - 1}"}, stats)
+        response = self._open(msg.job, msg.url, {"Range": f"bytes=0-{msg.length - 1}"}, stats)
         try:
             status = response.status_code
             if status == 206:
@@ -413,7 +447,8 @@ class Fetcher:
         try:
             if msg.segment is not None:
                 block, amap = self._segment(msg.job, msg.segment, msg.amap)
-            response = self._open(msg.url, {"Range": f"bytes={msg.offset}-{msg.end - 1}"}, stats)
+            response = self._open(msg.job, msg.url, {"Range": f"bytes={msg.offset}-{msg.end - 1}"},
+                                  stats)
             try:
                 if response.status_code != 206:
                     raise RangeError(f"HTTP {response.status_code} for a byte range", False)
