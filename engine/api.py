@@ -18,7 +18,7 @@ from multiprocess.connection import Client, Connection
 
 from engine.config import Config, check_device
 from engine.errors import EngineClosed, EngineError, error_from
-from engine.messages import (CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery,
+from engine.messages import (CancelJob, JobDone, Prewarm, ResultBatch, StatusQuery,
                              Submit)
 
 START_TIMEOUT_S = 120.0

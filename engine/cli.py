@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from engine.config import Config, ConfigError, check_device, default_socket_path
+from engine.config import Config, ConfigError, check_device
 from engine.errors import EngineError
 
 STAGES = [("connect", "connect"), ("first_byte", "first byte"), ("moov_ready", "moov ready"),

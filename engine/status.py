@@ -70,6 +70,6 @@ def snapshot(sup) -> dict:
             pass
     jobs = [{"url": j.url, "age_s": round(time.monotonic() - j.submitted, 2),
              "frames_done": len(j.results), "bytes": j.bytes}
-            for j in sup.jobs.values() if not j.finished]
+            for j in sup.pipeline.live]
     return {"processes": procs, "shared_memory": {"segments": len(blocks), "bytes": shm_bytes},
             "jobs_in_flight": jobs, "connections": dict(conns)}

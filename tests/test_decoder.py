@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 
 import av
 import numpy as np

@@ -44,14 +44,12 @@ import psutil
 import pytest
 
 from engine import DecodeError, Engine, EngineClosed, JobTimeout, ProcessorError
-from engine import supervisor as supervisor_module
 from engine.messages import StatusQuery
 from shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
 from tools.cdn_emulator import CdnEmulator, Profile
+from engine.pipeline import RING_POOL    # finished rings kept per frame size
 
-# Finished rings the supervisor keeps per frame size (0 where it keeps none).
-RING_POOL = getattr(supervisor_module, "RING_POOL", 0)
 NULL = "engine.processors:null"
 STATS = "engine.processors:stats"
 
@@ -394,7 +392,7 @@ def test_gpu_worker_sigkill_before_first_batch_does_not_hang_the_job(cdn, sn44_c
     before its first batch: no result is lost, so the job may complete on the restarted
     worker, or fail at once with ProcessorError -- but it must not wait for its deadline.
 
-    This was a bug: Supervisor.on_worker_death (gpu) failed only the jobs in w.jobs (jobs
+    This was a bug: the supervisor, on the GPU worker's death, failed only the jobs in w.jobs (jobs
     that had sent a BatchReady); this one was neither failed nor re-announced, the new
     GPU worker dropped its batches (no ring) without a reply, and it hung until
     JobTimeout."""
