@@ -245,7 +245,13 @@ def _cuda() -> bool:
 
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA device (the GPU path: pinned staging, "
                                         "copy stream, two batches deep)")
-def test_cuda_path_gives_the_cpu_results(cdn, sn44_clips):
+def test_cuda_path_gives_the_cpu_results(cdn, sn44_clips, small_clips):
     with Engine(processor="engine.processors:stats", device="cuda") as eng:
         report = eng.process(cdn.url("sn44.mp4"))
     assert_matches(report, reference(sn44_clips["sn44"]))
+    # A ring of 4 slots and batches of 2: slots are refilled by the decoder while their
+    # frames are still on their way through pinned staging to the device.
+    with Engine(processor="engine.processors:stats", device="cuda", fetchers=1, decoders=1,
+                ring_slots=4, batch=2) as eng:
+        report = eng.process(cdn.url("small-moov-end.mp4"))
+    assert_matches(report, reference(small_clips["small-moov-end"]))
