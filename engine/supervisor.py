@@ -134,7 +134,10 @@ class Supervisor:
     def request_stop(self, *_) -> None:
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
-            os.write(self.wake_w, b"x")
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:
+                pass   # already shut down
 
     def run(self) -> None:
         """The loop. Returns after a stop request once jobs are done (at most 5 s)."""
@@ -383,10 +386,12 @@ def main(conn, config: Config) -> None:
     """Entry of a supervisor spawned by ``Engine``: its only client is the pipe."""
     from workers.base import die_with_parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
     logging.basicConfig(level=config.log_level, format="%(asctime)s supervisor %(message)s")
     sup = Supervisor(config)
     signal.signal(signal.SIGTERM, sup.request_stop)
+    # Its owner gone (a miner killed with kill -9), it stops as on SIGTERM: workers
+    # stopped and every segment unlinked now, not left for the next start's sweep.
+    die_with_parent(signal.SIGTERM, on_orphan=sup.request_stop)
     sup.add_client(conn)
     sup.start()
     sup.run()

@@ -10,6 +10,8 @@ supervisor, or a server that stalls -- and checks what the engine promises:
   restarted, the next job on the same engine succeeds;
 * supervisor dies: its workers follow it, and the next engine start sweeps the shared
   memory it left behind;
+* the process that owns the engine (a miner) dies: the supervisor stops cleanly, its
+  workers exit and its segments are unlinked at once;
 * a server stalls: the job ends with ``JobTimeout`` at its deadline and takes its
   segments with it;
 * many jobs in a row leak neither memory, file descriptors nor segments;
@@ -37,6 +39,8 @@ import contextlib
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -510,6 +514,41 @@ def test_supervisor_sigkill_children_exit_and_next_start_sweeps(cdn, slow_cdn, r
                f"{len(left)} segment(s) left ({', '.join(left)}), swept by the next start "
                f"({up:.1f} s to start)", None, None, up,
                "every job in flight; the engine must be recreated")
+
+
+def test_owner_sigkill_engine_stops_and_unlinks_its_segments(slow_cdn, tmp_path):
+    """The miner that owns an ``Engine`` is killed with SIGKILL mid-job: its supervisor
+    stops as on SIGTERM, so its workers exit and its segments are unlinked at once (a
+    supervisor that died with its owner would leave them for the next start's sweep)."""
+    owner_code = (
+        "import sys, threading, time\n"
+        "from engine import Engine\n"
+        "eng = Engine(processor='engine.processors:null', device='cpu', fetchers=1)\n"
+        "print(eng.pid, flush=True)\n"
+        f"threading.Thread(target=eng.process, args=({slow_cdn.url('/sn44.mp4')!r},),"
+        " daemon=True).start()\n"
+        "time.sleep(60)\n")
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], stdout=subprocess.PIPE,
+                             text=True, cwd=tmp_path)
+    try:
+        sup = int(owner.stdout.readline())
+        wait_for(lambda: any(n.endswith(".ring") for n in owned_blocks(sup)), 30,
+                 "the owner's job to be decoding")
+        procs = [psutil.Process(sup)] + psutil.Process(sup).children(recursive=True)
+        killed_at = time.monotonic()
+        owner.kill()
+        owner.wait(5)
+        wait_for(lambda: all(gone(p) for p in procs), 10,
+                 "the engine of the killed owner to exit", every=0.01)
+        exited = time.monotonic() - killed_at
+        assert owned_blocks(sup) == [], f"segments left: {owned_blocks(sup)}"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(5)
+    record("owner (miner) SIGKILL mid-job", f"supervisor and {len(procs) - 1} workers exited "
+           f"in {exited:.2f} s, every segment unlinked", None, None, exited,
+           "the owner's job")
 
 
 # ------------------------------------------------------------------ 5. stalled server

@@ -2,7 +2,8 @@
 and talk to the supervisor over one pipe.
 
 A worker must never outlive the supervisor (no orphans after ``kill -9``), so it asks
-the kernel for SIGKILL when its parent dies and also watches ``getppid`` itself.
+the kernel for SIGKILL when its parent dies and also watches ``getppid`` itself. The
+supervisor does the same towards its owner, with SIGTERM: it then stops cleanly.
 """
 from __future__ import annotations
 
@@ -20,20 +21,23 @@ HEARTBEAT_S = 0.5
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(sig: int = signal.SIGKILL, on_orphan=None) -> None:
+    """The kernel sends ``sig`` when the parent dies; a thread also watches ``getppid``
+    and then calls ``on_orphan`` (default: exit at once)."""
     parent = os.getppid()
+    orphaned = on_orphan or (lambda: os._exit(1))
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - non-Linux
         pass
     if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
+        orphaned()
+        return
 
     def watch():
-        while True:
+        while os.getppid() == parent:
             time.sleep(0.25)
-            if os.getppid() != parent:
-                os._exit(1)
+        orphaned()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
