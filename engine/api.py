@@ -59,9 +59,13 @@ class Report:
 
 @dataclass
 class Batch:
-    """Results of consecutive frames, in frame order, as the engine produced them."""
+    """Results of consecutive frames, in frame order, as the engine produced them, and
+    how far the job was then."""
     frame_numbers: list[int]
     results: list
+    bytes_done: int = 0            # fetched so far
+    bytes_total: int = 0           # the file's size
+    frames_total: int | None = None   # frames the job will produce
 
 
 def raise_for(report: Report) -> None:
@@ -150,7 +154,8 @@ class EngineClient:
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
-                    yield Batch(msg.frame_numbers, msg.results)
+                    yield Batch(msg.frame_numbers, msg.results, msg.bytes_done,
+                                msg.bytes_total, msg.frames_total)
                 elif isinstance(msg, JobDone):
                     yield Report.from_dict(msg.report)
                     return

@@ -109,9 +109,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _progress_printer(enabled: bool):
-    def show(url, done, total):
+    def show(url, frames, batch):
         if enabled:
-            sys.stderr.write(f"\r  {done}/{total or '?'} frames  {url[-50:]}")
+            sys.stderr.write(f"\r  {frames}/{batch.frames_total or '?'} frames  "
+                             f"{batch.bytes_done / 1e6:.1f}/{batch.bytes_total / 1e6:.1f} MB  "
+                             f"{url[-50:]}")
             sys.stderr.flush()
     return show
 
@@ -127,11 +129,11 @@ def run_jobs(client, urls, args) -> int:
                                   stream=progress):
             if hasattr(item, "frame_numbers"):
                 done += len(item.frame_numbers)
-                show(url, done, None)
+                show(url, done, item)
             else:
                 report = item
         if progress and not args.quiet:
-            sys.stderr.write("\r" + " " * 70 + "\r")
+            sys.stderr.write("\r" + " " * 90 + "\r")
         reports.append(report.to_dict())
         if not report.ok:
             failed += 1

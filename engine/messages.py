@@ -38,10 +38,14 @@ class CancelJob:
 
 @dataclass
 class ResultBatch:
-    """Results of consecutive frames, sent to a client that streams."""
+    """Results of consecutive frames, sent to a client that streams, with the job's
+    progress (bytes fetched so far, the file's size, the frames it will have)."""
     token: int
     frame_numbers: list[int]
     results: list
+    bytes_done: int = 0
+    bytes_total: int = 0
+    frames_total: int | None = None
 
 
 @dataclass

@@ -500,7 +500,8 @@ class Pipeline:
         for n, result in zip(msg.frame_numbers, msg.results):
             job.results[n] = result
         if job.stream:
-            self.sup.send(job.client, ResultBatch(job.token, list(msg.frame_numbers), msg.results))
+            self.sup.send(job.client, ResultBatch(job.token, list(msg.frame_numbers), msg.results,
+                                                  job.bytes, job.size, job.frame_limit))
         self._maybe_finish(job)
 
     def on_decode_done(self, w: WorkerHandle, msg: DecodeDone) -> None:

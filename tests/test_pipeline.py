@@ -55,12 +55,16 @@ def test_max_frames_fetches_only_what_the_first_frames_need(engine, cdn, sn44_cl
     assert_matches(end, reference(sn44_clips["sn44-moov-end"], 10))
 
 
-def test_stream_yields_batches_in_frame_order(engine, cdn):
-    seen = []
+def test_stream_yields_batches_in_frame_order(engine, cdn, small_clips):
+    seen, fetched = [], []
+    size = small_clips["small"].stat().st_size
     for batch in engine.stream(cdn.url("small.mp4")):
         assert len(batch.frame_numbers) == len(batch.results)
+        assert (batch.frames_total, batch.bytes_total) == (50, size)   # progress
+        fetched.append(batch.bytes_done)
         seen += batch.frame_numbers
     assert seen == list(range(50))
+    assert fetched == sorted(fetched) and 0 < fetched[-1] <= size
     assert engine.last_report.frames_processed == 50
 
 

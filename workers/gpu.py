@@ -56,8 +56,8 @@ class Staging:
         n, shape = view.shape[0], tuple(view.shape[1:])
         buf = self.buffers[i]
         if buf is None or tuple(buf.shape[1:]) != shape or buf.shape[0] < n:
-            buf = self.buffers[i] = torch.empty((max(n, 16),) + shape,
-                                                dtype=torch.uint8).pin_memory()
+            buf = self.buffers[i] = torch.empty((max(n, 16),) + shape, dtype=torch.uint8,
+                                                pin_memory=True)
         elif self.events[i] is not None:
             self.events[i].synchronize()   # its previous copy must be done before reuse
         host = buf[:n]
