@@ -193,7 +193,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from engine.diagnose import diagnose
+    from tools.diagnose import diagnose
     return diagnose(args.url)
 
 
