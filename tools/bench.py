@@ -222,12 +222,13 @@ def _pyav_loop(container, clock: Clock, proc, dev, proc_time: list | None = None
     """PyAV (frame threads) to rgb24, the processor on batches of one; ``proc=None``
     decodes only; ``proc_time`` (a one-item list) accumulates the processor's share."""
     import torch
+    from workers.decoder import rgb24
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     n = 0
     for frame in container.decode(stream):
         clock.mark("first_frame")
-        arr = frame.to_ndarray(format="rgb24")
+        arr = rgb24(frame)
         if proc is not None:
             t = time.perf_counter()
             proc(torch.from_numpy(arr[None]).to(dev), [n])
@@ -363,6 +364,7 @@ def worker_pyav_url(a) -> dict:
 def worker_local(a) -> dict:
     """The decode side of the floor: the same file from local disk, same processor."""
     import av
+    from workers.decoder import rgb24
     proc, dev = _load_processor(a.processor, _device(a.device))
     # bytes a decoder needs for the first frame: the header and the first (key) packet
     with av.open(a.video) as c:
@@ -375,7 +377,7 @@ def worker_local(a) -> dict:
         import torch
         for frame in c.decode(c.streams.video[0]):
             clock.mark("first_frame")
-            proc(torch.from_numpy(frame.to_ndarray(format="rgb24")[None]).to(dev), [0])
+            proc(torch.from_numpy(rgb24(frame)[None]).to(dev), [0])
             clock.mark("first_result")
             break
     ff = dict(clock.t)
