@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("engine.supervisor")
 
 RING_POOL = 2          # finished rings kept per frame size
-SPECULATIVE_RANGES = 3  # sent with the head: [H, 2H), [2H, 4H), [4H, 8H)
+SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
 
 
@@ -174,21 +174,26 @@ class Pipeline:
         self._start_speculative(job)
 
     def _start_speculative(self, job: Job) -> None:
-        """Ask for the bytes after the head right away, on other connections, before the
-        size is known: the first frames' bytes then arrive one round trip sooner. The
-        fetchers hold them until the segment exists; a file shorter than a range answers
-        416, which only drops that range."""
-        head = self.config.head_bytes
-        limit = self.config.connections
-        for k in range(SPECULATIVE_RANGES):
+        """Ask for the bytes after the head right away, on every other free connection,
+        before the size is known: the first frames' bytes arrive one round trip sooner and
+        the link is full from the first byte. Sizes double from the head's up to
+        ENGINE_RANGE_MB, so the first frames come over several connections at once. A
+        partial job asks for less. The fetchers hold the bytes until the segment exists;
+        a file shorter than a range answers 416, which only drops that range."""
+        cfg = self.config
+        limit = cfg.connections
+        partial = job.max_frames is not None or job.partial_mb is not None
+        offset = cfg.head_bytes
+        for _ in range(SPECULATIVE_PARTIAL if partial else cfg.fetchers * limit - 1):
             free = [f for f in self.sup.fetchers() if len(f.inflight) + len(f.heads) < limit]
             if not free:
                 return
             w = min(free, key=lambda f: len(f.inflight) + len(f.heads))
-            offset, end = head << k, head << (k + 1)
+            end = offset + min(offset, cfg.range_bytes)
             w.inflight.add((job.id, offset))
             job.speculative[offset] = (end, w)
             self.sup.send_worker(w, FetchRange(job.id, job.final_url, None, None, offset, end))
+            offset = end
 
     def _start_head(self, job: Job, attempt: int = 0) -> None:
         fetchers = self.sup.fetchers() or [w for w in self.sup.workers if w.role == "fetcher" and w.alive]
