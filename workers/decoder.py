@@ -30,7 +30,7 @@ log = logging.getLogger("engine.decoder")
 STALL_WAIT_S = 0.002  # a read that is not satisfied this fast counts as a stall
 # swscale's threads for yuv420p -> rgb24. PyAV's default (0: one per CPU) fights FFmpeg's
 # frame threads for the cores: with one, decoding and converting the 750-frame clip took
-# 1.78 s instead of 2.59 s on 2 cores, with the same pixels (/tmp probe, README).
+# 1.78 s instead of 2.59 s on 2 cores, with the same pixels (README, design notes).
 SWS_THREADS = 1
 
 
