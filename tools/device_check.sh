@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short run on a lent GPU machine (see tools/device_kit.sh):
 # the CUDA path's results against the CPU reference, then the engine on CUDA next to the
-# stock miner. Everything it prints also lands in $OUT. About 4 minutes warm.
+# stock miner. Everything it prints also lands in $OUT. About 4 minutes, 9 at most.
 # DEVICE=cpu runs the same steps here, as a dry run of the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,13 +31,13 @@ $PY -c "import torch, av, httpx; print('python', __import__('sys').version.split
 rc=0
 if [ "$DEVICE" != cpu ]; then
   echo "== CUDA path against the CPU reference"
-  timeout 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_pipeline.py -k cuda || rc=1
+  timeout 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_pipeline.py -k cuda || rc=1
 fi
 echo "== bench, seed profile, stats and null processors, device $DEVICE"
 for proc in stats null; do
-  timeout 200 $PY -m engine bench --profile seed --runs 2 --device "$DEVICE" \
+  timeout 150 $PY -m engine bench --profile seed --runs 2 --device "$DEVICE" \
     --processor "engine.processors:$proc" --contenders engine-warm,stock,limit \
-    --budget 150 --json "$OUT/bench-$DEVICE-$proc.json" || rc=1
+    --budget 100 --json "$OUT/bench-$DEVICE-$proc.json" || rc=1
 done
 echo "== done, rc=$rc"
 exit $rc
