@@ -75,6 +75,7 @@ class Config:
     prewarm: tuple[str, ...] = ()
     decoder: str = "auto"            # auto, pyav, decord
     decoders: int = 2                # decoder processes (jobs decoded at once)
+    sws_threads: int = 1             # swscale threads per RGB conversion (0: one per CPU)
     device: str = "auto"
     batch: int = 16
     ring_slots: int = 48
@@ -124,6 +125,7 @@ class Config:
             prewarm=tuple(o.strip() for o in env.get("ENGINE_PREWARM", "").split(",") if o.strip()),
             decoder=_choice(env, "ENGINE_DECODER", "auto", ("auto", "pyav", "decord")),
             decoders=_int(env, "ENGINE_DECODERS", 2),
+            sws_threads=_int(env, "ENGINE_SWS_THREADS", 1, minimum=0),
             device=check_device(env.get("ENGINE_DEVICE", "auto") or "auto"),
             batch=batch,
             ring_slots=_int(env, "ENGINE_RING_SLOTS", max(3 * batch, 8)),

@@ -242,6 +242,15 @@ def test_a_ring_smaller_than_a_batch_does_not_deadlock(cdn, small_clips):
         assert_matches(eng.process(cdn.url("small.mp4")), reference(small_clips["small"]))
 
 
+def test_rgb_conversion_threads_change_no_pixel(cdn, small_clips):
+    """ENGINE_SWS_THREADS changes speed only: with PyAV's own default (0: one swscale
+    thread per CPU) the results are the reference's too (the default, 1, is every other
+    test)."""
+    with Engine(processor="engine.processors:stats", device="cpu", fetchers=1, decoders=1,
+                sws_threads=0) as eng:
+        assert_matches(eng.process(cdn.url("small.mp4")), reference(small_clips["small"]))
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()

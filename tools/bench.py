@@ -446,6 +446,9 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--prefix-bytes", type=int, default=4 * 1024 * 1024)
     a = ap.parse_args(argv)
     try:
+        from engine.config import Config
+        from workers import decoder
+        decoder.SWS_THREADS = Config.from_env().sws_threads   # convert as the engine does
         out = WORKERS[a.worker](a)
     except Exception as exc:                    # one line back to the parent, not a traceback
         out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -28,9 +28,10 @@ from workers.base import Link, worker_setup
 log = logging.getLogger("engine.decoder")
 
 STALL_WAIT_S = 0.002  # a read that is not satisfied this fast counts as a stall
-# swscale's threads for yuv420p -> rgb24. PyAV's default (0: one per CPU) fights FFmpeg's
-# frame threads for the cores: with one, decoding and converting the 750-frame clip took
-# 1.78 s instead of 2.59 s on 2 cores, with the same pixels (README, design notes).
+# swscale's threads for yuv420p -> rgb24 (ENGINE_SWS_THREADS, set at process start).
+# PyAV's default (0: one per CPU) fights FFmpeg's frame threads for the cores: with one,
+# decoding and converting the 750-frame clip took 1.78 s instead of 2.59 s on 2 cores,
+# with the same pixels (README, design notes).
 SWS_THREADS = 1
 
 
@@ -254,7 +255,9 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
 
 
 def main(conn, config: Config, index: int = 0) -> None:
+    global SWS_THREADS
     worker_setup(f"decoder{index}", config.log_level)
+    SWS_THREADS = config.sws_threads
     import av  # noqa: F401  (imported now, not on the first job's critical path)
     link = Link(conn, "decoder")
     link.start()
