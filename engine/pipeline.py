@@ -358,7 +358,8 @@ class Pipeline:
                 return
             self.rr = (self.rr + 1) % len(jobs)
             job = jobs[self.rr]
-            piece = job.plan.next(slots=limit * max(1, len(fetchers)))
+            piece = job.plan.next(slots=limit * max(1, len(fetchers)),
+                                  missing=lambda p: job.amap.missing(p.offset, p.end))
             if piece is None:
                 jobs.remove(job)
                 continue

@@ -8,9 +8,10 @@ Pending bytes are kept as regions and a piece is cut from the front region when 
 connection is free, so its size can follow the state of the download:
 - near the start pieces grow with their offset (128 KiB at 128 KiB, 256 KiB at 256 KiB,
   ...): the first frames' bytes arrive over several connections at once;
-- after that a piece is the outstanding bytes divided by the connections (at most
-  ``ENGINE_RANGE_MB``): connections finish at about the same time, instead of one last
-  large range running alone while the others idle.
+- after that a piece is the bytes still to come (pending, and what in-flight pieces
+  still lack) divided by the connections, at most ``ENGINE_RANGE_MB``: connections
+  finish at about the same time, instead of one last large range running alone while
+  the others idle.
 Pieces start on chunk boundaries (see ``shm.availability``).
 """
 from __future__ import annotations
@@ -82,22 +83,23 @@ class RangePlan:
                 return True
         return False
 
-    def _size(self, start: int, slots: int) -> int:
-        # Share of the bytes not yet fetched (pending, and in flight counted whole: an
-        # estimate that errs towards fewer, larger pieces, each of which costs an RTT).
+    def _size(self, start: int, slots: int, missing) -> int:
+        # Share of the bytes not yet fetched: pending, and what in-flight pieces still
+        # have to bring (``missing``; whole pieces without it).
         outstanding = sum(r.end - r.offset for r in self.pending)
-        outstanding += sum(p.end - p.offset for p in self.inflight.values())
+        outstanding += sum(missing(p) for p in self.inflight.values())
         balanced = -(-outstanding // max(1, slots))
         ramp = max(RAMP_MIN, align_down(start))
         return align_up(max(RAMP_MIN, min(self.range_bytes, ramp, balanced)))
 
-    def next(self, slots: int = 1) -> Piece | None:
-        """Cut the next piece for a free connection (``slots``: connections in all)."""
+    def next(self, slots: int = 1, missing=lambda p: p.end - p.offset) -> Piece | None:
+        """Cut the next piece for a free connection (``slots``: connections in all;
+        ``missing(piece)``: bytes of an in-flight piece not yet arrived)."""
         now = time.monotonic()
         for region in self.pending:
             if region.not_before > now:
                 continue
-            size = self._size(region.offset, slots)
+            size = self._size(region.offset, slots, missing)
             if region.end - region.offset <= size + RAMP_MIN:
                 self.pending.remove(region)
                 piece = region

@@ -78,6 +78,11 @@ class AvailabilityMap:
         holes = np.flatnonzero(self._flags[first:last] == 0)
         return None if holes.size == 0 else (first + int(holes[0])) * self.chunk
 
+    def missing(self, offset: int, end: int) -> int:
+        """About how many bytes of [offset, end) have not arrived (whole chunks)."""
+        first, last = self._chunks(offset, end - offset)
+        return int(np.count_nonzero(self._flags[first:last] == 0)) * self.chunk
+
     def bytes_present(self) -> int:
         n = int(np.count_nonzero(self._flags))
         if n and self._flags[-1]:

@@ -330,6 +330,7 @@ def test_mark_flags_only_completed_chunks(names):
         assert amap.n_chunks == 4
         amap.mark(0, CHUNK - 1)
         assert amap.first_missing() == 0 and amap.bytes_present() == 0
+        assert amap.missing(0, size) == 4 * CHUNK and amap.missing(CHUNK, 2 * CHUNK) == CHUNK
         amap.mark(0, CHUNK + 10)
         assert amap.first_missing() == CHUNK and amap.bytes_present() == CHUNK
         amap.mark(CHUNK + 10, 2 * CHUNK)  # starts inside chunk 1: chunk 1 stays missing
@@ -340,8 +341,10 @@ def test_mark_flags_only_completed_chunks(names):
         assert amap.first_missing() == 2 * CHUNK and amap.present(3 * CHUNK, 100)
         assert amap.bytes_present() == 2 * CHUNK + 100
         assert not amap.wait(0, size, timeout=0)
+        assert amap.missing(0, size) == CHUNK and amap.missing(0, 2 * CHUNK) == 0
         amap.mark(2 * CHUNK, 3 * CHUNK)
         assert amap.complete() and amap.bytes_present() == size
+        assert amap.missing(0, size) == 0
         assert amap.wait(0, size, timeout=0) and amap.wait(size - 1, 1000, timeout=0)
     finally:
         amap.close()
