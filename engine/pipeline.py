@@ -63,6 +63,11 @@ class Pipeline:
         return "pyav"  # auto: PyAV measured faster here (README, decoder backends)
 
     # ------------------------------------------------------------------ from the supervisor
+    def _live(self, job_id: int) -> Job | None:
+        """The job, unless it has ended (a late message of an ended job is dropped)."""
+        job = self.jobs.get(job_id)
+        return job if job is not None and not job.finished else None
+
     @property
     def live(self) -> list[Job]:
         return [j for j in self.jobs.values() if not j.finished]
@@ -127,8 +132,8 @@ class Pipeline:
                 if job is not None and job.plan is not None:
                     job.plan.requeue(offset)
             for job_id in list(w.heads):
-                job = self.jobs.get(job_id)
-                if job is None or job.finished:
+                job = self._live(job_id)
+                if job is None:
                     continue
                 if job.segment is None:
                     self._start_head(job)
@@ -138,15 +143,15 @@ class Pipeline:
                     self.fail(job, "FetchError", f"{job.url}: fetcher process died during a "
                               "download without Range support")
         elif w.role == "decoder" and w.job is not None:
-            job = self.jobs.get(w.job)
+            job = self._live(w.job)
             w.job = None
-            if job is not None and not job.finished:
+            if job is not None:
                 self.fail(job, "DecodeError", f"{job.url}: decoder process crashed ({cause}) "
                           "while decoding this video")
         elif w.role == "gpu":
             for job_id in list(w.jobs):
-                job = self.jobs.get(job_id)
-                if job is not None and not job.finished:
+                job = self._live(job_id)
+                if job is not None:
                     self.fail(job, "ProcessorError", f"{job.url}: GPU worker crashed ({cause})")
             w.jobs.clear()
         w.inflight.clear()
@@ -207,8 +212,8 @@ class Pipeline:
         self.sup.send_worker(w, FetchHead(job.id, job.final_url, self.config.head_bytes, attempt))
 
     def on_head(self, w: WorkerHandle, msg: HeadInfo) -> None:
-        job = self.jobs.get(msg.job)
-        if job is None or job.finished:
+        job = self._live(msg.job)
+        if job is None:
             self.sup.send_worker(w, SegmentReady(msg.job, None, None))
             return
         job.count_request(msg.stats)
@@ -295,8 +300,8 @@ class Pipeline:
 
     def on_range_done(self, w: WorkerHandle, msg: RangeDone) -> None:
         w.inflight.discard((msg.job, msg.offset))
-        job = self.jobs.get(msg.job)
-        if job is None or job.finished:
+        job = self._live(msg.job)
+        if job is None:
             return
         job.bytes += msg.stats.bytes
         if msg.head:
@@ -318,8 +323,8 @@ class Pipeline:
 
     def on_range_failed(self, w: WorkerHandle, msg: RangeFailed) -> None:
         w.inflight.discard((msg.job, msg.offset))
-        job = self.jobs.get(msg.job)
-        if job is None or job.finished:
+        job = self._live(msg.job)
+        if job is None:
             return
         job.count_request(msg.stats)
         if msg.head:
@@ -466,8 +471,8 @@ class Pipeline:
                     and w.job is None]
             if not free:
                 return
-            job = self.jobs.get(self.decode_queue.pop(0))
-            if job is None or job.finished:
+            job = self._live(self.decode_queue.pop(0))
+            if job is None:
                 continue
             w = free[0]
             w.job = job.id
@@ -482,8 +487,8 @@ class Pipeline:
                 job.moov, job.plan.regions()))
 
     def on_batch(self, w: WorkerHandle, msg: BatchReady) -> None:
-        job = self.jobs.get(msg.job)
-        if job is None or job.finished:
+        job = self._live(msg.job)
+        if job is None:
             return
         job.mark("first_frame", msg.decoded_at)
         gpu = self.sup.gpu()
@@ -495,8 +500,8 @@ class Pipeline:
         self.sup.send_worker(gpu, msg)
 
     def on_results(self, w: WorkerHandle, msg: BatchResults) -> None:
-        job = self.jobs.get(msg.job)
-        if job is None or job.finished:
+        job = self._live(msg.job)
+        if job is None:
             return
         job.outstanding -= 1
         if msg.error:
@@ -513,9 +518,9 @@ class Pipeline:
     def on_decode_done(self, w: WorkerHandle, msg: DecodeDone) -> None:
         if w.job == msg.job:
             w.job = None
-        job = self.jobs.get(msg.job)
+        job = self._live(msg.job)
         self._dispatch_decodes()
-        if job is None or job.finished:
+        if job is None:
             return
         job.decode_done = True
         job.mark("decode_done")

@@ -248,6 +248,7 @@ def test_rgb_conversion_threads_change_no_pixel(cdn, small_clips):
     test)."""
     with Engine(processor="engine.processors:stats", device="cpu", fetchers=1, decoders=1,
                 sws_threads=0) as eng:
+        assert eng.workers["decoder0"]["sws_threads"] == 0   # the setting reached it
         assert_matches(eng.process(cdn.url("small.mp4")), reference(small_clips["small"]))
 
 

@@ -260,7 +260,7 @@ def main(conn, config: Config, index: int = 0) -> None:
     SWS_THREADS = config.sws_threads
     import av  # noqa: F401  (imported now, not on the first job's critical path)
     link = Link(conn, "decoder")
-    link.start()
+    link.start(sws_threads=SWS_THREADS)
     while True:
         msg = link.recv()
         if isinstance(msg, Shutdown):
