@@ -78,7 +78,8 @@ class Config:
     sws_threads: int = 1             # swscale threads per RGB conversion (0: one per CPU)
     device: str = "auto"
     batch: int = 16
-    ring_slots: int = 48
+    ring_mb: float = 200.0           # a job's frame ring at most: two batches of 1080p
+    ring_slots: int | None = None    # ENGINE_RING_SLOTS: a fixed slot count instead
     max_bytes: int = 512 * 1024 * 1024
     max_frames: int | None = None
     partial_mb: float | None = None  # seed alias: only frames within the first N MB
@@ -89,11 +90,23 @@ class Config:
     log_level: str = "INFO"
     max_rss_mb: int = 0              # ENGINE_MAX_RSS_MB: recycle a worker past it (0: never)
     report_sha256: bool = False      # ENGINE_REPORT_SHA256=1: hash of the fetched bytes
+    # The supervisor's grace periods and timeouts (ENGINE_* overrides for the shortest).
+    heartbeat_timeout_s: float = 10.0   # no heartbeat at all: stopped or gone (SIGSTOP)
+    stall_timeout_s: float = 30.0       # busy without progress: stuck in C code or a loop
+    stop_grace_s: float = 4.0           # stop request: in-flight jobs may finish this long
+    worker_exit_s: float = 2.0          # a worker asked to exit, then it is killed
+    quick_death_s: float = 2.0          # a death this soon after start counts as quick
+    restart_backoff_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0)   # by quick deaths
+    max_clients: int = 64            # serve mode: more connections get "engine busy"
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def head_bytes(self) -> int:
         return self.head_kb * 1024
+
+    @property
+    def ring_bytes(self) -> int:
+        return int(self.ring_mb * 1024 * 1024)
 
     @property
     def range_bytes(self) -> int:
@@ -128,11 +141,15 @@ class Config:
             sws_threads=_int(env, "ENGINE_SWS_THREADS", 1, minimum=0),
             device=check_device(env.get("ENGINE_DEVICE", "auto") or "auto"),
             batch=batch,
-            ring_slots=_int(env, "ENGINE_RING_SLOTS", max(3 * batch, 8)),
+            ring_mb=_float(env, "ENGINE_RING_MB", 200.0),
+            ring_slots=_int(env, "ENGINE_RING_SLOTS", None, minimum=2),
             max_bytes=_int(env, "ENGINE_MAX_BYTES", 512 * 1024 * 1024),
             max_frames=max_frames,
             partial_mb=partial_mb,
             job_timeout_s=_float(env, "ENGINE_JOB_TIMEOUT_S", 60.0),
+            heartbeat_timeout_s=_float(env, "ENGINE_HEARTBEAT_TIMEOUT_S", 10.0),
+            stall_timeout_s=_float(env, "ENGINE_STALL_TIMEOUT_S", 30.0),
+            max_clients=_int(env, "ENGINE_MAX_CLIENTS", 64),
             pooling=env.get("USE_CONNECTION_POOL", "1").strip() not in ("0", "false", "False"),
             processor=env.get("ENGINE_PROCESSOR", "engine.processors:stats"),
             max_rss_mb=_int(env, "ENGINE_MAX_RSS_MB", 0, minimum=0),

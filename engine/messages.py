@@ -145,8 +145,12 @@ class Hello:
 
 @dataclass
 class Heartbeat:
+    """Every ``HEARTBEAT_S``; ``busy`` and ``progress`` tell a stuck main thread (whose
+    heartbeat thread still beats) from one at work (``workers.base.Link``)."""
     role: str
     pid: int
+    busy: bool = False
+    progress: int = 0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, En
 from engine.plan import Piece, RangePlan
 from workers.decoder import fetch_end
 from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
+from shm.block import free_bytes
 
 if TYPE_CHECKING:
     from engine.supervisor import WorkerHandle
@@ -49,6 +50,9 @@ class Pipeline:
         self.decode_queue: list[int] = []
         self.rr = 0
         self.ring_pool: dict[tuple, list] = {}
+        self.ring_reserved: dict[int, int] = {}   # job -> bytes held for its ring until moov
+        self.waiting_memory: dict[int, int] = {}  # job -> bytes it waits for (head dropped)
+        self.warned_small_ring = False
         self.decoder_backend = self._pick_backend()
 
     def _pick_backend(self) -> str:
@@ -98,9 +102,18 @@ class Pipeline:
     def tick(self, now: float) -> None:
         """Deadlines, heads that wait for a fetcher, and pieces and decodes to hand out."""
         for job in self.live:
-            if now > job.deadline:
+            if now > job.deadline and job.id in self.waiting_memory:
+                self.fail(job, "JobTimeout", f"{job.url}: engine busy: waited "
+                          f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S) for shared "
+                          f"memory that other jobs held ({self.shm_in_use / 1e6:.0f} MB)")
+            elif now > job.deadline:
                 self.fail(job, "JobTimeout", f"{job.url}: job exceeded its deadline of "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
+            elif job.id in self.waiting_memory:
+                if self._memory_back(self.waiting_memory[job.id]):
+                    del self.waiting_memory[job.id]
+                    self._start_head(job)
+                    self._start_speculative(job)
             elif job.segment is None and job.head_fetcher is None and job.final_url:
                 self._start_head(job, job.head_attempt)
         self.dispatch()
@@ -235,12 +248,7 @@ class Pipeline:
             self.fail(job, "DecodeError", f"{job.url}: server sent {msg.content_type.split(';')[0]}"
                       ", not a video")
             return
-        if self.shm_in_use + msg.size > cfg.max_bytes:
-            self._drop_ring_pool()
-        if self.shm_in_use + msg.size > cfg.max_bytes:
-            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
-            self.fail(job, "FetchError", f"{job.url}: refused: jobs in flight already hold "
-                      f"{self.shm_in_use / 1e6:.0f} MB of shared memory (ENGINE_MAX_BYTES)")
+        if not self._admit(job, w, msg.size):
             return
         try:
             name = segment_name(os.getpid(), job.id)
@@ -267,6 +275,80 @@ class Pipeline:
             job.plan.planned_until = min(end, msg.size)
         if msg.prefix and msg.ranged:
             self._plan_after_head(job, msg.prefix)
+
+    # ------------------------------------------------------------------ shared memory
+    def _room(self, need: int = 0) -> int:
+        """Bytes a new segment may take in /dev/shm now (other programs use it too), less
+        what admitted jobs hold for rings they have yet to create. Idle pooled rings are
+        given back when they stand in the way."""
+        if free_bytes() - sum(self.ring_reserved.values()) < need:
+            self._drop_ring_pool()
+        return free_bytes() - sum(self.ring_reserved.values())
+
+    def _admit(self, job: Job, w, size: int) -> bool:
+        """Room for the video (ENGINE_MAX_BYTES for the videos of all jobs in flight) and
+        a frame ring (/dev/shm), or the job waits -- its head dropped, to be fetched again
+        when memory is back -- while other jobs hold memory, bounded by its deadline;
+        alone and still too big, it fails at once."""
+        ring = self.config.ring_bytes
+        videos = sum(j.segment.size + j.amap.block.size for j in self.live
+                     if j.segment is not None and j.amap is not None)
+        room = self._room(size + ring)
+        busy = bool(videos or self.ring_reserved or self.shm_in_use)
+        small_ring = 4 << 20   # a few frames: the ring shrinks to fit at the moov
+        if videos + size <= self.config.max_bytes and \
+                (size + ring <= room or (not busy and size + small_ring <= room)):
+            self.ring_reserved[job.id] = min(ring, room - size)
+            return True
+        holders = {w} | {holder for _, holder in job.speculative.values()}
+        for f in holders:
+            self.sup.send_worker(f, SegmentReady(job.id, None, None))
+            f.inflight = {(j, o) for j, o in f.inflight if j != job.id}
+            f.heads.discard(job.id)
+        job.speculative.clear()
+        job.head_fetcher = None
+        if busy:
+            if job.id not in self.waiting_memory:
+                log.info("%s waits for shared memory (jobs in flight hold %.0f MB)",
+                         job.url, self.shm_in_use / 1e6)
+            self.waiting_memory[job.id] = size
+            return False
+        self.fail(job, "FetchError", f"{job.url}: the video ({size / 1e6:.0f} MB) and its frames "
+                  f"do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
+                  "(/dev/shm; a container needs a larger --shm-size)")
+        return False
+
+    def _memory_back(self, size: int) -> bool:
+        """Worth fetching a waiting job's head again: its video would be admitted now."""
+        videos = sum(j.segment.size + j.amap.block.size for j in self.live
+                     if j.segment is not None and j.amap is not None)
+        if not (videos or self.ring_reserved or self.shm_in_use):
+            return True    # alone: admitted with what there is, or failed clearly
+        return videos + size <= self.config.max_bytes and \
+            size + self.config.ring_bytes <= self._room(size + self.config.ring_bytes)
+
+    def _ring_slots(self, job: Job, height: int, width: int) -> int | None:
+        """Two batches of frames, bounded by ENGINE_RING_MB and what was reserved for the
+        ring at admission; smaller (the decoder's batches shrink with it) when memory is
+        tight. None: not even two frames fit."""
+        cfg = self.config
+        if cfg.ring_slots:
+            return cfg.ring_slots
+        want = 2 * cfg.batch
+        frame = height * width * 3
+        room = min(cfg.ring_bytes, self._room(FrameRing.bytes_for(want, height, width)))
+        fit = (room - FrameRing.bytes_for(0, height, width)) // frame
+        if fit >= want:
+            return want
+        if fit < 2:
+            return None
+        if not self.warned_small_ring:
+            self.warned_small_ring = True
+            log.warning("shared memory is tight: a %dx%d frame ring gets %d slots (%.0f MB), "
+                        "batches shrink to %d frames; give the engine more /dev/shm "
+                        "(docker run --shm-size=1g) or raise ENGINE_RING_MB", width, height,
+                        fit, fit * frame / 1e6, fit // 2)
+        return int(fit)
 
     def _plan_after_head(self, job: Job, prefix=None) -> None:
         """Find the moov and plan the remaining ranges: from the first bytes of the head
@@ -329,6 +411,8 @@ class Pipeline:
         job.count_request(msg.stats)
         if msg.head:
             w.heads.discard(job.id)
+            if job.id in self.waiting_memory:
+                return   # its head was dropped on purpose: it waits for memory
             if job.segment is None:
                 if msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
                     job.retries += 1
@@ -412,7 +496,14 @@ class Pipeline:
         if limit == 0:
             self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
             return
-        shape = (self.config.ring_slots, track.height, track.width)
+        self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
+        slots = self._ring_slots(job, track.height, track.width)
+        if slots is None:
+            self.fail(job, "FetchError", f"{job.url}: no room in shared memory for the frames "
+                      f"of a {track.width}x{track.height} video (/dev/shm; a container needs "
+                      "a larger --shm-size)")
+            return
+        shape = (slots, track.height, track.width)
         pooled = self.ring_pool.get(shape)
         if pooled:
             job.ring = pooled.pop()     # already counted in shm_in_use
@@ -570,6 +661,8 @@ class Pipeline:
             w.heads.discard(job.id)
             w.jobs.discard(job.id)
         self.shm_in_use -= job.shm_bytes()
+        self.ring_reserved.pop(job.id, None)
+        self.waiting_memory.pop(job.id, None)
         if keep is not None:   # a pooled ring still holds its memory
             self.ring_pool[(keep.slots, keep.height, keep.width)].append(keep)
             self.shm_in_use += keep.block.size

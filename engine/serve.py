@@ -46,6 +46,9 @@ def serve(args) -> int:
         raise EngineError(f"cannot listen on {path}: {exc.strerror}") from None
     finally:
         os.umask(old)
+    # The CLI gives SIGPIPE its default action (so `| head` ends quietly); a long-running
+    # engine must not die of a broken pipe to a client or a worker: it is an error it handles.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     sup = Supervisor(config, listener)
     signal.signal(signal.SIGTERM, sup.request_stop)
     signal.signal(signal.SIGINT, sup.request_stop)
@@ -63,6 +66,9 @@ def serve(args) -> int:
           file=sys.stderr, flush=True)
     try:
         sup.run()
+    except Exception as exc:   # the loop itself broke; shutdown has unlinked the segments
+        log.exception("the supervisor loop failed")
+        raise EngineError(f"the engine cannot go on: {type(exc).__name__}: {exc}") from None
     finally:
         if metrics is not None:
             metrics.shutdown()

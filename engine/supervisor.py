@@ -13,6 +13,7 @@ workers die with it (``workers.base``) and the next start sweeps its segments
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import queue
@@ -20,7 +21,6 @@ import signal
 import threading
 import time
 
-import multiprocess as mp
 from multiprocess.connection import wait
 
 from engine.config import Config
@@ -30,12 +30,20 @@ from engine.pipeline import Pipeline
 from shm import sweep_stale
 from shm.sweep import owned_blocks
 from shm.block import unlink_block
+from workers.base import Child, child_env
 
 log = logging.getLogger("engine.supervisor")
 
-HEARTBEAT_TIMEOUT_S = 10.0
 SAMPLE_EVERY_S = 2.0
-RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+
+
+class State(enum.Enum):
+    """A worker process' lifecycle, as the supervisor sees it."""
+    STARTING = "starting"    # spawned, no Hello yet
+    READY = "ready"          # said Hello: takes work
+    STOPPING = "stopping"    # asked to exit or killed; its death is next
+    DOWN = "down"            # dead, restart scheduled
+    FAILED = "failed"        # cannot start (bad processor): reported, not restarted
 
 
 class WorkerHandle:
@@ -43,13 +51,14 @@ class WorkerHandle:
 
     def __init__(self, role: str, index: int, target):
         self.role, self.index, self.target = role, index, target
-        self.process = None
+        self.state = State.DOWN
+        self.process: Child | None = None
         self.conn = None
         self.pid = None
-        self.ready = False
         self.info: dict = {}
         self.started_at = 0.0
         self.last_beat = 0.0
+        self.progress = (0, 0.0)     # (last progress counter, when it last moved)
         self.restarts = 0
         self.quick_deaths = 0
         self.causes: list[str] = []
@@ -59,10 +68,15 @@ class WorkerHandle:
         self.job: int | None = None                   # decoder: the job it decodes
         self.jobs: set[int] = set()                   # gpu: jobs with batches in flight
         self.recycling: str | None = None             # why we asked it to exit
+        self.busy = False                             # its last heartbeat: holding work
 
     @property
     def name(self) -> str:
         return f"{self.role}{self.index}" if self.role != "gpu" else "gpu"
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
 
     @property
     def alive(self) -> bool:
@@ -73,7 +87,7 @@ class Supervisor:
     def __init__(self, config: Config, listener=None):
         self.config = config
         self.listener = listener
-        self.ctx = mp.get_context("spawn")
+        self.child_env = child_env()
         self.clients: list = []
         self.accepted: queue.Queue = queue.Queue()
         self.wake_r, self.wake_w = os.pipe()
@@ -83,6 +97,7 @@ class Supervisor:
         self.ready_waiters: list = []
         self.workers: list[WorkerHandle] = []
         self.sampled_at = 0.0
+        self.touched: set[int] = set()    # jobs the event being handled concerns
         self.last_status: dict = {}
         from workers import decoder, fetcher, gpu
         for i in range(config.fetchers):
@@ -108,13 +123,18 @@ class Supervisor:
             threading.Thread(target=self._accept, name="accept", daemon=True).start()
 
     def _spawn(self, w: WorkerHandle) -> None:
-        parent, child = self.ctx.Pipe(duplex=True)
-        w.process = self.ctx.Process(target=w.target, args=(child, self.config, w.index),
-                                     name=f"engine-{w.name}", daemon=True)
-        w.process.start()
-        child.close()
-        w.conn, w.pid, w.ready, w.info = parent, w.process.pid, False, {}
+        try:
+            w.process = Child(w.target, (self.config, w.index), f"engine-{w.name}",
+                              self.child_env)
+        except OSError as exc:   # EMFILE, EAGAIN, ENOMEM: try again later, never crash
+            log.error("cannot start %s: %s: retrying", w.name, exc)
+            w.causes.append(f"cannot start: {exc.strerror or exc}")
+            w.restart_at = time.monotonic() + self.config.restart_backoff_s[-1]
+            return
+        w.conn, w.pid, w.info = w.process.conn, w.process.pid, {}
+        w.state = State.STARTING
         w.started_at = w.last_beat = time.monotonic()
+        w.progress = (0, w.started_at)
         w.restart_at = None
 
     def _accept(self) -> None:
@@ -126,7 +146,10 @@ class Supervisor:
                     return
                 continue
             self.accepted.put(conn)
-            os.write(self.wake_w, b"x")
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:
+                return   # shut down meanwhile
 
     def add_client(self, conn) -> None:
         self.clients.append(conn)
@@ -140,21 +163,37 @@ class Supervisor:
                 pass   # already shut down
 
     def run(self) -> None:
-        """The loop. Returns after a stop request once jobs are done (at most 5 s)."""
+        """The loop. Returns after a stop request once jobs are done (at most 5 s).
+
+        An exception out of one event is a bug: it is logged with its traceback, the
+        jobs that event touched fail, and the loop goes on. Only the loop's own machinery
+        failing (``wait`` itself) ends it: ``shutdown`` still unlinks every segment."""
         try:
             while True:
                 if self.stopping_since is not None:
-                    if not self.pipeline.live or time.monotonic() - self.stopping_since > 4.0:
+                    if not self.pipeline.live or \
+                            time.monotonic() - self.stopping_since > self.config.stop_grace_s:
                         break
-                self._tick()
+                self._guarded(self._tick)
                 handles = [self.wake_r] + list(self.clients)
                 for w in self.workers:
                     if w.process is not None:
                         handles += [w.conn, w.process.sentinel]
                 for ready in wait(handles, timeout=self._next_timeout()):
-                    self._dispatch(ready)
+                    self._guarded(self._dispatch, ready)
         finally:
             self.shutdown()
+
+    def _guarded(self, fn, *args) -> None:
+        self.touched: set[int] = set()
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("internal error in the supervisor loop (it goes on)")
+            for job in self.pipeline.live:
+                if job.id in self.touched:
+                    self.pipeline.fail(job, "EngineError",
+                                       f"{job.url}: internal error in the engine (see its log)")
 
     def _next_timeout(self) -> float:
         return 0.05 if self.pipeline.fetching else 0.25
@@ -168,13 +207,14 @@ class Supervisor:
                     w.conn.send(Shutdown())
                 except OSError:
                     pass
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + self.config.worker_exit_s
         for w in self.workers:
             if w.process is not None:
                 w.process.join(max(0.0, deadline - time.monotonic()))
                 if w.process.is_alive():
                     w.process.kill()
                     w.process.join(1.0)
+                w.process.close()
         for conn in self.clients:
             try:
                 conn.close()
@@ -187,15 +227,18 @@ class Supervisor:
                 pass
         for name in owned_blocks(os.getpid()):
             unlink_block(name)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ events
     def _dispatch(self, ready) -> None:
         if ready == self.wake_r:
             os.read(self.wake_r, 4096)
             while not self.accepted.empty():
-                self.clients.append(self.accepted.get())
+                self._admit_client(self.accepted.get())
             return
         if ready in self.clients:
             try:
@@ -203,6 +246,11 @@ class Supervisor:
             except (EOFError, OSError):
                 self._client_gone(ready)
                 return
+            except Exception:   # not one of our messages (garbage on the socket)
+                log.warning("a client sent something that is not a message: dropping it")
+                self._client_gone(ready)
+                return
+            self.touched = {j.id for j in self.pipeline.live if j.client is ready}
             self.on_client(ready, msg)
             return
         for w in self.workers:
@@ -219,23 +267,50 @@ class Supervisor:
     def _drain_worker(self, w: WorkerHandle) -> None:
         try:
             while w.conn.poll():
-                self.on_worker(w, w.conn.recv())
+                msg = w.conn.recv()
+                job = getattr(msg, "job", None)
+                self.touched = {job} if isinstance(job, int) else set()
+                self.on_worker(w, msg)
         except (EOFError, OSError):
             pass
 
+    def _admit_client(self, conn) -> None:
+        """Serve mode: past ENGINE_MAX_CLIENTS connections, a new one is told at once
+        that the engine is busy instead of waiting unanswered."""
+        if len(self.clients) >= self.config.max_clients:
+            try:
+                conn.send(Reply(-1, {}, f"engine busy: {len(self.clients)} clients connected "
+                                f"(ENGINE_MAX_CLIENTS={self.config.max_clients})", "EngineBusy"))
+            except (OSError, EOFError):
+                pass
+            conn.close()
+            return
+        self.clients.append(conn)
+
     def _tick(self) -> None:
         now = time.monotonic()
+        cfg = self.config
         for w in self.workers:
             if w.process is None and w.restart_at is not None and now >= w.restart_at:
                 self._spawn(w)
-            elif (w.alive and w.ready and now - w.last_beat > HEARTBEAT_TIMEOUT_S):
-                log.warning("%s (pid %s) stopped heartbeating: killing it", w.name, w.pid)
-                w.causes.append("no heartbeat")
-                w.process.kill()
+            elif w.state is State.READY and w.alive:
+                if now - w.last_beat > cfg.heartbeat_timeout_s:
+                    self._kill(w, f"no heartbeat for {now - w.last_beat:.0f} s")
+                elif w.busy and now - w.progress[1] > cfg.stall_timeout_s:
+                    self._kill(w, f"stalled: busy without progress for "
+                               f"{now - w.progress[1]:.0f} s (ENGINE_STALL_TIMEOUT_S)")
         if now - self.sampled_at >= SAMPLE_EVERY_S:
             self.sampled_at = now
             self._sample()
         self.pipeline.tick(now)
+
+    def _kill(self, w: WorkerHandle, why: str) -> None:
+        """A worker that stopped answering: SIGKILL works on a stopped process too; its
+        death (sentinel) fails or requeues what it held and restarts it."""
+        log.warning("%s (pid %s) %s: killing it", w.name, w.pid, why)
+        w.state = State.STOPPING
+        w.recycling = why
+        w.process.kill()
 
     def _sample(self) -> None:
         """psutil at a low fixed rate: the status view, and recycling of bloated workers."""
@@ -330,7 +405,10 @@ class Supervisor:
 
     def on_worker(self, w: WorkerHandle, msg) -> None:
         if isinstance(msg, Heartbeat):
-            w.last_beat = time.monotonic()
+            now = w.last_beat = time.monotonic()
+            w.busy = msg.busy
+            if msg.progress != w.progress[0] or not msg.busy:
+                w.progress = (msg.progress, now)
         elif isinstance(msg, Reply):    # a fetcher finished a prewarm
             entry = self.prewarms.get(msg.token)
             if entry is not None:
@@ -342,7 +420,10 @@ class Supervisor:
                 else:
                     self.prewarms[msg.token] = (client, waiting - 1, opened)
         elif isinstance(msg, Hello):
-            w.ready, w.info, w.last_beat = True, msg.info, time.monotonic()
+            w.info, w.last_beat = msg.info, time.monotonic()
+            w.progress = (0, w.last_beat)
+            if w.state is State.STARTING:
+                w.state = State.FAILED if msg.info.get("error") else State.READY
             if msg.info.get("error"):
                 log.error("%s", msg.info["error"])
             if w.role in ("decoder", "gpu"):
@@ -354,6 +435,7 @@ class Supervisor:
     def on_worker_death(self, w: WorkerHandle) -> None:
         w.process.join(0.1)
         code = w.process.exitcode
+        w.process.close()
         cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                  else f"exited with code {code}")
         if w.recycling:
@@ -362,21 +444,19 @@ class Supervisor:
             log.warning("%s (pid %s) %s: restarting it", w.name, w.pid, cause)
         w.causes.append(cause)
         w.causes = w.causes[-20:]
-        try:
-            w.conn.close()
-        except OSError:
-            pass
-        w.process, w.conn, w.ready, w.pid = None, None, False, None
+        w.process, w.conn, w.pid = None, None, None
+        w.state = State.FAILED if w.info.get("error") else State.DOWN
+        w.busy = False
         self.pipeline.worker_lost(w, cause)
         if not self.running or self.stopping_since is not None:
             return
-        if w.info.get("error"):
+        if w.state is State.FAILED:
             return   # it cannot start (bad processor): reported, not spun
-        quick = time.monotonic() - w.started_at < 2.0
+        backoff = self.config.restart_backoff_s
+        quick = time.monotonic() - w.started_at < self.config.quick_death_s
         w.quick_deaths = w.quick_deaths + 1 if quick else 0
         w.restarts += 1
-        w.restart_at = time.monotonic() + RESTART_BACKOFF_S[min(w.quick_deaths,
-                                                               len(RESTART_BACKOFF_S) - 1)]
+        w.restart_at = time.monotonic() + backoff[min(w.quick_deaths, len(backoff) - 1)]
         if w.restart_at <= time.monotonic():
             self._spawn(w)
         self._maybe_ready()
@@ -386,6 +466,7 @@ def main(conn, config: Config) -> None:
     """Entry of a supervisor spawned by ``Engine``: its only client is the pipe."""
     from workers.base import die_with_parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)   # a broken pipe is an error we handle
     logging.basicConfig(level=config.log_level, format="%(asctime)s supervisor %(message)s")
     sup = Supervisor(config)
     signal.signal(signal.SIGTERM, sup.request_stop)
@@ -393,8 +474,14 @@ def main(conn, config: Config) -> None:
     # stopped and every segment unlinked now, not left for the next start's sweep.
     die_with_parent(signal.SIGTERM, on_orphan=sup.request_stop)
     sup.add_client(conn)
-    sup.start()
-    sup.run()
+    try:
+        sup.start()
+        sup.run()
+    except Exception as exc:   # the loop itself broke: segments are unlinked by now
+        logging.getLogger("engine.supervisor").exception("supervisor failed")
+        print(f"error: the engine's supervisor cannot go on: {exc}", flush=True,
+              file=__import__("sys").stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -115,3 +115,9 @@ def unlink_block(name: str) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
         pass
+
+
+def free_bytes() -> int:
+    """What /dev/shm has free now."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize

@@ -28,6 +28,7 @@ from workers.base import Link, worker_setup
 log = logging.getLogger("engine.decoder")
 
 STALL_WAIT_S = 0.002  # a read that is not satisfied this fast counts as a stall
+TICK_S = 1.0          # waits are cut into pieces this long, each a sign of life (Link.tick)
 # swscale's threads for yuv420p -> rgb24 (ENGINE_SWS_THREADS, set at process start).
 # PyAV's default (0: one per CPU) fights FFmpeg's frame threads for the cores: with one,
 # decoding and converting the 750-frame clip took 1.78 s instead of 2.59 s on 2 cores,
@@ -54,7 +55,10 @@ class Batcher:
 
     def slot(self) -> tuple[int, np.ndarray]:
         """A free slot for the next frame (blocks while the ring is full)."""
-        slot = self.ring.reserve()
+        slot = self.ring.reserve(TICK_S)
+        while slot is None:        # the GPU worker has not freed a slot yet: still alive
+            self.link.tick()
+            slot = self.ring.reserve(TICK_S)
         if self.numbers and slot != self.first + len(self.numbers):
             self.flush()  # the ring wrapped: batches stay contiguous
         if not self.numbers:
@@ -118,7 +122,8 @@ class SegmentReader:
             if missing is not None and missing // (1 << 20) != self._asked:
                 self._asked = missing // (1 << 20)
                 self.link.send(NeedBytes(self.job.job, missing))
-            self.amap.wait(start, end - start, None)
+            while not self.amap.wait(start, end - start, TICK_S):
+                self.link.tick()   # waiting for the network is progress, not a stall
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_SET:
@@ -156,6 +161,7 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         done: set[int] = set()
         corrupt = 0
         for packet in container.demux(stream):
+            link.tick()
             if packet.pts is not None:
                 if packet.pts < 0:
                     preroll += 1
