@@ -92,7 +92,7 @@ class EngineClient:
         while True:
             try:
                 msg = self._conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):   # TypeError: closed under the read
                 break
             q = self._waiting.get(msg.token)
             if q is not None:

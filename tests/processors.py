@@ -21,3 +21,13 @@ def slow(device):
 
 def broken_factory(device):
     raise RuntimeError("stand-in model weights missing")
+
+
+def spin(device):
+    """A processor caught in an endless loop (pure Python: the GIL is released between
+    bytecodes, so the worker's heartbeat thread keeps beating)."""
+    def proc(frames, frame_numbers):
+        n = 0
+        while True:
+            n += 1
+    return proc

@@ -1,0 +1,242 @@
+"""Serve mode under faults: every process of the engine's tree killed, stopped or stuck.
+
+A real ``python -m engine run`` serving on a socket (the CLI's process is the supervisor,
+as a user starts it), real nginx, real processes. What is checked:
+
+* no process in the tree is one the supervisor does not start and watch (no
+  ``multiprocess`` resource tracker), and SIGPIPE is ignored, not at its default action;
+* SIGKILL to each child in turn, mid-job: the job completes or fails with a one-line
+  error, the supervisor stays up, the next job succeeds, nothing is left behind;
+* a stall: a decoder under SIGSTOP (no heartbeat) and a processor in an endless loop
+  (heartbeats, no progress) are killed and replaced within the configured timeout; the
+  job fails naming the stage, the next job does not wait for them.
+
+Figures (time to detect and recover) are printed; run with ``-s``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from engine import Engine, EngineError
+from shm.sweep import owned_blocks
+from tests.reference import assert_matches, reference
+from tools.cdn_emulator import CdnEmulator, Profile
+
+NULL = "engine.processors:null"
+
+
+@pytest.fixture
+def slow_cdn(cdn, sn44_clips):
+    """nginx behind a slow link (0.5 MB/s per connection): a job is in flight for seconds."""
+    emu = CdnEmulator("127.0.0.1", cdn.port, Profile("slow", 0.02, 0, 5e5, None)).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+class Served:
+    """``python -m engine run --socket PATH`` in a subprocess of this test."""
+
+    def __init__(self, tmp_path, processor=NULL, **env):
+        self.path = str(tmp_path / "engine.sock")
+        self.log = open(tmp_path / "serve.log", "w+")
+        full = dict(os.environ, ENGINE_DEVICE="cpu", ENGINE_LOG_LEVEL="INFO",
+                    **{k: str(v) for k, v in env.items()})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", "run", "--socket", self.path,
+             "--processor", processor], env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None, 60,
+                 "the engine to listen")
+        assert self.proc.poll() is None, self.output()
+        self.seen: dict[int, psutil.Process] = {}
+        with self.client() as c:
+            wait_for(lambda: all(p["pid"] for p in c.status()["processes"]), 60,
+                     "every worker to run")
+        self.remember()
+
+    def client(self):
+        return Engine.connect(self.path)
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def remember(self) -> None:
+        for p in self.children():
+            self.seen.setdefault(p.pid, p)
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        self.remember()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("serve mode did not stop within 15 s of SIGTERM")
+        assert code == 0, f"serve mode exited {code}:\n{self.output()[-3000:]}"
+        wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+                             for p in self.seen.values()), 10, "every child to exit")
+        assert owned_blocks(self.proc.pid) == [], "segments left after serve mode stopped"
+        assert not os.path.exists(self.path), "socket left after serve mode stopped"
+
+
+@contextlib.contextmanager
+def served(tmp_path, **kw):
+    s = Served(tmp_path, **kw)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def roles(client) -> dict[str, dict]:
+    return {p["role"]: p for p in client.status()["processes"]}
+
+
+class Job(threading.Thread):
+    def __init__(self, path, url, **options):
+        super().__init__(daemon=True)
+        self.path, self.url, self.options = path, url, options
+        self.report = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            with Engine.connect(self.path) as c:
+                self.report = c.process(self.url, **self.options)
+        except EngineError as exc:
+            self.error = exc
+
+    def outcome(self, timeout: float):
+        self.join(timeout)
+        assert not self.is_alive(), f"job {self.url} did not end within {timeout:g} s"
+        return self.report, self.error
+
+
+def sigignored(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as fh:
+        mask = next(int(line.split()[1], 16) for line in fh if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (sig - 1)))
+
+
+def test_every_child_is_supervised_and_sigpipe_is_handled(tmp_path, cdn, small_clips):
+    """The failure of the issue: SIGKILL every child of the supervisor, then a fetcher
+    (a restart after a dead helper made the supervisor die of SIGPIPE)."""
+    with served(tmp_path) as s:
+        assert sigignored(s.proc.pid, signal.SIGPIPE), "SIGPIPE at its default action"
+        with s.client() as c:
+            known = {p["pid"] for p in c.status()["processes"]}
+        kids = s.children()
+        strangers = [" ".join(p.cmdline()) for p in kids if p.pid not in known]
+        assert not strangers, f"processes the supervisor does not watch: {strangers}"
+        victims = [(p.pid, None) for p in kids] + [(None, "fetcher0")]   # then a fetcher again
+        for pid, role in victims:
+            with s.client() as c:
+                if role is None:
+                    role = next(r for r, p in roles(c).items() if p["pid"] == pid)
+                victim = psutil.Process(roles(c)[role]["pid"])
+                victim.kill()
+                wait_for(lambda: roles(c)[role]["pid"] not in (None, victim.pid), 30,
+                         f"{role} to be restarted")
+                s.remember()
+        with s.client() as c:
+            report = c.process(cdn.url("small.mp4"))
+            assert report.ok and report.frames_processed == 50
+            assert all(p["restarts"] >= 1 for r, p in roles(c).items() if r != "supervisor")
+        assert s.proc.poll() is None
+
+
+@pytest.mark.parametrize("role", ["fetcher0", "decoder0", "gpu"])
+def test_kill_any_child_mid_job_serve_mode_keeps_serving(tmp_path, cdn, slow_cdn, small_clips,
+                                                         sn44_clips, role):
+    with served(tmp_path, processor="engine.processors:stats", ENGINE_DECODERS=1) as s:
+        job = Job(s.path, slow_cdn.url("/sn44.mp4"))
+        with s.client() as c:
+            wait_for(lambda: (j := c.status()["jobs_in_flight"]) and j[0]["frames_done"] > 0,
+                     60, "the job to have results")
+            pid = roles(c)[role]["pid"]
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            report, error = job.outcome(120)
+            ended = time.monotonic() - killed
+            if error is not None:     # a clear one-line error naming what died
+                assert "\n" not in str(error) and ("decoder" in str(error)
+                                                   or "GPU" in str(error)), error
+            else:
+                assert_matches(report, reference(sn44_clips["sn44"]))
+            wait_for(lambda: roles(c)[role]["pid"] not in (None, pid), 30, "the restart")
+            s.remember()
+            again = c.process(cdn.url("small.mp4"), processor="engine.processors:stats")
+            assert_matches(again, reference(small_clips["small"]))
+        print(f"\n{role} SIGKILL mid-job (serve mode): job "
+              f"{'completed exact' if error is None else 'failed: ' + str(error)} "
+              f"{ended:.2f} s after the kill; next job ok")
+
+
+def test_sigstopped_decoder_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips):
+    with served(tmp_path, ENGINE_DECODERS=1, ENGINE_HEARTBEAT_TIMEOUT_S=2) as s:
+        job = Job(s.path, slow_cdn.url("/sn44.mp4"))
+        with s.client() as c:
+            wait_for(lambda: (j := c.status()["jobs_in_flight"]) and j[0]["frames_done"] > 0,
+                     60, "the job to have results")
+            pid = roles(c)["decoder0"]["pid"]
+            stopped = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            report, error = job.outcome(60)
+            detected = time.monotonic() - stopped
+            assert error is not None and "decoder" in str(error) and "heartbeat" in str(error), \
+                (report, error)
+            info = wait_for(lambda: (d := roles(c)["decoder0"])["pid"] not in (None, pid) and d,
+                            30, "the decoder to be replaced")
+            assert "heartbeat" in info["last_restart_cause"]
+            s.remember()
+            again = c.process(cdn.url("small.mp4"))
+            assert again.ok and again.frames_processed == 50
+        print(f"\nSIGSTOP decoder: detected and its job failed {detected:.2f} s later "
+              f"(ENGINE_HEARTBEAT_TIMEOUT_S=2): {error}")
+
+
+def test_processor_in_an_endless_loop_is_killed_and_replaced(tmp_path, cdn, small_clips):
+    with served(tmp_path, ENGINE_STALL_TIMEOUT_S=3) as s:
+        with s.client() as c:
+            started = time.monotonic()
+            with pytest.raises(EngineError) as info:
+                c.process(cdn.url("small.mp4"), processor="tests.processors:spin")
+            detected = time.monotonic() - started
+            message = str(info.value)
+            assert "GPU worker" in message and "stalled" in message, message
+            s.remember()
+            # the next job does not wait for the stuck worker: a new one takes it
+            again = c.process(cdn.url("small.mp4"))
+            assert again.ok and again.frames_processed == 50
+            gpu = roles(c)["gpu"]
+            assert gpu["restarts"] == 1 and "stalled" in gpu["last_restart_cause"]
+        print(f"\nprocessor endless loop: job failed {detected:.2f} s after submit "
+              f"(ENGINE_STALL_TIMEOUT_S=3): {message}")
