@@ -111,7 +111,11 @@ class Pipeline:
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
             elif job.id in self.waiting_memory:
                 if self._memory_back(self.waiting_memory[job.id]):
+                    # a new id: the fetchers have ended the old one (EndJob at _admit)
                     del self.waiting_memory[job.id]
+                    del self.jobs[job.id]
+                    job.id = next(self.job_ids)
+                    self.jobs[job.id] = job
                     self._start_head(job)
                     self._start_speculative(job)
             elif job.segment is None and job.head_fetcher is None and job.final_url:
@@ -303,6 +307,7 @@ class Pipeline:
         holders = {w} | {holder for _, holder in job.speculative.values()}
         for f in holders:
             self.sup.send_worker(f, SegmentReady(job.id, None, None))
+            self.sup.send_worker(f, EndJob(job.id))
             f.inflight = {(j, o) for j, o in f.inflight if j != job.id}
             f.heads.discard(job.id)
         job.speculative.clear()

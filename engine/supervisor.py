@@ -14,6 +14,7 @@ workers die with it (``workers.base``) and the next start sweeps its segments
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import queue
@@ -141,9 +142,12 @@ class Supervisor:
         while self.running:
             try:
                 conn = self.listener.accept()
-            except (OSError, EOFError):
+            except (OSError, EOFError) as exc:
                 if not self.running:
                     return
+                if getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    log.error("cannot accept a client: %s (it waits in the backlog)", exc)
+                    time.sleep(0.2)   # the connection stays queued: no busy loop meanwhile
                 continue
             self.accepted.put(conn)
             try:

@@ -60,6 +60,8 @@ class SharedBlock:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except FileExistsError:
             raise ShmError(f"shared block {name} already exists") from None
+        except OSError as exc:   # EMFILE, ENOSPC on the inode table, a read-only /dev/shm
+            raise ShmError(f"cannot create shared block {name}: {exc.strerror}") from None
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
@@ -84,6 +86,8 @@ class SharedBlock:
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         except FileNotFoundError:
             raise ShmError(f"shared block {name} does not exist (its job has ended)") from None
+        except OSError as exc:
+            raise ShmError(f"cannot open shared block {name}: {exc.strerror}") from None
         try:
             mm = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:

@@ -58,13 +58,13 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
 class Served:
     """``python -m engine run --socket PATH`` in a subprocess of this test."""
 
-    def __init__(self, tmp_path, processor=NULL, **env):
+    def __init__(self, tmp_path, processor=NULL, prefix=(), **env):
         self.path = str(tmp_path / "engine.sock")
         self.log = open(tmp_path / "serve.log", "w+")
         full = dict(os.environ, ENGINE_DEVICE="cpu", ENGINE_LOG_LEVEL="INFO",
                     **{k: str(v) for k, v in env.items()})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "run", "--socket", self.path,
+            [*prefix, sys.executable, "-m", "engine", "run", "--socket", self.path,
              "--processor", processor], env=full, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None, 60,
                  "the engine to listen")
@@ -104,6 +104,7 @@ class Served:
         wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
                              for p in self.seen.values()), 10, "every child to exit")
         assert owned_blocks(self.proc.pid) == [], "segments left after serve mode stopped"
+        # (a private /dev/shm of the engine's own namespace ends with it)
         assert not os.path.exists(self.path), "socket left after serve mode stopped"
 
 
