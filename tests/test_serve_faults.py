@@ -241,3 +241,50 @@ def test_processor_in_an_endless_loop_is_killed_and_replaced(tmp_path, cdn, smal
             assert gpu["restarts"] == 1 and "stalled" in gpu["last_restart_cause"]
         print(f"\nprocessor endless loop: job failed {detected:.2f} s after submit "
               f"(ENGINE_STALL_TIMEOUT_S=3): {message}")
+
+
+# Freezes one thread (the decoder's main thread) and nothing else: a ptrace group-stop
+# applies to the seized thread only, so the worker's heartbeat thread runs on when the
+# frozen thread had released the GIL (inside FFmpeg), as a decoder stuck in FFmpeg would.
+FREEZE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+tid = int(sys.argv[1])
+if libc.ptrace(0x4206, tid, None, None) or libc.ptrace(0x4207, tid, None, None):
+    sys.exit(f"ptrace: errno {ctypes.get_errno()}")
+print("frozen", flush=True)
+while True:                      # stay attached (detaching would thaw it) until it dies
+    _, status = os.waitpid(tid, 0x40000000)
+    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+        break
+"""
+
+
+def test_decoder_main_thread_frozen_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips):
+    with served(tmp_path, ENGINE_DECODERS=1, ENGINE_HEARTBEAT_TIMEOUT_S=3,
+                ENGINE_STALL_TIMEOUT_S=3) as s:
+        job = Job(s.path, slow_cdn.url("/sn44.mp4"))
+        with s.client() as c:
+            wait_for(lambda: (j := c.status()["jobs_in_flight"]) and j[0]["frames_done"] > 0,
+                     60, "the job to have results")
+            pid = roles(c)["decoder0"]["pid"]
+            freezer = subprocess.Popen([sys.executable, "-c", FREEZE, str(pid)],
+                                       stdout=subprocess.PIPE, text=True)
+            line = freezer.stdout.readline().strip()
+            if line != "frozen":
+                freezer.wait(5)
+                pytest.skip(f"cannot ptrace here: {line or freezer.returncode}")
+            frozen = time.monotonic()
+            report, error = job.outcome(60)
+            detected = time.monotonic() - frozen
+            freezer.wait(10)
+            assert error is not None and "decoder" in str(error), (report, error)
+            info = wait_for(lambda: (d := roles(c)["decoder0"])["pid"] not in (None, pid) and d,
+                            30, "the decoder to be replaced")
+            cause = info["last_restart_cause"]
+            assert "heartbeat" in cause or "stalled" in cause, cause
+            s.remember()
+            again = c.process(cdn.url("small.mp4"))
+            assert again.ok and again.frames_processed == 50
+        print(f"\ndecoder main thread frozen: job failed {detected:.2f} s later ({cause})")
