@@ -38,7 +38,11 @@ class Job:
     planned: bool = False           # the range plan is made (moov located)
     moov: tuple[int, int] | None = None
     moov_layout: str | None = None
-    track: object = None            # engine.mp4.VideoTrack
+    track: object = None            # engine.mp4.VideoTrack, or StreamInfo when streamed
+    way: str = "planned"            # "streamed": the layout could not be planned
+    truncated: str | None = None    # the file ends before the frames its table lists
+    decoded: int = 0
+    probed_until: int = 0           # a partial job fetched the box headers up to here
     http_version: str = ""
     connections_new: int = 0
     connections_reused: int = 0
@@ -60,6 +64,11 @@ class Job:
     error_kind: str | None = None
     finished: bool = False
     timings: dict = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        """Only some frames are wanted: fetch only their bytes."""
+        return self.max_frames is not None or self.partial_mb is not None
 
     def mark(self, key: str, at: float | None = None) -> None:
         """Record a stage the first time it happens, in seconds since submission."""
@@ -89,7 +98,8 @@ class Job:
         video = {"bytes": self.size, "codec": getattr(track, "codec", None),
                  "width": getattr(track, "width", None), "height": getattr(track, "height", None),
                  "fps": getattr(track, "fps", None),
-                 "frames": track.frame_count if track is not None else None,
+                 "frames": (getattr(track, "frame_count", None) or self.decoded or None)
+                 if track is not None else None,
                  "moov": self.moov_layout}
         timings = {key: self.timings.get(key) for key in TIMING_KEYS}
         results = [{"frame_number": n, "result": self.results[n]} for n in sorted(self.results)]
@@ -105,6 +115,7 @@ class Job:
                       "requests_by_version": dict(self.versions),
                       **({"sha256": self.sha256} if self.sha256 else {})},
             "decoder": self.decoder_backend or None,
+            "plan": self.way,
             "missing_frames": list(self.missing),
             "error_kind": self.error_kind,
             "results": results,

@@ -101,18 +101,29 @@ class PrewarmOrigins:
 
 @dataclass
 class DecodeJob:
+    """A planned job names its ring, its moov and its sample table; a streamed one
+    (``ring`` None) learns the picture by decoding and asks for a ring (``StreamInfo``)."""
     job: int
     segment: str
     amap: str
-    ring: str
+    ring: str | None
     size: int
     backend: str                 # pyav or decord
     batch: int
     need_end: list[int]          # per presentation frame: bytes needed to output it
     frame_limit: int | None      # decode only this many frames
     readable_end: int            # bytes past this are never fetched (partial jobs)
-    moov: tuple[int, int]        # where the moov box lies: the reader lets decoders see it
+    moov: tuple[int, int] | None  # where the moov box lies: the reader lets decoders see it
     regions: list                # every (start, end) byte region the job fetches
+    expected: int | None = None  # frames the sample table has (None: streamed, unknown)
+    stream_index: int | None = None   # the planned track (None: the decoder picks)
+
+
+@dataclass
+class RingReady:
+    """Answer to ``StreamInfo``: the streamed job's frame ring (None: the job ended)."""
+    job: int
+    ring: str | None
 
 
 @dataclass
@@ -213,6 +224,16 @@ class BatchReady:
     count: int
     frame_numbers: list[int]
     decoded_at: float
+
+
+@dataclass
+class StreamInfo:
+    """A streamed job's picture, as the decoder found it: the ring can be made now."""
+    job: int
+    codec: str
+    width: int
+    height: int
+    fps: float | None
 
 
 @dataclass

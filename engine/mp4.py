@@ -33,6 +33,9 @@ __all__ = [
     "locate_moov",
     "VideoTrack",
     "parse_moov",
+    "Walk",
+    "walk",
+    "reader_of",
 ]
 
 
@@ -180,6 +183,64 @@ def locate_moov(head: bytes | memoryview, file_size: int) -> MoovLocation | None
     return MoovLocation(next_offset, None, "end")
 
 
+@dataclass(frozen=True)
+class Walk:
+    """How far a walk over the top-level box headers got.
+
+    ``moov``: the moov box, once its header was read. ``need``: the offset of the next
+    header, not here yet (fetch it, then walk again). Neither: the walk reached the end
+    of the file without a moov (not a plannable MP4). ``layout`` is 'end' when an mdat
+    came before the moov.
+    """
+
+    moov: Box | None = None
+    need: int | None = None
+    layout: str = "front"
+    boxes: tuple = ()
+
+
+def walk(read, file_size: int) -> Walk:
+    """Walk the real top-level box headers from offset 0 with ``read(offset, n)``, which
+    returns the bytes there or None while they are not here. Nothing is guessed: whatever
+    lies between mdat and moov (free, skip, uuid, more mdat boxes) is walked over.
+
+    Raises NotMP4 when the first box is no MP4 opening box or a size is impossible.
+    """
+    if file_size < 8:
+        raise NotMP4(f"not an MP4 file (only {file_size} bytes)")
+    pos, seen_mdat, boxes = 0, False, []
+    while pos + 8 <= file_size:
+        raw = read(pos, min(16, file_size - pos))
+        if raw is None:
+            return Walk(need=pos, layout="end" if seen_mdat else "front", boxes=tuple(boxes))
+        hdr = _read_header(memoryview(raw).cast("B"), 0, len(raw))
+        if hdr is None:
+            raise NotMP4(f"corrupt MP4: box header at offset {pos} is cut by the end of file")
+        kind, hsize, size = hdr
+        if not boxes and kind not in _FIRST_BOX_TYPES:
+            raise NotMP4(f"not an MP4 file (starts with {bytes(raw[:16])!r})")
+        if size == 0:
+            size = file_size - pos
+        if size < hsize:
+            raise NotMP4(f"corrupt MP4: box {kind!r} at offset {pos} has size {size}")
+        if pos + size > file_size:
+            raise NotMP4(f"truncated file: box {kind!r} at offset {pos} needs {pos + size} "
+                         f"bytes but the file has {file_size}")
+        box = Box(kind, pos, size)
+        boxes.append(box)
+        if kind == "moov":
+            return Walk(moov=box, layout="end" if seen_mdat else "front", boxes=tuple(boxes))
+        seen_mdat = seen_mdat or kind == "mdat"
+        pos += size
+    return Walk(layout="end" if seen_mdat else "front", boxes=tuple(boxes))
+
+
+def reader_of(buf) -> "callable":
+    """``read`` for :func:`walk` over the first bytes of a file."""
+    buf = memoryview(buf).cast("B")
+    return lambda pos, n: bytes(buf[pos:pos + n]) if pos + n <= len(buf) else None
+
+
 # --------------------------------------------------------------------------
 # moov parsing
 
@@ -249,6 +310,7 @@ class VideoTrack:
     dts: np.ndarray
     pts: np.ndarray
     keyframes: np.ndarray
+    index: int = 0           # the trak's place in the moov: FFmpeg's stream index
 
     @property
     def frame_count(self) -> int:
@@ -400,14 +462,25 @@ def parse_moov(moov: bytes | memoryview) -> VideoTrack:
     if size > len(buf):
         raise NotMP4(f"incomplete moov: have {len(buf)} of {size} bytes")
     try:
+        # The video is the first enabled video trak with more than one sample; a
+        # thumbnail or cover-art trak (one sample, or disabled) only when there is no other.
+        candidates = []
+        index = -1
         for kind, p, e in _children(buf, hsize, size):
             if kind != "trak":
                 continue
+            index += 1
             boxes = _collect(buf, p, e, {})
             hdlr = boxes.get("hdlr")
             # hdlr: version/flags(4) + pre_defined(4) + handler_type(4)
             if hdlr and bytes(buf[hdlr[0] + 8 : hdlr[0] + 12]) == b"vide":
-                return _video_track(buf, boxes)
+                track = _video_track(buf, boxes)
+                track.index = index
+                tkhd = boxes.get("tkhd")
+                enabled = tkhd is None or bool(buf[tkhd[0] + 3] & 1)
+                candidates.append((not (enabled and track.frame_count > 1), index, track))
+        if candidates:
+            return min(candidates, key=lambda c: c[:2])[2]
     except (struct.error, ValueError) as exc:
         if isinstance(exc, NotMP4):
             raise

@@ -20,7 +20,8 @@ from engine.config import Config
 from engine.job import Job
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, FetchHead,
                              FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes, RangeDone,
-                             RangeFailed, ResultBatch, SegmentReady, Submit)
+                             RangeFailed, ResultBatch, RingReady, SegmentReady, StreamInfo,
+                             Submit)
 from engine.plan import Piece, RangePlan
 from workers.decoder import fetch_end
 from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
@@ -31,9 +32,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("engine.supervisor")
 
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+PROBE_BYTES = 64 * 1024  # a partial job reads this much at a header past the head
 RING_POOL = 2          # finished rings kept per frame size
 SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
+
+
+def looks_like_html(head: bytes) -> bool:
+    """An error or landing page where a video was expected (whatever its Content-Type)."""
+    text = bytes(head[:512]).lstrip().lower()
+    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
 
 class Pipeline:
@@ -98,6 +107,8 @@ class Pipeline:
                 job.plan.raise_to_front(msg.offset)
         elif isinstance(msg, DecodeDone):
             self.on_decode_done(w, msg)
+        elif isinstance(msg, StreamInfo):
+            self.on_stream_info(w, msg)
 
     def tick(self, now: float) -> None:
         """Deadlines, heads that wait for a fetcher, and pieces and decodes to hand out."""
@@ -247,10 +258,17 @@ class Pipeline:
             self.fail(job, "FetchError", f"{job.url}: file is {msg.size} bytes, over the "
                       f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
             return
-        if msg.content_type.split(";")[0].strip().lower().startswith("text/"):
+        if msg.size == 0:
             self.sup.send_worker(w, SegmentReady(msg.job, None, None))
-            self.fail(job, "DecodeError", f"{job.url}: server sent {msg.content_type.split(';')[0]}"
-                      ", not a video")
+            self.fail(job, "FetchError", f"{job.url}: empty file (the server sent 0 bytes)")
+            return
+        # Content-Type is only a hint (text/plain, octet-stream or none may carry a video);
+        # an HTML page is what a server sends instead of one, and is refused.
+        if msg.content_type.split(";")[0].strip().lower() in HTML_TYPES \
+                or looks_like_html(msg.prefix):
+            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
+            self.fail(job, "DecodeError", f"{job.url}: server sent "
+                      f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
             return
         if not self._admit(job, w, msg.size):
             return
@@ -356,34 +374,85 @@ class Pipeline:
         return int(fit)
 
     def _plan_after_head(self, job: Job, prefix=None) -> None:
-        """Find the moov and plan the remaining ranges: from the first bytes of the head
-        as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head."""
+        """Walk the box headers and plan the remaining ranges: from the first bytes of the
+        head as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head.
+        What cannot be planned (not MP4, no moov, a moov without samples) is streamed."""
         if job.planned:
             return
         final = prefix is None
-        head = memoryview(job.segment.mm)[:job.head_len] if final else prefix
         try:
-            loc = mp4.locate_moov(head, job.size)
+            found = mp4.walk(self._present_reader(job) if final else mp4.reader_of(prefix),
+                             job.size)
         except mp4.NotMP4 as exc:
-            self.fail(job, "DecodeError", f"{job.url}: {exc}")
+            self._stream(job, str(exc))
             return
-        if loc is None and not final:
+        if found.moov is None and found.need is not None and not final:
             return                      # the prefix says too little: wait for the head
         job.planned = True
-        partial = job.max_frames is not None or job.partial_mb is not None
-        if loc is None:
-            job.plan.extend(job.size)   # unknown layout: fetch it all, find the moov later
-            return
-        job.moov_layout = loc.layout
-        moov_end = job.size if loc.size is None else loc.offset + loc.size
-        job.moov = (loc.offset, moov_end)
-        if loc.layout == "end":
-            job.plan.urgent(loc.offset, moov_end)
-            if not partial:
-                job.plan.extend(loc.offset)
+        if found.moov is not None:
+            self._found_moov(job, found)
+        elif found.need is None:
+            self._stream(job, "no moov box")
         else:
-            job.plan.extend(moov_end if partial else job.size)
+            # The next header lies past the head (a long mdat or free box): fetch from
+            # there first -- all of the rest for a full job, which needs it anyway.
+            job.moov_layout = found.layout
+            end = job.size if not job.partial else min(job.size, found.need + PROBE_BYTES)
+            job.plan.urgent(found.need, end)
+            job.probed_until = end
+            if not job.partial:
+                job.plan.extend(job.size)
+
+    def _present_reader(self, job: Job):
+        """``read`` for ``mp4.walk`` over the bytes of the segment that have arrived."""
+        mm, amap = job.segment.mm, job.amap
+        return lambda pos, n: bytes(mm[pos:pos + n]) if amap.present(pos, n) else None
+
+    def _walk_on(self, job: Job) -> None:
+        """More bytes are in while the moov is still unknown: walk the headers again."""
+        try:
+            found = mp4.walk(self._present_reader(job), job.size)
+        except mp4.NotMP4 as exc:
+            self._stream(job, str(exc))
+            return
+        if found.moov is not None:
+            self._found_moov(job, found)
+        elif found.need is None:
+            self._stream(job, "no moov box")
+        elif job.partial and found.need >= job.probed_until:
+            job.probed_until = min(job.size, found.need + PROBE_BYTES)
+            job.plan.urgent(found.need, job.probed_until)
+
+    def _found_moov(self, job: Job, found) -> None:
+        moov = found.moov
+        job.moov_layout = found.layout
+        job.moov = (moov.offset, moov.offset + moov.size)
+        if found.layout == "end":
+            job.plan.urgent(max(moov.offset, job.probed_until), job.moov[1])
+            if not job.partial:
+                job.plan.extend(moov.offset)
+        else:
+            job.plan.extend(job.moov[1] if job.partial else job.size)
         self._check_moov(job)
+
+    def _stream(self, job: Job, why: str) -> None:
+        """The second way through a job: fetch front to back, let FFmpeg probe and decode
+        while the bytes arrive; the frame count is learned by decoding."""
+        if job.way == "streamed" or job.finished:
+            return
+        head = bytes(job.segment.mm[:min(512, job.size)]) if job.amap.present(0, min(512, job.size)) else b""
+        if looks_like_html(head):
+            self.fail(job, "DecodeError", f"{job.url}: server sent an HTML page, not a video")
+            return
+        log.info("%s: streamed, not planned (%s)", job.url, why)
+        if why.startswith("truncated file"):
+            job.truncated = why
+        job.way, job.planned, job.moov, job.moov_layout, job.track = "streamed", True, None, None, None
+        job.plan.extend(job.size)
+        job.frame_limit = job.max_frames
+        job.readable_end = job.size
+        self.decode_queue.append(job.id)
+        self._dispatch_decodes()
 
     def on_range_done(self, w: WorkerHandle, msg: RangeDone) -> None:
         w.inflight.discard((msg.job, msg.offset))
@@ -463,7 +532,11 @@ class Pipeline:
                                             piece.offset, piece.end, piece.attempt))
 
     def _check_moov(self, job: Job) -> None:
-        if job.track is not None or job.moov is None or job.finished:
+        if job.track is not None or job.finished or job.way == "streamed":
+            return
+        if job.moov is None:
+            if job.planned and job.head_done:
+                self._walk_on(job)
             return
         start, end = job.moov
         if not job.amap.present(start, end - start):
@@ -471,19 +544,19 @@ class Pipeline:
         job.mark("moov_ready")
         try:
             mm = job.segment.mm
-            job.track = mp4.parse_moov(memoryview(mm)[start:end])
+            track = mp4.parse_moov(memoryview(mm)[start:end])
         except mp4.NotMP4 as exc:
-            self.fail(job, "DecodeError", f"{job.url}: {exc}")
+            self._stream(job, str(exc))
             return
-        track = job.track
         if track.frame_count == 0:
-            self.fail(job, "DecodeError", f"{job.url}: the video track has no frames")
+            self._stream(job, "the moov lists no samples (fragmented MP4)")
             return
+        job.track = track
         data_end = int((track.offsets + track.sizes).max())
         if data_end > job.size:
-            self.fail(job, "DecodeError", f"{job.url}: truncated file: its frames need "
-                      f"{data_end} bytes but the file has {job.size}")
-            return
+            # decode what is there; the report names the frames past the end
+            job.truncated = (f"truncated file: it ends at byte {job.size} but its frames "
+                             f"need {data_end} bytes")
         limit = track.frame_count
         if job.max_frames is not None:
             limit = min(limit, job.max_frames)
@@ -501,14 +574,19 @@ class Pipeline:
         if limit == 0:
             self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
             return
+        if self._make_ring(job, track.height, track.width):
+            self.decode_queue.append(job.id)
+            self._dispatch_decodes()
+
+    def _make_ring(self, job: Job, height: int, width: int) -> bool:
         self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
-        slots = self._ring_slots(job, track.height, track.width)
+        slots = self._ring_slots(job, height, width)
         if slots is None:
             self.fail(job, "FetchError", f"{job.url}: no room in shared memory for the frames "
-                      f"of a {track.width}x{track.height} video (/dev/shm; a container needs "
+                      f"of a {width}x{height} video (/dev/shm; a container needs "
                       "a larger --shm-size)")
-            return
-        shape = (slots, track.height, track.width)
+            return False
+        shape = (slots, height, width)
         pooled = self.ring_pool.get(shape)
         if pooled:
             job.ring = pooled.pop()     # already counted in shm_in_use
@@ -518,10 +596,9 @@ class Pipeline:
                 job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"), *shape)
             except ShmError as exc:
                 self.fail(job, "FetchError", f"{job.url}: {exc}")
-                return
+                return False
             self.shm_in_use += job.ring.block.size
-        self.decode_queue.append(job.id)
-        self._dispatch_decodes()
+        return True
 
     def _drop_ring_pool(self) -> None:
         """Give back the idle pooled rings (a job needs their room)."""
@@ -543,19 +620,6 @@ class Pipeline:
                     job.sha256 = digest.hexdigest()
                 if job.max_frames is not None or job.partial_mb is not None:
                     log.info("Partial video downloaded successfully (%.1f MB)", job.bytes / 1e6)
-                if job.moov is None:   # layout unknown from the head: look again now
-                    try:
-                        loc = mp4.locate_moov(job.segment.mm, job.size)
-                    except mp4.NotMP4 as exc:
-                        self.fail(job, "DecodeError", f"{job.url}: {exc}")
-                        return
-                    if loc is None or loc.size is None:
-                        self.fail(job, "DecodeError", f"{job.url}: no moov box in the file "
-                                  "(not a complete MP4)")
-                        return
-                    job.moov_layout = loc.layout
-                    job.moov = (loc.offset, loc.offset + loc.size)
-                    self._check_moov(job)
 
     # ------------------------------------------------------------------ decode
     def _dispatch_decodes(self) -> None:
@@ -573,14 +637,39 @@ class Pipeline:
             w = free[0]
             w.job = job.id
             job.decoder_backend = self.decoder_backend
+            if job.way == "streamed":   # the ring and the GPU worker wait for StreamInfo
+                job.decoder_backend = "pyav"
+                self.sup.send_worker(w, DecodeJob(
+                    job.id, job.segment.name, job.amap.name, None, job.size, "pyav",
+                    self.config.batch, [], job.frame_limit, job.readable_end, None,
+                    job.plan.regions()))
+                continue
             gpu.jobs.add(job.id)   # from now on its death fails this job
             self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
-            readable = job.readable_end
+            track = job.track
             self.sup.send_worker(w, DecodeJob(
                 job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
                 self.decoder_backend, self.config.batch,
-                [int(x) for x in job.track.need_end()], job.frame_limit, readable,
-                job.moov, job.plan.regions()))
+                [int(x) for x in track.need_end()], job.frame_limit, job.readable_end,
+                job.moov, job.plan.regions(), expected=track.frame_count,
+                stream_index=track.index))
+
+    def on_stream_info(self, w: WorkerHandle, msg: StreamInfo) -> None:
+        """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
+        job = self._live(msg.job)
+        if job is None or w.job != msg.job:
+            self.sup.send_worker(w, RingReady(msg.job, None))
+            return
+        job.track = msg
+        if not self._make_ring(job, msg.height, msg.width):
+            return                  # failed: its EndJob tells the decoder
+        gpu = self.sup.gpu()
+        if gpu is None:
+            self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
+            return
+        gpu.jobs.add(job.id)
+        self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
+        self.sup.send_worker(w, RingReady(job.id, job.ring.name))
 
     def on_batch(self, w: WorkerHandle, msg: BatchReady) -> None:
         job = self._live(msg.job)
@@ -620,10 +709,17 @@ class Pipeline:
             return
         job.decode_done = True
         job.mark("decode_done")
-        if msg.error:
-            self.fail(job, "DecodeError", f"{job.url}: {msg.error}")
+        job.decoded, job.missing = msg.frames, msg.missing
+        if msg.error and not msg.frames:
+            self.fail(job, "DecodeError", f"{job.url}: {job.truncated or msg.error}")
             return
-        job.missing = msg.missing
+        # Frames are missing: the report keeps every frame that was decoded, and says
+        # which are not there and why; it is never ok.
+        problem = msg.error or (f"{len(msg.missing)} of {msg.frames + len(msg.missing)} "
+                                "frames could not be decoded" if msg.missing else None)
+        if problem:
+            job.error = f"{job.url}: " + "; ".join(filter(None, (job.truncated, problem)))
+            job.error_kind = "DecodeError"
         self._maybe_finish(job)
 
     def _maybe_finish(self, job: Job) -> None:

@@ -57,22 +57,30 @@ def _serve(cdn, name: str, data: bytes) -> str:
 
 def test_truncated_files_fail_cleanly(engine, cdn, small_clips):
     front = small_clips["small"].read_bytes()
-    url = _serve(cdn, "trunc-front.mp4", front[: len(front) * 2 // 3])
-    with pytest.raises(DecodeError, match="truncated file"):
+    cut = len(front) * 2 // 3
+    url = _serve(cdn, "trunc-front.mp4", front[:cut])
+    with pytest.raises(DecodeError, match=f"truncated file: it ends at byte {cut}"):
         engine.process(url)
+    # the frames before the cut are kept, the others named
+    report = engine.report(url)
+    assert not report.ok and report.frames_processed > 10 and report.missing_frames
+    assert report.frames_processed + len(report.missing_frames) == 50
     end = small_clips["small-moov-end"].read_bytes()
     url = _serve(cdn, "trunc-end.mp4", end[: len(end) // 2])
     with pytest.raises(DecodeError, match="truncated file"):
         engine.process(url)
 
 
-def test_corrupt_frames_in_the_middle_still_give_every_decodable_frame(engine, cdn, small_clips):
+def test_corrupt_frames_in_the_middle_keep_every_decodable_frame_and_are_named(engine, cdn, small_clips):
     data = bytearray(small_clips["small"].read_bytes())
     mid = len(data) // 2
     data[mid:mid + 3000] = np.random.default_rng(1).integers(0, 256, 3000, np.uint8).tobytes()
     report = engine.report(_serve(cdn, "corrupt.mp4", bytes(data)))
-    assert report.ok, report.error
+    # never ok with frames missing: the report keeps every decodable frame and names the rest
+    assert not report.ok and report.missing_frames
+    assert f"{len(report.missing_frames)} of 50 frames could not be decoded" in report.error
     numbers = [r["frame_number"] for r in report.results]
+    assert not set(numbers) & set(report.missing_frames)
     assert numbers == sorted(set(numbers))
     assert len(numbers) + len(report.missing_frames) == 50
     assert len(numbers) >= 40
@@ -108,7 +116,7 @@ def test_unsupported_codec(engine, cdn, small_clips):
 
 def test_random_bytes_are_not_a_video(engine, cdn):
     data = np.random.default_rng(2).integers(0, 256, 200_000, np.uint8).tobytes()
-    with pytest.raises(DecodeError, match="not an MP4"):
+    with pytest.raises(DecodeError, match="not a video FFmpeg can read"):
         engine.process(_serve(cdn, "noise.mp4", data))
 
 

@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 from engine.config import Config
-from engine.messages import BatchReady, DecodeDone, DecodeJob, NeedBytes, Shutdown
+from engine.messages import (BatchReady, DecodeDone, DecodeJob, EndJob, NeedBytes, RingReady,
+                             Shutdown, StreamInfo)
 from shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
 from shm.ring import SlotRun
 from workers.base import Link, worker_setup
@@ -98,9 +99,10 @@ class SegmentReader:
         self._asked = -1
 
     def _limit(self, pos: int) -> int:
-        moov_start, moov_end = self.job.moov
-        if moov_start <= pos < moov_end:
-            return moov_end
+        if self.job.moov is not None:
+            moov_start, moov_end = self.job.moov
+            if moov_start <= pos < moov_end:
+                return moov_end
         return min(self.job.readable_end, self.size) if pos < self.job.readable_end else pos
 
     def read(self, n: int = -1) -> bytes:
@@ -143,58 +145,114 @@ class SegmentReader:
         return True
 
 
-def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
+def pick_stream(container, index: int | None = None):
+    """The video: the planned track when the planner named one, else the default video
+    stream, else the first; never an attached picture (cover art)."""
     import av
 
-    batcher = Batcher(link, job, ring)
-    reader = SegmentReader(link, job, block, amap, batcher.flush)
-    limit = job.frame_limit or len(job.need_end)
-    container = av.open(reader, mode="r", format="mp4")
+    streams = [s for s in container.streams.video
+               if not s.disposition & av.stream.Disposition.attached_pic]
+    if index is not None:
+        for s in streams:
+            if s.index == index:
+                return s
+    default = [s for s in streams if s.disposition & av.stream.Disposition.default]
+    return (default or streams or [None])[0]
+
+
+def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
+    """FFmpeg probes the container itself (MP4, Matroska, WebM, MPEG-TS, ...): what the
+    engine knows about the file only planned the fetch. ``ring`` is None for a streamed
+    job: it is asked for once the picture size is known."""
+    import av
+
+    reader = SegmentReader(link, job, block, amap, lambda: batcher and batcher.flush())
+    batcher = None
+    limit = job.frame_limit       # a partial job's cap; the table's count is only expected
+    done: set[int] = set()
+    error = None
     try:
-        if not container.streams.video:
+        container = av.open(reader, mode="r")
+    except av.error.FFmpegError as exc:
+        return DecodeDone(job.job, 0, [], f"not a video FFmpeg can read ({_one_line(exc)})")
+    try:
+        stream = pick_stream(container, job.stream_index)
+        if stream is None:
             return DecodeDone(job.job, 0, [], "no video track in the file")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        if ring is None:
+            ctx = stream.codec_context
+            if not ctx.width or not ctx.height:
+                return DecodeDone(job.job, 0, [], f"the {ctx.name} video has no picture size")
+            ring = ask_ring(link, job, StreamInfo(
+                job.job, ctx.name, ctx.width, ctx.height,
+                float(stream.average_rate) if stream.average_rate else None))
+            if ring is None:
+                return DecodeDone(job.job, 0, [], "cancelled")
+        batcher = Batcher(link, job, ring)
         height, width = ring.height, ring.width
         seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
         preroll = 0                   # packets an edit list hides (negative pts)
-        done: set[int] = set()
-        corrupt = 0
-        for packet in container.demux(stream):
-            link.tick()
-            if packet.pts is not None:
-                if packet.pts < 0:
-                    preroll += 1
-                bisect.insort(seen_pts, packet.pts)
-            try:
-                frames = packet.decode()
-            except av.error.InvalidDataError:
-                corrupt += 1
-                continue
-            for frame in frames:
-                number = (bisect.bisect_left(seen_pts, frame.pts) - preroll
-                          if frame.pts is not None else batcher.frames)
-                if number >= limit:
+        try:
+            for packet in container.demux(stream):
+                link.tick()
+                if packet.pts is not None:
+                    if packet.pts < 0:
+                        preroll += 1
+                    bisect.insort(seen_pts, packet.pts)
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    continue          # a corrupt packet: its frame is listed as missing
+                for frame in frames:
+                    number = (bisect.bisect_left(seen_pts, frame.pts) - preroll
+                              if frame.pts is not None else batcher.frames)
+                    if limit is not None and number >= limit:
+                        break
+                    if number < 0 or number in done:
+                        continue
+                    _, dest = batcher.slot()
+                    if frame.width == width and frame.height == height:
+                        dest[...] = rgb24(frame)
+                    else:
+                        dest[...] = rgb24(frame, width, height)
+                    batcher.add(number)
+                    done.add(number)
+                if limit is not None and len(done) >= limit:
                     break
-                if number < 0 or number in done:
-                    continue
-                _, dest = batcher.slot()
-                if frame.width == width and frame.height == height:
-                    dest[...] = rgb24(frame)
-                else:
-                    dest[...] = rgb24(frame, width, height)
-                batcher.add(number)
-                done.add(number)
-            if len(done) >= limit:
-                break
+        except (av.error.FFmpegError, EOFError) as exc:
+            # what was decoded stays decoded: the report keeps it and names the rest
+            error = (f"decoding stopped after {len(done)} frames: {_one_line(exc)}" if done
+                     else f"cannot decode the {stream.codec_context.name} video: {_one_line(exc)}")
         batcher.flush()
     finally:
         container.close()
-    missing = sorted(set(range(limit)) - done)
-    error = None
-    if not done:
+        if ring is not None and job.ring is None:
+            ring.close()
+    expected = job.expected if limit is None else min(limit, job.expected or limit)
+    if expected is None:          # streamed: only gaps below the last frame are known
+        expected = max(done) + 1 if done else 0
+    missing = sorted(set(range(expected)) - done)
+    if not done and error is None:
         error = "no frame could be decoded (corrupt or unsupported video)"
     return DecodeDone(job.job, len(done), missing, error)
+
+
+def ask_ring(link: Link, job: DecodeJob, info: StreamInfo):
+    """Send the picture size, wait for the ring the supervisor makes for it."""
+    link.send(info)
+    while True:
+        msg = link.recv()
+        if isinstance(msg, Shutdown):
+            os._exit(0)
+        if isinstance(msg, RingReady) and msg.job == job.job:
+            return FrameRing.attach(msg.ring) if msg.ring else None
+        if isinstance(msg, EndJob) and msg.job == job.job:
+            return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
@@ -209,7 +267,7 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     for lo, hi in job.regions:
         reader.wait(lo, hi)
     vr = decord.VideoReader(block.path, ctx=decord.cpu(0))
-    limit = min(len(vr), job.frame_limit or len(vr), len(job.need_end))
+    limit = min(len(vr), job.frame_limit or len(vr))
     i = 0
     while i < limit:
         count = 1 if i == 0 else min(job.batch, limit - i)
@@ -221,7 +279,8 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         i += count
     batcher.flush()
     del vr
-    return DecodeDone(job.job, limit, [], None)
+    expected = min(job.expected or limit, job.frame_limit or limit) if job.expected else limit
+    return DecodeDone(job.job, limit, list(range(limit, expected)), None)
 
 
 def fetch_end(backend: str, need_end, limit: int, size: int) -> int:
@@ -244,18 +303,19 @@ BACKENDS = {"pyav": decode_pyav, "decord": decode_decord}
 def run_job(link: Link, job: DecodeJob) -> DecodeDone:
     block = SharedBlock.attach(job.segment)
     amap = AvailabilityMap.attach(job.amap)
-    ring = FrameRing.attach(job.ring)
+    ring = FrameRing.attach(job.ring) if job.ring else None
+    backend = job.backend if ring is not None else "pyav"   # only PyAV can stream
     try:
-        return BACKENDS[job.backend](link, job, block, amap, ring)
+        return BACKENDS[backend](link, job, block, amap, ring)
     except Cancelled:
         return DecodeDone(job.job, 0, [], "cancelled")
     except Exception as exc:
         if isinstance(exc.__context__, Cancelled) or amap.cancelled:
             return DecodeDone(job.job, 0, [], "cancelled")
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return DecodeDone(job.job, 0, [], f"{job.backend} cannot decode the video: {text}")
+        return DecodeDone(job.job, 0, [], f"{backend} cannot decode the video: {_one_line(exc)}")
     finally:
-        ring.close()
+        if ring is not None:
+            ring.close()
         amap.close()
         block.close()
 

@@ -414,7 +414,7 @@ class Fetcher:
                     raise RangeError("server ignores Range and sends no Content-Length", False)
                 size, ranged = int(length), False
             elif status == 416:
-                raise RangeError("the file is empty (416 Range Not Satisfiable)", False)
+                raise RangeError("empty file (416 Range Not Satisfiable)", False)
             else:
                 raise RangeError(f"HTTP {status} {response.reason_phrase}".rstrip(), False)
             content_type = response.headers.get("content-type", "")
