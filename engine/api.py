@@ -47,6 +47,7 @@ class Report:
     decoder: str | None = None
     missing_frames: list = field(default_factory=list)
     error_kind: str | None = None
+    plan: str | None = None        # "planned" (sample tables) or "streamed"
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":

@@ -248,7 +248,7 @@ pid {self.pid_file};
 error_log {w / 'error.log'} warn;
 events {{ worker_connections 1024; }}
 http {{
-    types {{ video/mp4 mp4; text/html html; }}
+    types {{ video/mp4 mp4; text/html html; text/plain txt; }}
     default_type application/octet-stream;
     access_log off;
 {temps}

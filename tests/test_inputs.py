@@ -1,0 +1,215 @@
+"""Every video FFmpeg can read, from the servers users meet.
+
+Each category is a real small file made here with PyAV and served by the real nginx test
+CDN; every frame is checked against a plain PyAV decode of the local file (same count,
+same order, per-channel mean within 1 level). What the MP4 planner cannot plan goes the
+streamed way and must give the same frames; the report says which way it went.
+"""
+from __future__ import annotations
+
+import io
+import struct
+
+import av
+import numpy as np
+import pytest
+
+from engine import DecodeError, FetchError
+from engine import mp4
+from tests.reference import assert_matches, reference
+
+FRAMES = 50
+
+
+def _picture(i: int, w: int, h: int) -> np.ndarray:
+    """A frame that differs from its neighbours: a moving gradient and a bright block."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), np.uint8)
+    img[..., 0] = (x * 255 // w + 5 * i) % 256
+    img[..., 1] = (y * 255 // h) % 256
+    img[..., 2] = (128 + 3 * i) % 256
+    bx = (i * 7) % (w - 40)
+    img[20:60, bx:bx + 40] = 250
+    return img
+
+
+def make_clip(path, container: str, codec: str, *, w=640, h=360, frames=FRAMES,
+              pix_fmt="yuv420p", options=None, tag=None) -> None:
+    with av.open(str(path), "w", format=container, options=options or {}) as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        if tag:
+            s.codec_tag = tag
+        if codec in ("libx264", "libx265"):
+            s.options = {"preset": "ultrafast", "threads": "1"}
+            if codec == "libx265":
+                s.options["x265-params"] = "log-level=error"
+        elif codec == "libvpx-vp9":
+            s.options = {"deadline": "realtime", "cpu-used": "8", "threads": "1"}
+        elif codec == "libsvtav1":
+            s.options = {"preset": "12"}
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(_picture(i, w, h), format="rgb24")
+            for p in s.encode(frame.reformat(format=pix_fmt)):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+CATEGORIES = {
+    # name: (file name, container, codec, extra)
+    "matroska-h264": ("clip.mkv", "matroska", "libx264", {}),
+    "webm-vp9": ("clip.webm", "webm", "libvpx-vp9", {}),
+    "mpegts-h264": ("clip.ts", "mpegts", "libx264", {}),
+    "fragmented-mp4": ("frag.mp4", "mp4", "libx264",
+                       {"options": {"movflags": "frag_keyframe+empty_moov+default_base_moof"}}),
+    "hevc-hvc1": ("hvc1.mp4", "mp4", "libx265", {"tag": "hvc1", "w": 320, "h": 180}),
+    "hevc-hev1-10bit": ("hev1.mp4", "mp4", "libx265",
+                        {"tag": "hev1", "w": 320, "h": 180, "pix_fmt": "yuv420p10le"}),
+    "av1-mp4": ("av1.mp4", "mp4", "libsvtav1", {"w": 320, "h": 180, "frames": 25}),
+    "full-range-h264": ("full.mp4", "mp4", "libx264", {"pix_fmt": "yuvj420p"}),
+}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, cdn):
+    """name -> (local path, URL); made once for the module, served by nginx."""
+    out = {}
+    tmp = tmp_path_factory.mktemp("inputs")
+    for name, (fname, container, codec, extra) in CATEGORIES.items():
+        if codec not in av.codecs_available:
+            continue
+        path = tmp / fname
+        make_clip(path, container, codec, **extra)
+        served = cdn.root / f"in-{fname}"
+        served.write_bytes(path.read_bytes())
+        out[name] = (path, cdn.url(served.name))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CATEGORIES))
+def test_every_container_and_codec_gives_every_frame(engine, clips, name):
+    if name not in clips:
+        pytest.skip(f"this FFmpeg build has no encoder for {name}")
+    path, url = clips[name]
+    report = engine.report(url)
+    assert report.ok, report.error
+    assert_matches(report, reference(path), tolerance=1.0)
+    streamed = name in ("matroska-h264", "webm-vp9", "mpegts-h264", "fragmented-mp4")
+    assert report.plan == ("streamed" if streamed else "planned")
+    assert report.video["frames"] == len(reference(path))
+
+
+def test_the_report_says_which_way_the_job_went(engine, clips, cdn):
+    assert engine.process(cdn.url("small.mp4")).plan == "planned"
+    streamed = engine.process(clips["matroska-h264"][1])
+    assert streamed.plan == "streamed" and streamed.video["moov"] is None
+    assert (streamed.video["width"], streamed.video["height"]) == (640, 360)
+
+
+def test_max_frames_on_a_streamed_file(engine, clips):
+    path, url = clips["mpegts-h264"]
+    report = engine.process(url, max_frames=10)
+    assert_matches(report, reference(path, 10), tolerance=1.0)
+
+
+# ------------------------------------------------------------------ box layouts
+
+
+def _boxes(data: bytes) -> list[tuple[str, int, int]]:
+    found = mp4.walk(mp4.reader_of(data), len(data))
+    out = [(b.type, b.offset, b.size) for b in found.boxes]
+    pos = out[-1][1] + out[-1][2]
+    while pos < len(data):   # past the moov
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        out.append((kind.decode(), pos, size))
+        pos += size
+    return out
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def _free_between_mdat_and_moov(moov_end: bytes, sizes=(100_000,), kinds=(b"free",)) -> bytes:
+    """Insert boxes between the mdat and the moov: chunk offsets stay valid (they point
+    into the mdat, before the insertion)."""
+    boxes = _boxes(moov_end)
+    moov = next(b for b in boxes if b[0] == "moov")
+    extra = b"".join(_box(k, b"\0" * (s - 8)) for k, s in zip(kinds, sizes))
+    return moov_end[:moov[1]] + extra + moov_end[moov[1]:]
+
+
+@pytest.fixture(scope="module")
+def moov_end_clip(small_clips):
+    return small_clips["small-moov-end"].read_bytes()
+
+
+@pytest.mark.parametrize("layout", ["free", "skip-uuid-free", "empty-mdat", "large-free"])
+def test_anything_between_mdat_and_moov_is_walked_over(engine, cdn, small_clips, moov_end_clip,
+                                                       layout):
+    if layout == "free":
+        data = _free_between_mdat_and_moov(moov_end_clip)
+    elif layout == "skip-uuid-free":
+        data = _free_between_mdat_and_moov(moov_end_clip, (5000, 24 + 100, 70_000),
+                                           (b"skip", b"uuid", b"free"))
+    elif layout == "empty-mdat":
+        data = _free_between_mdat_and_moov(moov_end_clip, (8,), (b"mdat",))
+    else:   # a free box far larger than the first request
+        data = _free_between_mdat_and_moov(moov_end_clip, (3_000_000,))
+    name = f"layout-{layout}.mp4"
+    (cdn.root / name).write_bytes(data)
+    report = engine.report(cdn.url(name))
+    assert report.ok, report.error
+    assert report.video["moov"] == "end"
+    assert_matches(report, reference(small_clips["small-moov-end"]))
+
+
+def test_walker_unit_layouts():
+    """The walker on byte layouts, no processes: 64-bit sizes, size 0, headers not here."""
+    ftyp = _box(b"ftyp", b"isom" + b"\0" * 4)
+    big_mdat = struct.pack(">I4sQ", 1, b"mdat", 16 + 1000) + b"\0" * 1000
+    moov = _box(b"moov", b"\0" * 50)
+    data = ftyp + big_mdat + _box(b"free", b"\0" * 20) + moov
+    found = mp4.walk(mp4.reader_of(data), len(data))
+    assert found.moov.offset == len(ftyp) + len(big_mdat) + 28 and found.layout == "end"
+    # only the first bytes here: the walker asks for the next header, never guesses
+    found = mp4.walk(mp4.reader_of(data[:100]), len(data))
+    assert found.moov is None and found.need == len(ftyp) + len(big_mdat)
+    # size 0: the mdat runs to the end, no moov after it
+    data0 = ftyp + moov + struct.pack(">I4s", 0, b"mdat") + b"\0" * 500
+    found = mp4.walk(mp4.reader_of(data0), len(data0))
+    assert found.moov.offset == len(ftyp) and found.layout == "front"
+    data1 = ftyp + struct.pack(">I4s", 0, b"mdat") + b"\0" * 500
+    found = mp4.walk(mp4.reader_of(data1), len(data1))
+    assert found.moov is None and found.need is None
+    with pytest.raises(mp4.NotMP4, match="truncated file"):
+        mp4.walk(mp4.reader_of(ftyp + big_mdat[:500]), len(ftyp) + 500)
+    with pytest.raises(mp4.NotMP4, match="not an MP4"):
+        mp4.walk(mp4.reader_of(b"<!doctype html><html>" + b" " * 100), 121)
+
+
+# ------------------------------------------------------------------ servers
+
+
+@pytest.mark.parametrize("ext", ["txt", "bin"])
+def test_content_type_is_a_hint(engine, cdn, small_clips, ext):
+    """nginx serves .txt as text/plain and .bin as application/octet-stream."""
+    name = f"video-as.{ext}"
+    (cdn.root / name).write_bytes(small_clips["small"].read_bytes())
+    report = engine.report(cdn.url(name))
+    assert report.ok, report.error
+    assert_matches(report, reference(small_clips["small"]))
+
+
+def test_an_html_page_is_refused_whatever_its_type(engine, cdn):
+    (cdn.root / "page-as.mp4").write_text("<!DOCTYPE html><html><body>404</body></html>")
+    with pytest.raises(DecodeError, match="not a video"):
+        engine.process(cdn.url("page-as.mp4"))
+
+
+def test_an_empty_file_says_so(engine, cdn):
+    (cdn.root / "empty.mp4").write_bytes(b"")
+    with pytest.raises(FetchError, match="empty file"):
+        engine.process(cdn.url("empty.mp4"))
+    assert engine.process(cdn.url("small.mp4")).frames_processed == 50
