@@ -55,27 +55,45 @@ def ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
 
+def _root(exc: BaseException) -> BaseException:
+    """The OS-level error under httpx's and httpcore's wrappers."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+# By class, as httpcore's map_exceptions does: (httpx class, message, retryable)
+_NETWORK = [
+    (httpx.ConnectTimeout, "connect timed out", False),
+    (httpx.ReadTimeout, "read timed out", True),
+    (httpx.TooManyRedirects, "too many redirects (more than 5)", False),
+    (httpx.UnsupportedProtocol, "unsupported URL scheme ({})", False),
+    ((httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.PoolTimeout,
+      httpx.WriteTimeout), "connection dropped ({})", True),
+]
+# What a ConnectError stands on
+_CONNECT = [
+    (ssl.SSLError, "TLS failed ({})"),
+    (socket.gaierror, "DNS lookup failed ({})"),
+]
+
+
 def describe(exc: Exception) -> tuple[str, bool]:
     """One line for a network error, and whether another attempt may succeed."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout):
         return "connect timed out", False
     if isinstance(exc, httpx.ConnectError):
-        low = text.lower()
-        if "certificate" in low or "ssl" in low or "tls" in low:
-            return f"TLS failed ({text})", False
-        if "name or service" in low or "nodename" in low or "temporary failure in name" in low:
-            return f"DNS lookup failed ({text})", False
+        root = _root(exc)
+        for cls, message in _CONNECT:
+            if isinstance(root, cls):
+                return message.format(text), False
         return f"cannot connect ({text})", False
-    if isinstance(exc, httpx.ReadTimeout):
-        return "read timed out", True
-    if isinstance(exc, httpx.TooManyRedirects):
-        return "too many redirects (more than 5)", False
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        return f"unsupported URL scheme ({text})", False
-    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
-                        httpx.PoolTimeout, httpx.WriteTimeout)):
-        return f"connection dropped ({text})", True
+    for cls, message, retryable in _NETWORK:
+        if isinstance(exc, cls):
+            return message.format(text), retryable
     return f"{type(exc).__name__}: {text}", False
 
 
