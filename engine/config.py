@@ -89,6 +89,8 @@ class Config:
     log_level: str = "INFO"
     max_rss_mb: int = 0              # ENGINE_MAX_RSS_MB: recycle a worker past it (0: never)
     report_sha256: bool = False      # ENGINE_REPORT_SHA256=1: hash of the fetched bytes
+    cluster: str = ""                # ENGINE_CLUSTER: Ray address ("" : this machine only)
+    cluster_jobs_per_engine: int = 2  # ENGINE_CLUSTER_JOBS_PER_ENGINE
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -137,6 +139,8 @@ class Config:
             processor=env.get("ENGINE_PROCESSOR", "engine.processors:stats"),
             max_rss_mb=_int(env, "ENGINE_MAX_RSS_MB", 0, minimum=0),
             report_sha256=env.get("ENGINE_REPORT_SHA256", "0").strip() == "1",
+            cluster=env.get("ENGINE_CLUSTER", "").strip(),
+            cluster_jobs_per_engine=_int(env, "ENGINE_CLUSTER_JOBS_PER_ENGINE", 2),
             log_level=_choice(env, "ENGINE_LOG_LEVEL", "info",
                               ("debug", "info", "warning", "error")).upper(),
             notes=tuple(notes),
