@@ -414,3 +414,103 @@ def format_status(st: dict) -> str:
         + (f", {n['engine_units']} engine" if n["engine_units"] else "") + ")"
         for n in st["nodes"]))
     return "\n".join(lines)
+
+
+def serve_cluster(args, address: str, path: str) -> int:
+    """Serve mode over a cluster: the local engine's socket and messages, so a miner that
+    uses ``Engine.connect(socket)`` changes nothing; each job goes to the cluster."""
+    import signal
+    import sys
+
+    from multiprocess.connection import Listener
+
+    from engine.messages import CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery, Submit
+
+    cluster = ClusterEngine(address, processor=args.processor, device=args.device,
+                            max_frames=args.max_frames)
+    old = os.umask(0o177)   # 0600, as the local engine's socket: only this user submits
+    try:
+        listener = Listener(path, family="AF_UNIX")
+    except OSError as exc:
+        cluster.close()
+        raise EngineError(f"cannot listen on {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old)
+    stop = threading.Event()
+    conns: list = []
+
+    def job(conn, send, msg: Submit, cancelled: threading.Event):
+        try:
+            for item in cluster.submit(msg.url, processor=msg.processor,
+                                       max_frames=msg.max_frames, stream=msg.stream):
+                if cancelled.is_set():
+                    return
+                if isinstance(item, Batch):
+                    send(ResultBatch(msg.token, item.frame_numbers, item.results,
+                                     item.bytes_done, item.bytes_total, item.frames_total))
+                else:
+                    send(JobDone(msg.token, item.to_dict()))
+        except EngineError as exc:
+            send(JobDone(msg.token, ClusterEngine._failed(msg.url, str(exc), "-").to_dict()))
+
+    def client(conn):
+        lock = threading.Lock()
+        cancels: dict[int, threading.Event] = {}
+
+        def send(m):
+            with lock:
+                try:
+                    conn.send(m)
+                except (OSError, EOFError):
+                    pass
+        while not stop.is_set():
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(msg, Submit):
+                cancels[msg.token] = threading.Event()
+                threading.Thread(target=job, args=(conn, send, msg, cancels[msg.token]),
+                                 daemon=True).start()
+            elif isinstance(msg, CancelJob):
+                cancels.get(msg.token, threading.Event()).set()
+            elif isinstance(msg, (StatusQuery, Prewarm)):
+                try:
+                    payload = (cluster.status() if isinstance(msg, StatusQuery)
+                               else {"opened": cluster.prewarm(list(msg.origins))})
+                    send(Reply(msg.token, payload))
+                except EngineError as exc:
+                    send(Reply(msg.token, {}, str(exc), type(exc).__name__))
+        for event in cancels.values():   # a client that hangs up cancels its jobs
+            event.set()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn = listener.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            threading.Thread(target=client, args=(conn,), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=accept, name="cluster-accept", daemon=True).start()
+    print(f"engine serving on {path} over the Ray cluster at {address} (pid {os.getpid()}); "
+          "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        listener.close()
+        for conn in conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        cluster.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return 0

@@ -6,8 +6,12 @@ file order, and the node-loss tests leave the cluster as they found it: two GPU 
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -201,3 +205,52 @@ def test_close_leaves_no_actor_engine_process_or_segment(eng, cluster):
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"engine supervisors still running: {left}"
     assert not [b for p in pids for b in owned_blocks(p)]
+
+
+# -- the commands, on the same cluster (the module's engine is closed by now, its GPUs free)
+
+def _cli_env():
+    return dict(os.environ, ENGINE_LOG_LEVEL="WARNING")
+
+
+def test_run_with_cluster_option(cluster, cdn, tmp_path):
+    out = tmp_path / "report.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "run", cdn.url("small.mp4"), "--cluster",
+         cluster.address, "--processor", WAIT, "--device", "cpu", "--json", str(out), "--quiet"],
+        cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["frames_processed"] == 50
+    assert report["node"] in _names(cluster)
+
+
+def test_serve_mode_over_the_cluster(cluster, cdn, tmp_path):
+    sock = str(tmp_path / "engine.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine", "run", "--cluster", cluster.address, "--socket", sock,
+         "--processor", WAIT, "--device", "cpu"],
+        cwd=ROOT, env=_cli_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving on" in server.stderr.readline()
+        with Engine.connect(sock) as client:       # what a miner already does
+            report = client.process(cdn.url("small.mp4"))
+            assert report.frames_processed == 50 and report.node in _names(cluster)
+            batches = list(client.stream(cdn.url("small.mp4")))
+            assert [n for b in batches for n in b.frame_numbers] == list(range(50))
+            st = client.status()
+        assert {e["node"] for e in st["engines"]} == set(_names(cluster))
+        table = subprocess.run([sys.executable, "-m", "engine", "status", "--socket", sock],
+                               cwd=ROOT, env=_cli_env(), capture_output=True, text=True,
+                               timeout=60)
+        assert table.returncode == 0 and all(n in table.stdout for n in _names(cluster))
+        pids = {e["pid"] for e in st["engines"]}
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert not os.path.exists(sock)
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
