@@ -49,6 +49,21 @@ def node_name(ip: str, node_id: str) -> str:
     return f"{ip}/{node_id[:8]}"
 
 
+def _probe(address: str) -> None:
+    """Ray's init retries an unreachable head for minutes: a clear error at once instead."""
+    import socket
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineError(f"cluster address {address!r}: expected HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=5.0).close()
+    except OSError as exc:
+        raise EngineClosed(f"cannot join the Ray cluster at {address}: "
+                           f"{exc.strerror or exc}") from None
+
+
 class EngineActor:
     """Runs inside a Ray actor: an ordinary local engine (its supervisor started with
     subprocess + exec, never a fork of the Ray worker), pinned to the actor's GPU through
@@ -143,13 +158,14 @@ class ClusterEngine(EngineClient):
         self._prefix = f"engine-{uuid.uuid4().hex[:8]}"
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            _probe(address)
             try:
                 ray.init(address=None if address == "local" else address,
                          namespace=NAMESPACE, logging_level=logging.WARNING,
                          log_to_driver=False)
             except Exception as exc:   # Ray raises ConnectionError, RuntimeError, ValueError...
-                raise EngineClosed(f"cannot join the Ray cluster at {address}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+                first = str(exc).strip("'\" ").splitlines()[0] if str(exc) else repr(exc)
+                raise EngineClosed(f"cannot join the Ray cluster at {address}: {first}") from None
         self._grow()
         if not self._slots:
             self.close()

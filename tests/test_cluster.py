@@ -98,6 +98,21 @@ def _up_on_all_nodes(eng, c: Cluster):
     return up == set(_names(c)) and len(engines) == 2
 
 
+@pytest.mark.parametrize("address, text", [
+    ("refused", "cannot join the Ray cluster at 127.0.0.1:"),
+    ("no-port", "expected HOST:PORT"),
+])
+def test_unreachable_or_malformed_cluster_address_is_one_line(address, text, cdn):
+    from tools.https_server import free_port
+    address = f"127.0.0.1:{free_port()}" if address == "refused" else "127.0.0.1"
+    done = subprocess.run([sys.executable, "-m", "engine", "run", cdn.url("small.mp4"),
+                           "--cluster", address], cwd=ROOT, env=_cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert text in done.stderr and "Traceback" not in done.stderr
+
+
 def test_engine_cluster_returns_a_cluster_engine_on_every_gpu(eng, cluster):
     assert isinstance(eng, ClusterEngine)
     _wait_for(lambda: _up_on_all_nodes(eng, cluster), "an engine up on each GPU node")
