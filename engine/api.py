@@ -218,7 +218,7 @@ class Engine(EngineClient):
 
     def __new__(cls, *args, cluster: str | None = None, **kwargs):
         if cluster is None:
-            cluster = os.environ.get("ENGINE_CLUSTER", "").strip()
+            cluster = (kwargs.get("config") or Config.from_env()).cluster
         if cluster:
             from engine.cluster import ClusterEngine
             return ClusterEngine(cluster, *args, **kwargs)

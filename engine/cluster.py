@@ -49,6 +49,15 @@ def node_name(ip: str, node_id: str) -> str:
     return f"{ip}/{node_id[:8]}"
 
 
+def _cause(exc: Exception) -> str:
+    """The one line of a Ray error that says what went wrong inside the actor."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error:" in ln and not ln.startswith(("File ", "ray.exceptions")):
+            return ln
+    return lines[0] if lines else type(exc).__name__
+
+
 def _probe(address: str) -> None:
     """Ray's init retries an unreachable head for minutes: a clear error at once instead."""
     import socket
@@ -174,6 +183,10 @@ class ClusterEngine(EngineClient):
         deadline = time.monotonic() + START_TIMEOUT_S
         while not any(s.up for s in self._slots):
             self._poll(timeout=1.0)
+            if all(s.last_error for s in self._slots):   # e.g. the processor cannot load
+                error = self._slots[0].last_error
+                self.close()
+                raise EngineError(f"no engine of the cluster at {address} started: {error}")
             if time.monotonic() > deadline:
                 self.close()
                 raise EngineError(f"no engine of the cluster at {address} started within "
@@ -237,7 +250,7 @@ class ClusterEngine(EngineClient):
                 info = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 # its start failed or it died again: ask once more (Ray restarts it)
-                slot.last_error = str(exc).splitlines()[0]
+                slot.last_error = _cause(exc)
                 slot.pending = slot.handle.info.remote()
                 continue
             with self._lock:

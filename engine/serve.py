@@ -37,8 +37,8 @@ def serve(args) -> int:
 
     path = args.socket or default_socket_path()
     _claim_socket(path)
-    cluster = args.cluster if getattr(args, "cluster", None) is not None else \
-        os.environ.get("ENGINE_CLUSTER", "").strip()
+    cluster = getattr(args, "cluster", None)
+    cluster = Config.from_env().cluster if cluster is None else cluster
     if cluster:
         from engine.cluster import serve_cluster
         return serve_cluster(args, cluster, path)

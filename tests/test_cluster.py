@@ -269,3 +269,14 @@ def test_serve_mode_over_the_cluster(cluster, cdn, tmp_path):
     assert not os.path.exists(sock)
     assert not [p for p in pids if psutil.pid_exists(p)
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_processor_that_cannot_load_fails_the_start_clearly(cluster):
+    with pytest.raises(EngineError, match="stand-in model weights missing"):
+        Engine(cluster=cluster.address, processor="tests.processors:broken_factory",
+               device="cpu", fetchers=1, decoders=1)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        assert not ray.util.list_named_actors(all_namespaces=True)
+    finally:
+        ray.shutdown()
