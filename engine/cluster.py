@@ -359,8 +359,11 @@ class ClusterEngine(EngineClient):
 
     @staticmethod
     def _failed(url: str, error: str, node: str) -> Report:
+        fetch = {"http_version": None, "connections_new": 0, "connections_reused": 0,
+                 "ranges": 0, "retries": 0, "bytes": 0}
         return Report(url=url, ok=False, error=error, video={}, frames_processed=0,
-                      timings_s={}, fetch={}, results=[], error_kind="EngineError", node=node)
+                      timings_s={}, fetch=fetch, results=[], error_kind="EngineError",
+                      node=node)
 
     def prewarm(self, origins) -> int:
         """Every engine opens pooled connections to these origins; returns how many."""
