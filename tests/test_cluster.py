@@ -151,7 +151,7 @@ def test_every_engine_full_then_cluster_busy(eng, cdn):
     eng.busy_wait_s = 0.5
     try:
         with ThreadPoolExecutor(4) as pool:
-            jobs = [pool.submit(eng.report, url, max_frames=100) for _ in range(4)]
+            jobs = [pool.submit(eng.report, url, max_frames=150) for _ in range(4)]
             _wait_for(lambda: sum(e["jobs_in_flight"] for e in _engines(eng)) == 4,
                       "four jobs in flight")
             with pytest.raises(ClusterBusy, match="cluster busy"):
@@ -169,7 +169,7 @@ def _running_on(eng) -> str:
 def test_node_lost_before_any_result_retries_on_another(eng, cluster, cdn):
     box = {}
     worker = threading.Thread(target=lambda: box.update(
-        r=eng.report(cdn.url("sn44.mp4"), max_frames=150)))
+        r=eng.report(cdn.url("sn44.mp4"), max_frames=250)))
     worker.start()
     lost = _wait_for(lambda: _running_on(eng), "the job placed")
     cluster.remove_node(_names(cluster)[lost])
@@ -178,7 +178,7 @@ def test_node_lost_before_any_result_retries_on_another(eng, cluster, cdn):
     report = box["r"]
     assert report.ok, report.error
     assert report.node != lost and report.node in _names(cluster)
-    assert [x["frame_number"] for x in report.results] == list(range(150))
+    assert [x["frame_number"] for x in report.results] == list(range(250))
 
 
 def test_a_joining_node_gets_the_lost_engine(eng, cluster):
