@@ -193,8 +193,8 @@ class ClusterEngine(EngineClient):
                                   f"{START_TIMEOUT_S:.0f} s")
         self._monitor = threading.Thread(target=self._watch, name="cluster-monitor", daemon=True)
         self._monitor.start()
-        if self.config.prewarm:
-            self.prewarm(list(self.config.prewarm))
+        # ENGINE_PREWARM travels in the config: each engine prewarms itself when it starts,
+        # a restarted one too.
 
     # -- engines: one per GPU (or 'engine' unit); Ray places and restarts them ------------
     def _capacity(self) -> dict:

@@ -64,9 +64,9 @@ def cluster(cdn):
 
 
 @pytest.fixture(scope="module")
-def eng(cluster):
+def eng(cluster, cdn):
     engine = Engine(cluster=cluster.address, processor=WAIT, device="cpu", fetchers=1,
-                    connections=2, decoders=1, job_timeout_s=60.0)
+                    connections=2, decoders=1, job_timeout_s=60.0, prewarm=(cdn.url("/"),))
     engine.seen_pids = set()
     yield engine
     engine.close()
@@ -120,6 +120,7 @@ def test_engine_cluster_returns_a_cluster_engine_on_every_gpu(eng, cluster):
     assert sorted(e["node"] for e in engines) == sorted(_names(cluster))
     assert all(e["gpus"] == ["0"] for e in engines)     # Ray's GPU, seen by the engine
     assert all(e["engine"]["processes"] for e in engines)  # each engine's own status
+    assert all(e["engine"]["connections"] for e in engines)  # each prewarmed itself
     table = format_status(eng.status())
     for name in _names(cluster):
         assert name in table
