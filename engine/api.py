@@ -48,6 +48,7 @@ class Report:
     missing_frames: list = field(default_factory=list)
     error_kind: str | None = None
     plan: str | None = None        # "planned" (sample tables) or "streamed"
+    node: str | None = None        # where the job ran, on a cluster
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
@@ -210,10 +211,22 @@ class EngineClient:
 
 
 class Engine(EngineClient):
-    """Spawns a supervisor and its workers; ``close`` (or leaving ``with``) stops them all."""
+    """Spawns a supervisor and its workers; ``close`` (or leaving ``with``) stops them all.
+
+    ``cluster=ADDRESS`` (default ``ENGINE_CLUSTER``; "" for this machine) returns a
+    ``ClusterEngine`` instead: the same interface over one engine per GPU of a Ray cluster.
+    """
+
+    def __new__(cls, *args, cluster: str | None = None, **kwargs):
+        if cluster is None:
+            cluster = (kwargs.get("config") or Config.from_env()).cluster
+        if cluster:
+            from engine.cluster import ClusterEngine
+            return ClusterEngine(cluster, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, processor: str | None = None, device: str | None = None, *,
-                 config: Config | None = None, **overrides):
+                 config: Config | None = None, cluster: str | None = None, **overrides):
         config = config or Config.from_env()
         if device is not None:
             device = check_device(device)

@@ -93,6 +93,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--socket", help="serve-mode socket path")
     run.add_argument("--metrics-port", type=int,
                      help="serve mode: Prometheus text metrics on 127.0.0.1:PORT/metrics")
+    run.add_argument("--cluster", metavar="ADDRESS",
+                     help="run on a Ray cluster, one engine per GPU (default ENGINE_CLUSTER)")
     _job_options(run)
     submit = sub.add_parser("submit", help="send a job to a running engine")
     submit.add_argument("url", metavar="URL")
@@ -156,7 +158,7 @@ def cmd_run(args) -> int:
     if not args.urls:
         from engine.serve import serve
         return serve(args)
-    with Engine(processor=args.processor, device=args.device) as eng:
+    with Engine(processor=args.processor, device=args.device, cluster=args.cluster) as eng:
         return run_jobs(eng, args.urls, args)
 
 
@@ -172,6 +174,10 @@ def cmd_status(args) -> int:
         st = client.status()
     if args.json:
         print(json.dumps(st, indent=1))
+        return 0
+    if "engines" in st:     # an engine serving over a cluster
+        from engine.cluster import format_status
+        print(format_status(st))
         return 0
     print(f"{'role':<12}{'pid':>8}  {'state':<10}{'cpu%':>6}{'rss MB':>9}{'fds':>6}"
           f"{'threads':>8}{'restarts':>9}  last restart cause")
@@ -199,6 +205,9 @@ def cmd_diagnose(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and "--cluster" in argv:   # one engine against a Ray cluster
+        from tools.cluster_bench import main as cluster_bench_main
+        return cluster_bench_main([a for a in argv[1:] if a != "--cluster"])
     if argv[:1] == ["bench"]:   # bench parses its own options (argparse REMAINDER drops --x)
         from tools.bench import main as bench_main
         return bench_main(argv[1:])

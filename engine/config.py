@@ -98,6 +98,8 @@ class Config:
     quick_death_s: float = 2.0          # a death this soon after start counts as quick
     restart_backoff_s: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0)   # by quick deaths
     max_clients: int = 64            # serve mode: more connections get "engine busy"
+    cluster: str = ""                # ENGINE_CLUSTER: Ray address ("" : this machine only)
+    cluster_jobs_per_engine: int = 2  # ENGINE_CLUSTER_JOBS_PER_ENGINE
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -154,6 +156,8 @@ class Config:
             processor=env.get("ENGINE_PROCESSOR", "engine.processors:stats"),
             max_rss_mb=_int(env, "ENGINE_MAX_RSS_MB", 0, minimum=0),
             report_sha256=env.get("ENGINE_REPORT_SHA256", "0").strip() == "1",
+            cluster=env.get("ENGINE_CLUSTER", "").strip(),
+            cluster_jobs_per_engine=_int(env, "ENGINE_CLUSTER_JOBS_PER_ENGINE", 2),
             log_level=_choice(env, "ENGINE_LOG_LEVEL", "info",
                               ("debug", "info", "warning", "error")).upper(),
             notes=tuple(notes),

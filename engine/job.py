@@ -119,4 +119,5 @@ class Job:
             "missing_frames": list(self.missing),
             "error_kind": self.error_kind,
             "results": results,
+            "node": None,
         }

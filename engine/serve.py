@@ -37,6 +37,11 @@ def serve(args) -> int:
 
     path = args.socket or default_socket_path()
     _claim_socket(path)
+    cluster = getattr(args, "cluster", None)
+    cluster = Config.from_env().cluster if cluster is None else cluster
+    if cluster:
+        from engine.cluster import serve_cluster
+        return serve_cluster(args, cluster, path)
     config = Config.from_env().with_(processor=args.processor, device=args.device,
                                      max_frames=args.max_frames)
     old = os.umask(0o177)   # the socket is born 0600: only this user may submit jobs

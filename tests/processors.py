@@ -31,3 +31,15 @@ def spin(device):
         while True:
             n += 1
     return proc
+
+
+def wait(device):
+    """A GPU model's stand-in: holds each batch ENGINE_WAIT_MS_PER_FRAME ms (default 20) per
+    frame without using the CPU (a model waits on the GPU, not on the cores)."""
+    import os
+    per_frame = float(os.environ.get("ENGINE_WAIT_MS_PER_FRAME", "20")) / 1000
+
+    def proc(frames, frame_numbers):
+        time.sleep(per_frame * len(frame_numbers))
+        return [{"n": n} for n in frame_numbers]
+    return proc

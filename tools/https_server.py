@@ -233,6 +233,7 @@ ssl_protocols TLSv1.2 TLSv1.3;
 root {root};
 location / {{ }}
 location /norange/ {{ alias {root}/; max_ranges 0; }}
+location /slow/ {{ alias {root}/; limit_rate 2m; }}
 location = /status/404 {{ return 404; }}
 location = /status/500 {{ return 500; }}
 location /redirect/ {{ rewrite ^/redirect/(.*)$ /$1 redirect; }}

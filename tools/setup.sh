@@ -20,4 +20,4 @@ fi
 PY=${PYTHON:-$(command -v python || command -v python3)}
 # The CPU build of torch (a local file here); an unpinned torch would pull a CUDA build.
 $PY -c "import torch" >/dev/null 2>&1 || $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e ".[test,bench]"
+$PY -m pip install -q -e ".[test,bench,cluster]"
