@@ -56,6 +56,8 @@ _FIRST_BOX_TYPES = frozenset(
 )
 # Boxes whose payload is nothing but child boxes (the ones we need to reach
 # the sample tables; udta/meta are deliberately not descended into).
+# Sample entries of still-image tracks (cover art, thumbnails): never the video.
+_STILL_CODECS = frozenset({"jpeg", "png ", "mjpa", "mjpb", "gif ", "tiff", "bmp "})
 _CONTAINERS = frozenset({"moov", "trak", "mdia", "minf", "stbl", "edts", "dinf"})
 
 _HDR = struct.Struct(">I4s")
@@ -478,9 +480,10 @@ def parse_moov(moov: bytes | memoryview) -> VideoTrack:
                 track.index = index
                 tkhd = boxes.get("tkhd")
                 enabled = tkhd is None or bool(buf[tkhd[0] + 3] & 1)
-                candidates.append((not (enabled and track.frame_count > 1), index, track))
+                still = track.codec in _STILL_CODECS
+                candidates.append((still, track.frame_count <= 1, not enabled, index, track))
         if candidates:
-            return min(candidates, key=lambda c: c[:2])[2]
+            return min(candidates, key=lambda c: c[:4])[4]
     except (struct.error, ValueError) as exc:
         if isinstance(exc, NotMP4):
             raise

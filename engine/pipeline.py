@@ -449,6 +449,9 @@ class Pipeline:
             job.truncated = why
         job.way, job.planned, job.moov, job.moov_layout, job.track = "streamed", True, None, None, None
         job.plan.extend(job.size)
+        if "fragmented" in why:
+            # FFmpeg reads a fragmented MP4's index (mfra) at the end before the first frame
+            job.plan.raise_to_front(max(0, job.size - PROBE_BYTES))
         job.frame_limit = job.max_frames
         job.readable_end = job.size
         self.decode_queue.append(job.id)

@@ -213,3 +213,35 @@ def test_an_empty_file_says_so(engine, cdn):
     with pytest.raises(FetchError, match="empty file"):
         engine.process(cdn.url("empty.mp4"))
     assert engine.process(cdn.url("small.mp4")).frames_processed == 50
+
+
+def _with_cover(path, fmt: str) -> None:
+    """A JPEG cover picture as the first video track, then the real video."""
+    with av.open(str(path), mode="w", format=fmt) as out:
+        cover = out.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        video = out.add_stream("libx264", rate=25, options={"preset": "ultrafast", "bf": "2"})
+        video.width, video.height, video.pix_fmt = 320, 240, "yuv420p"
+        still = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
+        out.mux(cover.encode(still.reformat(format="yuvj420p")))
+        out.mux(cover.encode(None))
+        for i in range(FRAMES):
+            frame = av.VideoFrame.from_ndarray(_picture(i, 320, 240), format="rgb24")
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_cover_art_is_never_the_video(engine, cdn, tmp_path, fmt):
+    path = tmp_path / f"cover.{fmt}"
+    _with_cover(path, fmt)
+    (cdn.root / path.name).write_bytes(path.read_bytes())
+    report = engine.report(cdn.url(path.name))
+    assert report.ok, report.error
+    assert (report.video["width"], report.video["height"]) == (320, 240)
+    with av.open(str(path)) as c:
+        stream = next(s for s in c.streams.video if s.codec_context.name == "h264")
+        from tests.reference import frame_stats
+        ref = [frame_stats(f.to_ndarray(format="rgb24")) for f in c.decode(stream)]
+    assert len(ref) == FRAMES
+    assert_matches(report, ref, tolerance=1.0)

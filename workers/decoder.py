@@ -145,19 +145,24 @@ class SegmentReader:
         return True
 
 
+STILL = {"mjpeg", "png", "gif", "bmp", "tiff"}
+
+
 def pick_stream(container, index: int | None = None):
-    """The video: the planned track when the planner named one, else the default video
-    stream, else the first; never an attached picture (cover art)."""
+    """The video: the planned track when the planner named one, else the first real
+    video stream; never an attached picture or a still-image track (cover art). The
+    planner (``engine.mp4.parse_moov``) applies the same rule. (FFmpeg marks the first
+    track of a kind as default, cover art included, so "default" would pick the picture.)"""
     import av
 
-    streams = [s for s in container.streams.video
-               if not s.disposition & av.stream.Disposition.attached_pic]
-    if index is not None:
-        for s in streams:
-            if s.index == index:
-                return s
-    default = [s for s in streams if s.disposition & av.stream.Disposition.default]
-    return (default or streams or [None])[0]
+    candidates = [s for s in container.streams.video
+                  if not s.disposition & av.stream.Disposition.attached_pic]
+    real = [s for s in candidates if s.codec_context.name not in STILL and s.frames != 1] \
+        or [s for s in candidates if s.codec_context.name not in STILL] or candidates
+    for s in real:
+        if s.index == index:
+            return s
+    return real[0] if real else None
 
 
 def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
@@ -193,6 +198,7 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         height, width = ring.height, ring.width
         seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
         preroll = 0                   # packets an edit list hides (negative pts)
+        last = -1                     # the number of the last frame out
         try:
             for packet in container.demux(stream):
                 link.tick()
@@ -205,12 +211,17 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
                 except av.error.InvalidDataError:
                     continue          # a corrupt packet: its frame is listed as missing
                 for frame in frames:
+                    # A frame's number is its pts rank (a frame lost to a corrupt packet
+                    # leaves its gap); decoders output in presentation order, so where
+                    # timestamps are missing or do not increase, output order counts.
                     number = (bisect.bisect_left(seen_pts, frame.pts) - preroll
-                              if frame.pts is not None else batcher.frames)
+                              if frame.pts is not None else last + 1)
+                    if number < 0:
+                        continue      # hidden by the edit list
+                    number = max(number, last + 1)
                     if limit is not None and number >= limit:
                         break
-                    if number < 0 or number in done:
-                        continue
+                    last = number
                     _, dest = batcher.slot()
                     if frame.width == width and frame.height == height:
                         dest[...] = rgb24(frame)

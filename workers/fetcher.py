@@ -527,8 +527,8 @@ class Fetcher:
                     amap.mark(marked, pos)
                     marked = pos - pos % step if pos != end else pos
         if pos != end:
-            raise RangeError(f"server sent fewer bytes than announced ({pos - offset} of "
-                             f"{end - offset})", True)
+            raise RangeError(f"server sent {pos - offset} of {end - offset} announced bytes",
+                             True)
         return pos - offset
 
 
