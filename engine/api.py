@@ -198,6 +198,11 @@ class EngineClient:
             socket.socket(fileno=os.dup(self._conn.fileno())).shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        # The reader must be out of recv before the fd is closed: a closed fd number is
+        # reused at once by the next connection of this process, whose bytes the old
+        # reader would otherwise steal (seen with many clients in threads: the soak).
+        if threading.current_thread() is not self._reader:
+            self._reader.join(5.0)
         try:
             self._conn.close()
         except OSError:

@@ -50,6 +50,7 @@ def snapshot(sup) -> dict:
     procs = [process_info("supervisor", me)]
     for w in sup.workers:
         procs.append(process_info(w.name, w.pid if w.alive else None, w.restarts, w.causes))
+        procs[-1]["lifecycle"] = w.state.value   # the supervisor's view: starting, ready...
     blocks = owned_blocks(me)
     shm_bytes = 0
     for name in blocks:

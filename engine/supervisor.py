@@ -189,13 +189,15 @@ class Supervisor:
             self.shutdown()
 
     def _guarded(self, fn, *args) -> None:
-        self.touched: set[int] = set()
+        self.touched = set()
+        before = set(self.pipeline.jobs)
         try:
             fn(*args)
         except Exception:
             log.exception("internal error in the supervisor loop (it goes on)")
+            touched = self.touched | (set(self.pipeline.jobs) - before)
             for job in self.pipeline.live:
-                if job.id in self.touched:
+                if job.id in touched:
                     self.pipeline.fail(job, "EngineError",
                                        f"{job.url}: internal error in the engine (see its log)")
 
@@ -331,6 +333,7 @@ class Supervisor:
                 log.warning("%s (pid %s) uses %.0f MB > ENGINE_MAX_RSS_MB=%d: recycling it",
                             w.name, w.pid, rss, limit)
                 w.recycling = f"recycled at {rss:.0f} MB RSS"
+                w.state = State.STOPPING
                 self.send_worker(w, Shutdown())
 
     # ------------------------------------------------------------------ clients

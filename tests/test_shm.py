@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -782,3 +783,32 @@ def test_create_over_an_existing_name_raises_shm_error(names):
             SharedBlock.create(name, 4096)
     finally:
         block.close()
+
+
+def test_create_and_attach_without_free_file_descriptors_raise_shm_error(names):
+    """EMFILE is a ShmError with the cause, not a bare OSError (the supervisor turns a
+    ShmError into one job's error); nothing is left behind."""
+    name, existing = names(), names()
+    block = SharedBlock.create(existing, 4096)
+    try:
+        code = textwrap.dedent(f"""
+            import os, resource
+            from shm import SharedBlock, ShmError
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1,) * 2)
+            for call in (lambda: SharedBlock.create({name!r}, 4096),
+                         lambda: SharedBlock.attach({existing!r})):
+                try:
+                    call()
+                except ShmError as exc:
+                    print(exc)
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=JOIN_S * 10, cwd=os.getcwd())
+        lines = out.stdout.splitlines()
+        assert len(lines) == 2 and all("Too many open files" in line for line in lines), \
+            (out.stdout, out.stderr)
+        assert not os.path.exists(os.path.join(SHM_DIR, name))
+    finally:
+        block.close()
+        block.unlink()
+

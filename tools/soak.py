@@ -61,6 +61,7 @@ class Soak:
                         self.one_job(c, rng)
             except EngineError as exc:
                 self.count(f"client error: {type(exc).__name__}")
+                print(f"  client error: {exc}", flush=True)
                 time.sleep(0.5)
 
     def one_job(self, c, rng) -> None:
@@ -81,10 +82,18 @@ class Soak:
             report = c.report(url if "://" in url else self.cdn.url(url))
             self.count(f"bad -> {report.error_kind}" if not report.ok else "UNEXPECTED bad ok")
         else:
-            with Engine.connect(self.sock) as other:
-                for _ in other.stream(self.cdn.url("sn44.mp4"), max_frames=60):
-                    break
-            self.count("dropped mid-stream")
+            started = time.monotonic()
+            try:
+                with Engine.connect(self.sock) as other:
+                    for _ in other.stream(self.cdn.url("sn44.mp4"), max_frames=60):
+                        break
+                self.count("dropped mid-stream")
+            except EngineError as exc:
+                if self.killed_at >= started - 1:
+                    self.count(f"drop failed by a kill: {type(exc).__name__}")
+                else:
+                    self.count("UNEXPECTED drop failure")
+                    print(f"  unexpected: {exc}", flush=True)
 
     def killer(self) -> None:
         rng = random.Random(1)

@@ -144,8 +144,14 @@ class Child:
             theirs.close()
         self.pid = self.popen.pid
         self.conn = Connection(mine.detach())
-        self.sentinel = os.pidfd_open(self.pid)
-        self.conn.send_bytes(pickle.dumps((target, args)))
+        try:
+            self.sentinel = os.pidfd_open(self.pid)
+            self.conn.send_bytes(pickle.dumps((target, args)))
+        except BaseException:   # EMFILE for the pidfd: no half-started worker left behind
+            self.popen.kill()
+            self.popen.wait()
+            self.conn.close()
+            raise
 
     @property
     def exitcode(self) -> int | None:
