@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 
@@ -487,14 +488,13 @@ def main(conn, config: Config) -> None:
     except Exception as exc:   # the loop itself broke: segments are unlinked by now
         logging.getLogger("engine.supervisor").exception("supervisor failed")
         print(f"error: the engine's supervisor cannot go on: {exc}", flush=True,
-              file=__import__("sys").stderr)
+              file=sys.stderr)
         raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
     # ``Engine`` starts us as ``python -m engine.supervisor FD``: a plain exec, so the
     # miner's own main module is never re-imported here (multiprocess' spawn would).
-    import sys
     from multiprocess.connection import Connection
     _conn = Connection(int(sys.argv[1]))
     main(_conn, _conn.recv())
