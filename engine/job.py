@@ -55,6 +55,8 @@ class Job:
     results: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)
     decoder_backend: str = ""
+    ending: bool = False            # asked the GPU worker for the video's result
+    video_result: object = None     # a per-video processor's end() value
     # end
     error: str | None = None
     error_kind: str | None = None
@@ -108,4 +110,5 @@ class Job:
             "missing_frames": list(self.missing),
             "error_kind": self.error_kind,
             "results": results,
+            "video_result": self.video_result,
         }

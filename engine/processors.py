@@ -3,10 +3,19 @@
 A factory runs once in the GPU worker with the ``torch.device``; the callable it returns
 takes ``frames`` (uint8 ``[B, H, W, 3]`` RGB on that device) and the frame numbers, and
 returns one JSON-serialisable result per frame.
+
+A factory may instead return a per-video processor: an object with ``begin(video)``
+(``video`` a ``Video``) returning a handler for that job alone. The handler is called
+like a plain processor with the job's batches, in frame order; then ``handler.end()``
+gives the job's ``video_result``, or, if the job fails or is cancelled,
+``handler.close()`` (when it has one) is called instead.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,8 +33,35 @@ def load(spec: str, device):
     except AttributeError:
         raise ValueError(f"processor {spec!r}: {module_name} has no {attr!r}") from None
     proc = factory(device)
-    if not callable(proc):
-        raise ValueError(f"processor {spec!r}: the factory did not return a callable")
+    if not callable(proc) and not callable(getattr(proc, "begin", None)):
+        raise ValueError(f"processor {spec!r}: the factory returned neither a callable "
+                         "nor an object with begin(video)")
+    return proc
+
+
+@dataclass(frozen=True)
+class Video:
+    """What a per-video processor's ``begin`` learns about its job (from the moov)."""
+    url: str
+    width: int
+    height: int
+    fps: float | None
+    frames: int            # frames the job will process (ENGINE_MAX_FRAMES included)
+    codec: str | None
+
+
+def wait(device):
+    """A GPU model's stand-in for benchmarks: holds each batch
+    ``ENGINE_WAIT_MS_PER_FRAME`` ms (default 4) per frame, asleep (no CPU), and returns
+    ``{}`` per frame."""
+    seconds = float(os.environ.get("ENGINE_WAIT_MS_PER_FRAME", "4")) / 1000.0
+    if seconds < 0:
+        raise ValueError(f"ENGINE_WAIT_MS_PER_FRAME={seconds * 1000:g}: must be >= 0")
+
+    def proc(frames, frame_numbers):
+        time.sleep(seconds * len(frame_numbers))
+        return [{} for _ in frame_numbers]
+    proc.seconds_per_frame = seconds
     return proc
 
 

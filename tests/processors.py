@@ -21,3 +21,77 @@ def slow(device):
 
 def broken_factory(device):
     raise RuntimeError("stand-in model weights missing")
+
+
+_OPEN: set = set()          # handlers of every probe in this GPU worker, not ended or closed
+_CLOSED = [0]
+_CALLS = [0]
+
+
+class _Probe:
+    """Per-video processor that records what the engine gave each handler: its video, its
+    frame numbers call by call, a checksum of its frames, and the worker-wide order of
+    calls; ``end()`` returns that record, with how many handlers are open or were closed
+    in this worker (a handler the engine forgets to end or close stays open)."""
+
+    def __init__(self, fail_on=None, hold_s=0.0, end_value=None):
+        self.fail_on, self.hold_s, self.end_value = fail_on, hold_s, end_value
+
+    def begin(self, video):
+        probe = self
+
+        class Handler:
+            def __init__(self):
+                self.video, self.batches, self.order, self.pixels = video, [], [], 0
+                _OPEN.add(self)
+
+            def __call__(self, frames, frame_numbers):
+                _CALLS[0] += 1
+                self.order.append(_CALLS[0])
+                self.batches.append(list(frame_numbers))
+                if probe.fail_on is not None and probe.fail_on in frame_numbers:
+                    raise RuntimeError(f"stand-in model exploded on frame {probe.fail_on}")
+                time.sleep(probe.hold_s * len(frame_numbers))
+                self.pixels += int(frames[:, ::16, ::16].sum())
+                return [{"n": n, "handler": id(self)} for n in frame_numbers]
+
+            def end(self):
+                _OPEN.discard(self)
+                if probe.end_value is not None:
+                    return probe.end_value()
+                v = self.video
+                return {"video": {"url": v.url, "width": v.width, "height": v.height,
+                                  "fps": v.fps, "frames": v.frames, "codec": v.codec},
+                        "batches": self.batches, "order": self.order, "pixels": self.pixels,
+                        "handler": id(self), "open_after": len(_OPEN),
+                        "closed_so_far": _CLOSED[0]}
+
+            def close(self):
+                _OPEN.discard(self)
+                _CLOSED[0] += 1
+
+        return Handler()
+
+
+def per_video(device):
+    return _Probe()
+
+
+def per_video_slow(device):
+    """Holds 10 ms per frame, so two jobs' batches are in the worker at once."""
+    return _Probe(hold_s=0.01)
+
+
+def per_video_failing(device):
+    return _Probe(fail_on=5)
+
+
+def per_video_bad_end(device):
+    """end() returns something JSON cannot carry."""
+    return _Probe(end_value=lambda: {"not json": {1, 2}})
+
+
+def per_video_end_raises(device):
+    def boom():
+        raise ValueError("no answer for this video")
+    return _Probe(end_value=boom)
