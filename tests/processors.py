@@ -95,3 +95,32 @@ def per_video_end_raises(device):
     def boom():
         raise ValueError("no answer for this video")
     return _Probe(end_value=boom)
+
+
+def color_box_models(device):
+    """``SN44_MODELS`` builder for the tracking tests: the detector boxes the red and the
+    blue pixels of a frame (class 0 both, in an order that alternates within the batch,
+    so an index is no id), holds 5 ms a frame (two videos overlap in the worker), and
+    raises on an all-white frame (a video that fails mid-way)."""
+    import torch
+
+    def bbox(mask):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1, 0.9, 0]
+
+    def detector(x):
+        out = []
+        for i, frame in enumerate(x):
+            if bool((frame > 0.9).all()):
+                raise RuntimeError("white frame: the detector gives up")
+            r, g, b = frame[0], frame[1], frame[2]
+            red = bbox((r > 0.6) & (g < 0.4) & (b < 0.4))
+            blue = bbox((b > 0.6) & (r < 0.4) & (g < 0.4))
+            out.append(torch.tensor([red, blue] if i % 2 == 0 else [blue, red]))
+        time.sleep(0.005 * len(out))
+        return out
+
+    def keypoints(x):
+        return [torch.zeros((4, 2)) for _ in range(x.shape[0])]
+
+    return detector, keypoints
