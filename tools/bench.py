@@ -742,6 +742,10 @@ def summarize(runs: list[dict], contenders: list[str]) -> dict:
         if idle:
             s["model_idle"] = {"median": statistics.median(idle), "min": min(idle),
                                "max": max(idle)}
+        waits = [r["model_waits"] for r in rs if r.get("model_waits")]
+        if waits:
+            s["model_waits"] = {k: statistics.median(w[k] for w in waits)
+                                for k in WAIT_PARTS}
         for k in ("wall_s", "startup_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "bytes",
                   "wire_bytes", "conns_accepted", "conns_new", "conns_reused", "frames",
                   "process_cpu_s", "model_s"):
@@ -1086,10 +1090,16 @@ def _model_time(res: dict) -> None:
     if res.get("ok") and res.get("frames") and t.get("total") is not None:
         res["model_s"] = round(res["frames"] * _wait_s_per_frame(), 4)
         res["model_idle_s"] = round(t["total"] - res["model_s"], 4)
+        if res.get("model_waits"):
+            waits = res["model_waits"]
+            waits["overrun"] = round(waits["held_s"] - res["model_s"], 4)
+
+
+WAIT_PARTS = ("to_first_call", "ramp_gaps", "gaps", "after_last", "overrun")
 
 
 def render_model(summary: dict, contenders: list[str]) -> str:
-    rows = []
+    rows, parts = [], []
     for c in contenders:
         s = summary[c]
         if s.get("model_s") is None:
@@ -1097,22 +1107,40 @@ def render_model(summary: dict, contenders: list[str]) -> str:
         rows.append([c, _fmt_stage(s, "total"), f"{s['model_s']:.3f}",
                      _fmt_stage(s, "model_idle"), _fmt_stage(s, "first_result"),
                      f"{s.get('frames', 0):.0f}"])
+        if s.get("model_waits"):
+            parts.append([c] + [f"{s['model_waits'][k]:.3f}" for k in WAIT_PARTS])
+    waits = ""
+    if parts:
+        waits = ("\n\nwhere the model waited (medians, s; from the processor's own timeline): "
+                 "before its first call, between batches while they still grew, between "
+                 "full batches, after its last call, sleeps overrun\n"
+                 + _table(parts, ["contender", "to 1st call", "ramp gaps", "gaps",
+                                  "after last", "overrun"]))
     return (f"model-bound: {WAIT_PROCESSOR}, {_wait_s_per_frame() * 1000:g} ms a frame asleep; "
             "model idle = total - model time\n"
             + _table(rows, ["contender", "total s", "model s", "model idle s", "first result s",
-                            "frames"]))
+                            "frames"]) + waits)
 
 
 def _measure_warm(eng, url: str, origin: str, emu) -> dict:
     eng.prewarm([origin])
     before = emu.stats()
     meter = TreeMeter(eng.pid).start()
+    mono = time.monotonic()
     t0 = time.perf_counter()
     report = eng.report(url)
     wall = time.perf_counter() - t0
     out = _report_fields(report, wall)
     out.update(meter.stop())
     out["_emu_before"] = before
+    timeline = report.video_result
+    if report.ok and isinstance(timeline, dict) and timeline.get("first_call") is not None:
+        # the wait processor's own timeline (engine.processors.Wait): where the model waited
+        out["model_waits"] = {
+            "to_first_call": round(timeline["first_call"] - mono, 4),
+            "ramp_gaps": timeline["ramp_gaps_s"], "gaps": timeline["gaps_s"],
+            "after_last": round(mono + report.timings_s["total"] - timeline["last_end"], 4),
+            "held_s": timeline["held_s"], "calls": timeline["calls"]}
     return out
 
 
