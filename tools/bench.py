@@ -25,6 +25,16 @@ spread over all of them:
   shown with it, lets decode and processor overlap perfectly (decode alone vs processor
   alone), the floor for a pipeline like the engine's.
 
+``python -m engine bench --model-bound`` puts a GPU model's stand-in in every contender's
+place of the processor (``engine.processors:wait``: ``ENGINE_WAIT_MS_PER_FRAME`` ms a frame,
+asleep) and adds model time (frames x that) and model idle (total - model time); the
+warm engine's idle is split by the processor's own timeline (before its first call,
+between growing batches, between full batches, after its last call, sleeps overrun).
+Its default contenders are ``engine-warm`` and the peers a user would pick instead:
+``ffmpeg-cli`` (the ``ffmpeg`` command line reading the URL, ``-hwaccel cuda`` on a GPU,
+raw RGB frames piped to the processor in batches) and ``decord-file`` (one GET to a temp
+file, then decord's ``get_batch``).
+
 ``python -m engine bench --fetch`` compares the transfer alone (time until every byte of
 the clip is local, no decoding in the measure) -- see ``fetch_main``: ``engine-warm``
 (prewarmed, ``engine.processors:null``, the report's ``download_done``), ``engine-cold``
