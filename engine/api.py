@@ -49,6 +49,7 @@ class Report:
     error_kind: str | None = None
     plan: str | None = None        # "planned" (sample tables) or "streamed"
     node: str | None = None        # where the job ran, on a cluster
+    video_result: object = None      # a per-video processor's end() value
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
@@ -68,6 +69,12 @@ class Batch:
     bytes_done: int = 0            # fetched so far
     bytes_total: int = 0           # the file's size
     frames_total: int | None = None   # frames the job will produce
+
+
+@dataclass
+class VideoResult:
+    """The last item of ``stream`` for a per-video processor: its ``end()`` value."""
+    value: object
 
 
 def raise_for(report: Report) -> None:
@@ -182,13 +189,16 @@ class EngineClient:
         return report
 
     def stream(self, url: str, *, processor: str | None = None, max_frames: int | None = None):
-        """Yield result batches as they are produced, in frame order."""
+        """Yield result batches as they are produced, in frame order; then, if the
+        processor gave a video result (``end()``, not None), a ``VideoResult``."""
         for item in self.submit(url, processor=processor, max_frames=max_frames, stream=True):
             if isinstance(item, Batch):
                 yield item
             else:
                 raise_for(item)
                 self.last_report = item
+                if item.video_result is not None:
+                    yield VideoResult(item.video_result)
 
     def close(self) -> None:
         self._closed = True

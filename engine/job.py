@@ -59,6 +59,8 @@ class Job:
     results: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)
     decoder_backend: str = ""
+    ending: bool = False            # asked the GPU worker for the video's result
+    video_result: object = None     # a per-video processor's end() value
     # end
     error: str | None = None
     error_kind: str | None = None
@@ -120,4 +122,5 @@ class Job:
             "error_kind": self.error_kind,
             "results": results,
             "node": None,
+            "video_result": self.video_result,
         }

@@ -131,6 +131,13 @@ class GpuJob:
     job: int
     ring: str
     processor: str
+    video: dict = field(default_factory=dict)   # engine.processors.Video's fields
+
+
+@dataclass
+class EndVideo:
+    """Every batch of the job has its results: a per-video processor's ``end()`` now."""
+    job: int
 
 
 @dataclass
@@ -241,6 +248,14 @@ class DecodeDone:
     job: int
     frames: int
     missing: list[int]
+    error: str | None = None
+
+
+@dataclass
+class VideoResult:
+    """Answer to ``EndVideo``: ``end()``'s value (None for a per-frame processor)."""
+    job: int
+    value: object = None
     error: str | None = None
 
 

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 from engine import mp4
 from engine.config import Config
 from engine.job import Job
-from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, FetchHead,
-                             FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes, RangeDone,
-                             RangeFailed, ResultBatch, RingReady, SegmentReady, StreamInfo,
-                             Submit)
+from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
+                             FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
+                             RangeDone, RangeFailed, ResultBatch, RingReady, SegmentReady,
+                             StreamInfo, Submit, VideoResult)
 from engine.plan import Piece, RangePlan
 from workers.decoder import fetch_end
 from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
@@ -109,6 +109,8 @@ class Pipeline:
             self.on_decode_done(w, msg)
         elif isinstance(msg, StreamInfo):
             self.on_stream_info(w, msg)
+        elif isinstance(msg, VideoResult):
+            self.on_video_result(w, msg)
 
     def tick(self, now: float) -> None:
         """Deadlines, heads that wait for a fetcher, and pieces and decodes to hand out."""
@@ -648,7 +650,8 @@ class Pipeline:
                     job.plan.regions()))
                 continue
             gpu.jobs.add(job.id)   # from now on its death fails this job
-            self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
+            self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor,
+                                             self._video_info(job)))
             track = job.track
             self.sup.send_worker(w, DecodeJob(
                 job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
@@ -671,8 +674,16 @@ class Pipeline:
             self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
             return
         gpu.jobs.add(job.id)
-        self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor))
+        self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor,
+                                         self._video_info(job)))
         self.sup.send_worker(w, RingReady(job.id, job.ring.name))
+
+    @staticmethod
+    def _video_info(job: Job) -> dict:
+        """What a per-video processor's ``begin`` gets (``engine.processors.Video``)."""
+        t = job.track
+        return {"url": job.url, "width": t.width, "height": t.height, "fps": t.fps,
+                "frames": job.frame_limit, "codec": t.codec}
 
     def on_batch(self, w: WorkerHandle, msg: BatchReady) -> None:
         job = self._live(msg.job)
@@ -726,8 +737,26 @@ class Pipeline:
         self._maybe_finish(job)
 
     def _maybe_finish(self, job: Job) -> None:
-        if job.decode_done and job.outstanding == 0 and not job.finished:
-            self.finish(job)
+        """Every frame has its result: ask the GPU worker for the video's result (a
+        per-video processor's ``end()``); the report goes out with its answer."""
+        if job.decode_done and job.outstanding == 0 and not job.finished and not job.ending:
+            gpu = self.sup.gpu()
+            if gpu is None:
+                self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
+                return
+            job.ending = True
+            gpu.jobs.add(job.id)
+            self.sup.send_worker(gpu, EndVideo(job.id))
+
+    def on_video_result(self, w: WorkerHandle, msg: VideoResult) -> None:
+        job = self._live(msg.job)
+        if job is None or not job.ending:
+            return
+        if msg.error:
+            self.fail(job, "ProcessorError", f"{job.url}: {msg.error}")
+            return
+        job.video_result = msg.value
+        self.finish(job)
 
     # ------------------------------------------------------------------ end
     def finish(self, job: Job) -> None:

@@ -3,10 +3,19 @@
 A factory runs once in the GPU worker with the ``torch.device``; the callable it returns
 takes ``frames`` (uint8 ``[B, H, W, 3]`` RGB on that device) and the frame numbers, and
 returns one JSON-serialisable result per frame.
+
+A factory may instead return a per-video processor: an object with ``begin(video)``
+(``video`` a ``Video``) returning a handler for that job alone. The handler is called
+like a plain processor with the job's batches, in frame order; then ``handler.end()``
+gives the job's ``video_result``, or, if the job fails or is cancelled,
+``handler.close()`` (when it has one) is called instead.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,9 +33,92 @@ def load(spec: str, device):
     except AttributeError:
         raise ValueError(f"processor {spec!r}: {module_name} has no {attr!r}") from None
     proc = factory(device)
-    if not callable(proc):
-        raise ValueError(f"processor {spec!r}: the factory did not return a callable")
+    if not callable(proc) and not callable(getattr(proc, "begin", None)):
+        raise ValueError(f"processor {spec!r}: the factory returned neither a callable "
+                         "nor an object with begin(video)")
     return proc
+
+
+@dataclass(frozen=True)
+class Video:
+    """What a per-video processor's ``begin`` learns about its job (from the moov)."""
+    url: str
+    width: int
+    height: int
+    fps: float | None
+    frames: int            # frames the job will process (ENGINE_MAX_FRAMES included)
+    codec: str | None
+
+
+def wait(device):
+    """A GPU model's stand-in for benchmarks: holds each batch
+    ``ENGINE_WAIT_MS_PER_FRAME`` ms (default 4) per frame, asleep (no CPU), and returns
+    ``{}`` per frame. Through the engine it is per-video, and its video result says
+    where the model waited (``Wait``)."""
+    text = os.environ.get("ENGINE_WAIT_MS_PER_FRAME", "4")
+    try:
+        seconds = float(text) / 1000.0
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"ENGINE_WAIT_MS_PER_FRAME={text!r}: expected a number of ms >= 0")
+    return Wait(seconds)
+
+
+class Wait:
+    """``wait``'s processor. A sleep wakes late (more so on a loaded machine), so each
+    hold is shortened by what the previous ones overran: over a video the model's time
+    is frames x the setting, within one wake-up, as a benchmark's arithmetic assumes.
+
+    Called directly it is a plain processor. ``begin`` gives a handler that also times
+    its calls; its ``end()`` is ``{"first_call": t, "last_end": t, "held_s", "ramp_gaps_s",
+    "gaps_s", "calls"}`` (``time.monotonic()`` values, which every process of a machine
+    shares): the model's waits between batches, those before the first full batch apart.
+    """
+
+    def __init__(self, seconds_per_frame: float):
+        self.seconds_per_frame = seconds_per_frame
+        self.owed = 0.0           # held too long so far (s): taken off the next holds
+
+    def __call__(self, frames, frame_numbers):
+        want = self.seconds_per_frame * len(frame_numbers)
+        start = time.perf_counter()
+        time.sleep(max(0.0, want - self.owed))
+        self.owed += time.perf_counter() - start - want
+        return [{} for _ in frame_numbers]
+
+    def begin(self, video):
+        return _WaitTimeline(self)
+
+
+class _WaitTimeline:
+    def __init__(self, model: Wait):
+        self.model = model
+        self.first_call = self.last_end = None
+        self.held = self.ramp_gaps = self.gaps = 0.0
+        self.calls, self.largest = 0, 0
+
+    def __call__(self, frames, frame_numbers):
+        start = time.monotonic()
+        if self.last_end is not None:
+            gap = start - self.last_end
+            if len(frame_numbers) > self.largest:
+                self.ramp_gaps += gap        # still waiting for batches to grow
+            else:
+                self.gaps += gap
+        self.largest = max(self.largest, len(frame_numbers))
+        out = self.model(frames, frame_numbers)
+        self.last_end = time.monotonic()
+        if self.first_call is None:
+            self.first_call = start
+        self.held += self.last_end - start
+        self.calls += 1
+        return out
+
+    def end(self):
+        return {"first_call": self.first_call, "last_end": self.last_end,
+                "held_s": round(self.held, 4), "ramp_gaps_s": round(self.ramp_gaps, 4),
+                "gaps_s": round(self.gaps, 4), "calls": self.calls}
 
 
 def null(device):

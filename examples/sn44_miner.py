@@ -50,7 +50,13 @@ the engine's device, in the coordinates of the decoded frame:
   pixels (a third column, a confidence, is ignored here; an undetected keypoint is
   ``[0, 0]``, as the validator expects).
 
-Object ids are the index of the box within its frame; boxes are clipped to the frame.
+Object ids come from one tracker per video (the engine's per-video processor protocol:
+``begin(video)`` makes the video's handler, which sees that video's frames only, in
+order): supervision's ByteTrack when ``supervision`` is installed, else ``IoUTracker``
+below (greedy IoU matching, same class, a track survives 30 frames unseen). So an id
+names the same object across frames and batches, as the validator scores it. Boxes are
+clipped to the frame. The video's result (``Report.video_result``) is
+``{"tracks": ids handed out, "videos_in_progress": other videos' trackers alive}``.
 
 Failures
 --------
@@ -110,7 +116,7 @@ def _load_builder(spec: str):
 
 def miner_processor(device):
     """Engine processor factory: builds the models named by ``SN44_MODELS`` (default: the
-    real YOLO weights) once, and returns the per-batch adapter."""
+    real YOLO weights) once, and returns the per-video processor (a tracker per video)."""
     spec = os.environ.get(MODELS_ENV, "").strip() or YOLO_MODELS
     models = _load_builder(spec)(device)
     try:
@@ -118,35 +124,172 @@ def miner_processor(device):
     except (TypeError, ValueError):
         raise ProcessorError(f"{MODELS_ENV}={spec!r}: the builder must return "
                              "(detector, keypoint_model)") from None
-    return adapt(detector, keypoint_model)
+    return TrackingMiner(detector, keypoint_model)
+
+
+def _run_models(detector, keypoint_model, frames):
+    """Both models on one batch: per frame (detection rows, keypoints)."""
+    b = frames.shape[0]
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)      # [B, 3, H, W] RGB 0..1
+    boxes = list(detector(x))
+    points = list(keypoint_model(x))
+    if len(boxes) != b or len(points) != b:
+        raise ValueError(f"models returned {len(boxes)} detections and {len(points)} "
+                         f"keypoint sets for {b} frames")
+    return boxes, points
 
 
 def adapt(detector, keypoint_model):
-    """The engine processor around two models that follow the protocol in the module doc."""
+    """A per-frame processor around the two models: no tracker, so an object's id is its
+    index within the frame (what a validator reads as a new object every frame)."""
     def proc(frames, frame_numbers):
-        b, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
-        x = frames.permute(0, 3, 1, 2).float().div_(255.0)      # [B, 3, H, W] RGB 0..1
-        boxes = list(detector(x))
-        points = list(keypoint_model(x))
-        if len(boxes) != b or len(points) != b:
-            raise ValueError(f"models returned {len(boxes)} detections and {len(points)} "
-                             f"keypoint sets for {b} frames")
-        return [{"keypoints": _keypoints(points[i]), "objects": _objects(boxes[i], w, h)}
-                for i in range(b)]
+        h, w = frames.shape[1], frames.shape[2]
+        boxes, points = _run_models(detector, keypoint_model, frames)
+        out = []
+        for det, kp in zip(boxes, points):
+            rows = _rows(det, w, h)
+            out.append({"keypoints": _keypoints(kp),
+                        "objects": _objects(rows, range(len(rows)))})
+        return out
     return proc
 
 
-def _objects(det, width: int, height: int) -> list:
+class TrackingMiner:
+    """The miner's per-video processor: the models are shared, each video gets its own
+    tracker (``begin``), dropped when the video ends or fails (``end``/``close``)."""
+
+    def __init__(self, detector, keypoint_model):
+        self.detector, self.keypoint_model = detector, keypoint_model
+        self.videos: set = set()        # handlers whose video is in progress
+
+    def begin(self, video):
+        return _VideoHandler(self, video)
+
+
+class _VideoHandler:
+    def __init__(self, miner: TrackingMiner, video):
+        self.miner = miner
+        self.tracker = make_tracker(video.fps)
+        miner.videos.add(self)
+
+    def __call__(self, frames, frame_numbers):
+        h, w = frames.shape[1], frames.shape[2]
+        boxes, points = _run_models(self.miner.detector, self.miner.keypoint_model, frames)
+        out = []
+        for det, kp in zip(boxes, points):
+            rows, ids = self.tracker.update(_rows(det, w, h))
+            out.append({"keypoints": _keypoints(kp), "objects": _objects(rows, ids)})
+        return out
+
+    def end(self):
+        self.close()
+        return {"tracks": self.tracker.tracks_started,
+                "videos_in_progress": len(self.miner.videos)}
+
+    def close(self):
+        self.miner.videos.discard(self)
+
+
+def _rows(det, width: int, height: int) -> list:
+    """Detections as [x1, y1, x2, y2, conf, class_id] rows, clipped to the frame."""
     rows = det.detach().float().cpu().tolist() if hasattr(det, "detach") else list(det)
     out = []
-    for i, row in enumerate(rows):
+    for row in rows:
         x1, y1, x2, y2 = (float(v) for v in row[:4])
         x1, x2 = sorted((min(max(x1, 0.0), width), min(max(x2, 0.0), width)))
         y1, y2 = sorted((min(max(y1, 0.0), height), min(max(y2, 0.0), height)))
+        conf = float(row[4]) if len(row) > 4 else 1.0
         class_id = int(row[5]) if len(row) > 5 else 0
-        out.append({"id": i, "bbox": [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)],
-                    "class_id": class_id})
+        out.append([x1, y1, x2, y2, conf, class_id])
     return out
+
+
+def _objects(rows, ids) -> list:
+    return [{"id": int(i), "bbox": [round(r[0], 2), round(r[1], 2), round(r[2], 2), round(r[3], 2)],
+             "class_id": int(r[5])} for r, i in zip(rows, ids)]
+
+
+# ---------------------------------------------------------------------------------------
+# Trackers: one per video
+# ---------------------------------------------------------------------------------------
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class IoUTracker:
+    """Greedy IoU tracker: each detection takes the free track of its class whose last
+    box overlaps it most (IoU >= ``min_iou``), else starts a new track; a track unseen
+    for ``max_lost`` frames is dropped. Ids count from 0 per video."""
+
+    def __init__(self, min_iou: float = 0.3, max_lost: int = 30):
+        self.min_iou, self.max_lost = min_iou, max_lost
+        self.tracks: dict[int, tuple[list, int]] = {}     # id -> (last row, frames unseen)
+        self.tracks_started = 0
+
+    def update(self, rows: list) -> tuple[list, list]:
+        pairs = sorted(((_iou(r[:4], t[:4]), i, tid) for i, r in enumerate(rows)
+                        for tid, (t, _) in self.tracks.items() if int(t[5]) == int(r[5])),
+                       reverse=True)
+        ids: dict[int, int] = {}
+        taken: set = set()
+        for iou, i, tid in pairs:
+            if iou < self.min_iou:
+                break
+            if i not in ids and tid not in taken:
+                ids[i] = tid
+                taken.add(tid)
+        for i in range(len(rows)):
+            if i not in ids:
+                ids[i] = self.tracks_started
+                self.tracks_started += 1
+        for tid, (row, lost) in list(self.tracks.items()):
+            if tid not in taken and lost + 1 > self.max_lost:
+                del self.tracks[tid]
+            elif tid not in taken:
+                self.tracks[tid] = (row, lost + 1)
+        for i, row in enumerate(rows):
+            self.tracks[ids[i]] = (row, 0)
+        return rows, [ids[i] for i in range(len(rows))]
+
+
+class ByteTrackTracker:
+    """supervision's ByteTrack behind ``IoUTracker``'s interface. ByteTrack reports only
+    confirmed tracks, so a detection it has not confirmed yet is left out."""
+
+    def __init__(self, fps):
+        import supervision as sv
+        self.sv = sv
+        self.tracker = sv.ByteTrack(frame_rate=int(round(fps or 25)))
+        self.seen: set = set()
+
+    @property
+    def tracks_started(self) -> int:
+        return len(self.seen)
+
+    def update(self, rows: list) -> tuple[list, list]:
+        import numpy as np
+        arr = np.asarray(rows, dtype=np.float32).reshape(-1, 6)
+        det = self.sv.Detections(xyxy=arr[:, :4], confidence=arr[:, 4],
+                                 class_id=arr[:, 5].astype(int))
+        out = self.tracker.update_with_detections(det)
+        kept = [[*map(float, xyxy), float(c), int(k)]
+                for xyxy, c, k in zip(out.xyxy, out.confidence, out.class_id)]
+        ids = [int(t) for t in out.tracker_id]
+        self.seen.update(ids)
+        return kept, ids
+
+
+def make_tracker(fps=None):
+    """ByteTrack when supervision is installed, else the IoU tracker."""
+    try:
+        import supervision  # noqa: F401
+    except ImportError:
+        return IoUTracker()
+    return ByteTrackTracker(fps)
 
 
 def _keypoints(kp) -> list:

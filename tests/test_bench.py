@@ -60,3 +60,27 @@ def test_bench_fetch_smoke(tmp_path, capsys):
         "warm time-to-first-byte within 1.2 x one RTT"}
     table = capsys.readouterr().out
     assert "all bytes local s" in table and "link-cold" in table and "goal checks" in table
+
+
+@pytest.mark.timeout(180)
+def test_bench_model_bound_smoke(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from tools.bench import main
+
+    monkeypatch.setenv("ENGINE_WAIT_MS_PER_FRAME", "2")
+    out = tmp_path / "model.json"
+    contenders = ["engine-warm", "decord-file"] + (["ffmpeg-cli"] if shutil.which("ffmpeg") else [])
+    rc = main(["--model-bound", "--profile", "lan", "--clip", "small", "--runs", "1",
+               "--contenders", ",".join(contenders), "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["processor"] == "engine.processors:wait"
+    for name in contenders:
+        run, = [r for r in data["runs"] if r["contender"] == name]
+        assert run["ok"] and run["frames"] == 50, run
+        assert run["model_s"] == 0.1                        # 50 frames x 2 ms
+        assert run["model_idle_s"] == round(run["t"]["total"] - 0.1, 4)
+        assert run["t"]["total"] >= 0.1                     # the model's time is inside it
+    table = capsys.readouterr().out
+    assert "model idle s" in table and "decord-file" in table

@@ -27,9 +27,10 @@ def _check_frame(frame: dict) -> None:
     assert frame["keypoints"] and all(
         len(p) == 2 and 0 <= p[0] <= W and 0 <= p[1] <= H for p in frame["keypoints"])
     assert frame["objects"]
-    for i, obj in enumerate(frame["objects"]):
+    assert len({obj["id"] for obj in frame["objects"]}) == len(frame["objects"])
+    for obj in frame["objects"]:
         assert set(obj) == {"id", "bbox", "class_id"}
-        assert obj["id"] == i and obj["class_id"] == 0
+        assert obj["class_id"] == 0
         x1, y1, x2, y2 = obj["bbox"]
         assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H
 
@@ -118,3 +119,97 @@ def test_command_line_prints_a_truncated_response(cdn, capsys):
     out = json.loads(capsys.readouterr().out)
     assert [f["frame_number"] for f in out["frames"]] == [0, 1]
     assert out["frames_not_shown"] == 48 and out["processing_time"] > 0
+
+
+# ------------------------------------------------------------------ tracking
+# Clips with a red and a blue box that move, made here with PyAV and served by nginx.
+
+import threading                                       # noqa: E402
+
+import av                                              # noqa: E402
+import numpy as np                                     # noqa: E402
+
+BOX = 30
+
+
+def _box_clip(path, rows, frames=40, white_at=None):
+    """320x240 H.264: a red box at y=rows[0] moving right, a blue one at y=rows[1] moving
+    left, 2 px a frame; frame ``white_at`` is all white."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        for n in range(frames):
+            img = np.full((H, W, 3), 40, np.uint8)
+            if n == white_at:
+                img[:] = 255
+            else:
+                rx, bx = 10 + 2 * n, 280 - 2 * n
+                img[rows[0]:rows[0] + BOX, rx:rx + BOX] = (220, 30, 30)
+                img[rows[1]:rows[1] + BOX, bx:bx + BOX] = (30, 30, 220)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+@pytest.fixture(scope="module")
+def box_clips(cdn):
+    _box_clip(cdn.root / "boxes-top.mp4", (20, 70))
+    _box_clip(cdn.root / "boxes-bottom.mp4", (140, 190))
+    _box_clip(cdn.root / "boxes-white.mp4", (20, 70), white_at=12)
+    return {"top": (20, 70), "bottom": (140, 190)}
+
+
+@pytest.fixture(scope="module")
+def box_miner(cdn, box_clips):
+    with Miner(origin_of(cdn.url("")), models="tests.processors:color_box_models",
+               device="cpu", fetchers=1, decoders=2, batch=4, ring_slots=12) as m:
+        yield m
+
+
+def _ids_by_colour(response, rows) -> dict:
+    """{"red": {ids}, "blue": {ids}} over all frames, telling the boxes apart by row."""
+    ids = {"red": set(), "blue": set()}
+    for frame in response["frames"]:
+        assert len(frame["objects"]) == 2, frame
+        for obj in frame["objects"]:
+            y1 = obj["bbox"][1]
+            colour = "red" if abs(y1 - rows[0]) < 4 else "blue"
+            assert abs(y1 - rows[0 if colour == "red" else 1]) < 4, obj
+            ids[colour].add(obj["id"])
+    return ids
+
+
+def test_object_ids_stay_stable_across_frames_and_batches(box_miner, cdn, box_clips):
+    response = box_miner.handle_challenge({"challenge_id": "t1",
+                                           "video_url": cdn.url("boxes-top.mp4")})
+    assert "error" not in response and len(response["frames"]) == 40   # 11 batches of <= 4
+    ids = _ids_by_colour(response, box_clips["top"])
+    assert len(ids["red"]) == 1 and len(ids["blue"]) == 1 and ids["red"] != ids["blue"]
+    assert box_miner.last_report.video_result == {"tracks": 2, "videos_in_progress": 0}
+
+
+def test_two_videos_at_once_never_share_a_tracker(box_miner, cdn, box_clips):
+    out = {}
+
+    def run(name):
+        out[name] = box_miner.handle_challenge({"challenge_id": name,
+                                                "video_url": cdn.url(f"boxes-{name}.mp4")})
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("top", "bottom")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for name in ("top", "bottom"):
+        ids = _ids_by_colour(out[name], box_clips[name])
+        # a tracker of its own: ids from 0, one per box (a shared one would hand the
+        # second video new ids, its boxes overlapping none of the first's)
+        assert ids["red"] | ids["blue"] == {0, 1} and len(ids["red"]) == 1, (name, ids)
+
+
+def test_a_failing_video_does_not_leak_its_tracker(box_miner, cdn, box_clips):
+    failed = box_miner.handle_challenge({"challenge_id": "w",
+                                         "video_url": cdn.url("boxes-white.mp4")})
+    assert "white frame" in failed["error"]
+    box_miner.handle_challenge({"challenge_id": "t2", "video_url": cdn.url("boxes-top.mp4")})
+    assert box_miner.last_report.video_result["videos_in_progress"] == 0

@@ -25,6 +25,16 @@ spread over all of them:
   shown with it, lets decode and processor overlap perfectly (decode alone vs processor
   alone), the floor for a pipeline like the engine's.
 
+``python -m engine bench --model-bound`` puts a GPU model's stand-in in every contender's
+place of the processor (``engine.processors:wait``: ``ENGINE_WAIT_MS_PER_FRAME`` ms a frame,
+asleep) and adds model time (frames x that) and model idle (total - model time); the
+warm engine's idle is split by the processor's own timeline (before its first call,
+between growing batches, between full batches, after its last call, sleeps overrun).
+Its default contenders are ``engine-warm`` and the peers a user would pick instead:
+``ffmpeg-cli`` (the ``ffmpeg`` command line reading the URL, ``-hwaccel cuda`` on a GPU,
+raw RGB frames piped to the processor in batches) and ``decord-file`` (one GET to a temp
+file, then decord's ``get_batch``).
+
 ``python -m engine bench --fetch`` compares the transfer alone (time until every byte of
 the clip is local, no decoding in the measure) -- see ``fetch_main``: ``engine-warm``
 (prewarmed, ``engine.processors:null``, the report's ``download_done``), ``engine-cold``
@@ -61,6 +71,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH-RESULT "
 CONTENDERS = ("engine-warm", "engine-cold", "stock", "seed-fork", "pyav-url", "limit")
+# --model-bound: the wait processor (a GPU model's stand-in) and the peers a user would pick
+MODEL_CONTENDERS = ("engine-warm", "ffmpeg-cli", "decord-file")
+WAIT_PROCESSOR = "engine.processors:wait"
 STAGE_KEYS = ("connect", "first_byte", "moov_ready", "first_frame", "first_result",
               "download_done", "decode_done", "total")
 
@@ -431,7 +444,112 @@ def worker_httpx_get(a) -> dict:
             "conns_new": 1, "conns_reused": 0}
 
 
-WORKERS = {"engine-cold": worker_engine_cold, "httpx-get": worker_httpx_get, "stock": worker_stock, "seed-fork": worker_seed_fork,
+def _dims(path: str) -> tuple[int, int]:
+    import av
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        return s.codec_context.width, s.codec_context.height
+
+
+def worker_ffmpeg_cli(a) -> dict:
+    """The ``ffmpeg`` command line reads the URL and pipes raw RGB frames to the processor
+    (``-hwaccel cuda`` on a CUDA device), batches of ``--batch`` frames. The frame size
+    is known off the clock (a user would ffprobe it)."""
+    import numpy as np
+    import torch
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        return {"ok": False, "error": "ffmpeg is not installed (tools/setup.sh installs it)"}
+    proc, dev = _load_processor(a.processor, _device(a.device))
+    w, h = _dims(a.video)
+    cmd = [exe, "-nostdin", "-v", "error"]
+    if dev.type == "cuda":
+        cmd += ["-hwaccel", "cuda"]
+    if a.ca:
+        cmd += ["-ca_file", a.ca, "-tls_verify", "1"]
+    cmd += ["-i", a.url, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    frame_bytes = w * h * 3
+    meter = TreeMeter().start()
+    clock = Clock()
+    ff = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    n, batch, numbers = 0, [], []
+    try:
+        while True:
+            buf = ff.stdout.read(frame_bytes)
+            if len(buf) == frame_bytes:
+                clock.mark("first_frame")
+                batch.append(np.frombuffer(buf, np.uint8).reshape(h, w, 3))
+                numbers.append(n)
+                n += 1
+            if batch and (len(batch) >= (1 if n == 1 else a.batch) or len(buf) < frame_bytes):
+                proc(torch.from_numpy(np.stack(batch)).to(dev), numbers)
+                clock.mark("first_result")
+                batch, numbers = [], []
+            if len(buf) < frame_bytes:
+                break
+        clock.mark("decode_done")
+        err = ff.stderr.read().decode(errors="replace").strip()
+        rc = ff.wait()
+    finally:
+        if ff.poll() is None:
+            ff.kill()
+            ff.wait()
+    clock.mark("total")
+    ok = rc == 0 and n > 0
+    out = {"ok": ok, "error": None if ok else f"ffmpeg exited {rc}: {err[-300:]}", "t": clock.t,
+           "wall_s": clock.t["total"], "frames": n, "bytes": None, "conns_new": 1,
+           "conns_reused": 0}
+    out.update(meter.stop())
+    return out
+
+
+def worker_decord_file(a) -> dict:
+    """One streamed GET to a temp file (new connection), then decord on the file,
+    ``get_batch`` of ``--batch`` frames into the processor (the first batch one frame)."""
+    import ssl
+
+    import httpx
+    import torch
+    try:
+        import decord
+    except ImportError:
+        return {"ok": False, "error": "decord is not installed"}
+    proc, dev = _load_processor(a.processor, _device(a.device))
+    verify = ssl.create_default_context(cafile=a.ca) if a.ca else True
+    fd, path = tempfile.mkstemp(suffix=".mp4", prefix="bench-decord-")
+    meter = TreeMeter().start()
+    try:
+        with os.fdopen(fd, "wb") as fh, httpx.Client(verify=verify, timeout=60.0) as client:
+            clock = Clock()
+            with client.stream("GET", a.url, extensions={"trace": _httpx_trace(clock, False)}) as r:
+                r.raise_for_status()
+                for chunk in r.iter_raw():
+                    fh.write(chunk)
+                size = fh.tell()
+        clock.mark("download_done")
+        vr = decord.VideoReader(path, ctx=decord.cpu(0))
+        total = len(vr)
+        n = 0
+        while n < total:
+            count = 1 if n == 0 else min(a.batch, total - n)
+            frames = vr.get_batch(list(range(n, n + count))).asnumpy()
+            clock.mark("first_frame")
+            proc(torch.from_numpy(frames).to(dev), list(range(n, n + count)))
+            clock.mark("first_result")
+            n += count
+        clock.mark("decode_done")
+        clock.mark("total")
+    finally:
+        os.unlink(path)
+    out = {"ok": n > 0, "error": None if n else "decord decoded no frame", "t": clock.t,
+           "wall_s": clock.t["total"], "frames": n, "bytes": size, "conns_new": 1,
+           "conns_reused": 0}
+    out.update(meter.stop())
+    return out
+
+
+WORKERS = {"ffmpeg-cli": worker_ffmpeg_cli, "decord-file": worker_decord_file,
+           "engine-cold": worker_engine_cold, "httpx-get": worker_httpx_get, "stock": worker_stock, "seed-fork": worker_seed_fork,
            "pyav-url": worker_pyav_url, "local": worker_local}
 
 
@@ -444,6 +562,7 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--processor", default="engine.processors:stats")
     ap.add_argument("--device")
     ap.add_argument("--prefix-bytes", type=int, default=4 * 1024 * 1024)
+    ap.add_argument("--batch", type=int, default=16)
     a = ap.parse_args(argv)
     try:
         from engine.config import Config
@@ -629,9 +748,17 @@ def summarize(runs: list[dict], contenders: list[str]) -> dict:
             vals = [r["t"].get(k) for r in rs if r.get("t") and r["t"].get(k) is not None]
             if vals:
                 s[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        idle = [r["model_idle_s"] for r in rs if r.get("model_idle_s") is not None]
+        if idle:
+            s["model_idle"] = {"median": statistics.median(idle), "min": min(idle),
+                               "max": max(idle)}
+        waits = [r["model_waits"] for r in rs if r.get("model_waits")]
+        if waits:
+            s["model_waits"] = {k: statistics.median(w[k] for w in waits)
+                                for k in WAIT_PARTS}
         for k in ("wall_s", "startup_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "bytes",
                   "wire_bytes", "conns_accepted", "conns_new", "conns_reused", "frames",
-                  "process_cpu_s"):
+                  "process_cpu_s", "model_s"):
             m = _med(r.get(k) for r in rs)
             if m is not None:
                 s[k] = m
@@ -793,8 +920,13 @@ def parse_args(argv):
     ap.add_argument("--runs", type=int, default=3, help="measurements per contender (3)")
     ap.add_argument("--processor", default="engine.processors:stats", help="module:factory")
     ap.add_argument("--device", help="auto, cpu, cuda[:N] (default ENGINE_DEVICE or auto)")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS),
-                    help=f"comma-separated subset of {','.join(CONTENDERS)}")
+    ap.add_argument("--contenders", default=None,
+                    help=f"comma-separated subset of {','.join(CONTENDERS + MODEL_CONTENDERS[1:])} "
+                         f"(default {','.join(CONTENDERS)}; with --model-bound "
+                         f"{','.join(MODEL_CONTENDERS)})")
+    ap.add_argument("--model-bound", action="store_true",
+                    help=f"processor {WAIT_PROCESSOR} (ENGINE_WAIT_MS_PER_FRAME ms a frame, no "
+                         "CPU): a GPU model's stand-in; adds model time and model idle")
     ap.add_argument("--prefix-mb", type=float, default=4.0, help="seed-fork's partial download (4)")
     ap.add_argument("--fetch", action="store_true",
                     help="fetch-only comparison instead (engine, httpx, aria2c, the link); "
@@ -804,7 +936,14 @@ def parse_args(argv):
     ap.add_argument("--timeout", type=float, default=120.0, help="per measurement, seconds (120)")
     ap.add_argument("--budget", type=float, default=540.0,
                     help="start no new round after this many seconds (540)")
-    return _parse(ap, argv, CONTENDERS)
+    argv = list(argv)
+    if "--contenders" not in argv and not any(x.startswith("--contenders=") for x in argv):
+        argv += ["--contenders", ",".join(MODEL_CONTENDERS if "--model-bound" in argv
+                                          else CONTENDERS)]
+    a = _parse(ap, argv, CONTENDERS + MODEL_CONTENDERS[1:])
+    if a.model_bound:
+        a.processor = WAIT_PROCESSOR
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,9 +1035,13 @@ def main(argv: list[str] | None = None) -> int:
                     extra = []
                     if c == "seed-fork":
                         extra = ["--prefix-bytes", str(int(a.prefix_mb * 1024 * 1024))]
+                    elif c == "ffmpeg-cli":
+                        extra = ["--video", str(video)]
                     res = run_worker(c, common + extra, a.timeout, env)
                 if c != "limit":
                     res.update(_emu_delta(before, emu.stats()))
+                if a.model_bound:
+                    _model_time(res)
                 res.update(contender=c, round=rnd)
                 runs.append(res)
                 status = (f"total {res['t']['total']:.2f} s, {res.get('frames')} frames"
@@ -917,6 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
                      "50-frame warm-up job on another clip, all off the clock)")
     print()
     print(render(summary, shown))
+    if a.model_bound:
+        print()
+        print(render_model(summary, shown))
     notes += _notes(summary, a, prof)
     for failed in (r for r in runs if not r.get("ok")):
         notes.append(f"{failed['contender']} round {failed['round'] + 1} failed: {failed.get('error')}")
@@ -943,16 +1089,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.get("ok") for r in runs) else 1
 
 
+def _wait_s_per_frame() -> float:
+    return float(os.environ.get("ENGINE_WAIT_MS_PER_FRAME", "4")) / 1000.0
+
+
+def _model_time(res: dict) -> None:
+    """The wait processor holds exactly this per frame: model time = frames x that;
+    model idle = total - model time (the first frame's wait included)."""
+    t = res.get("t") or {}
+    if res.get("ok") and res.get("frames") and t.get("total") is not None:
+        res["model_s"] = round(res["frames"] * _wait_s_per_frame(), 4)
+        res["model_idle_s"] = round(t["total"] - res["model_s"], 4)
+        if res.get("model_waits"):
+            waits = res["model_waits"]
+            waits["overrun"] = round(waits["held_s"] - res["model_s"], 4)
+
+
+WAIT_PARTS = ("to_first_call", "ramp_gaps", "gaps", "after_last", "overrun")
+
+
+def render_model(summary: dict, contenders: list[str]) -> str:
+    rows, parts = [], []
+    for c in contenders:
+        s = summary[c]
+        if s.get("model_s") is None:
+            continue
+        rows.append([c, _fmt_stage(s, "total"), f"{s['model_s']:.3f}",
+                     _fmt_stage(s, "model_idle"), _fmt_stage(s, "first_result"),
+                     f"{s.get('frames', 0):.0f}"])
+        if s.get("model_waits"):
+            parts.append([c] + [f"{s['model_waits'][k]:.3f}" for k in WAIT_PARTS])
+    waits = ""
+    if parts:
+        waits = ("\n\nwhere the model waited (medians, s; from the processor's own timeline): "
+                 "before its first call, between batches while they still grew, between "
+                 "full batches, after its last call, sleeps overrun\n"
+                 + _table(parts, ["contender", "to 1st call", "ramp gaps", "gaps",
+                                  "after last", "overrun"]))
+    return (f"model-bound: {WAIT_PROCESSOR}, {_wait_s_per_frame() * 1000:g} ms a frame asleep; "
+            "model idle = total - model time\n"
+            + _table(rows, ["contender", "total s", "model s", "model idle s", "first result s",
+                            "frames"]) + waits)
+
+
 def _measure_warm(eng, url: str, origin: str, emu) -> dict:
     eng.prewarm([origin])
     before = emu.stats()
     meter = TreeMeter(eng.pid).start()
+    mono = time.monotonic()
     t0 = time.perf_counter()
     report = eng.report(url)
     wall = time.perf_counter() - t0
     out = _report_fields(report, wall)
     out.update(meter.stop())
     out["_emu_before"] = before
+    timeline = report.video_result
+    if report.ok and isinstance(timeline, dict) and timeline.get("first_call") is not None:
+        # the wait processor's own timeline (engine.processors.Wait): where the model waited
+        out["model_waits"] = {
+            "to_first_call": round(timeline["first_call"] - mono, 4),
+            "ramp_gaps": timeline["ramp_gaps_s"], "gaps": timeline["gaps_s"],
+            "after_last": round(mono + report.timings_s["total"] - timeline["last_end"], 4),
+            "held_s": timeline["held_s"], "calls": timeline["calls"]}
     return out
 
 

@@ -8,6 +8,7 @@ need_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v aria2c >/dev/null 2>&1 || need_apt+=(aria2)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)   # bench --model-bound's ffmpeg-cli peer
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

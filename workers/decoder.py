@@ -5,7 +5,7 @@ reads the segment through the availability map, blocking only on the bytes it ne
 next, so decoding runs at the pace of the download instead of after it. Frames go into
 the job's frame ring; each batch descriptor goes to the supervisor, which forwards it
 to the GPU worker. The first batch leaves with one frame (early first result); later
-ones fill to ``ENGINE_BATCH``, or leave early when decoding has to wait for bytes.
+ones double up to ``ENGINE_BATCH``, or leave early when decoding has to wait for bytes.
 
 A decoder backend that crashes (decord can segfault on bad input) takes down only this
 process; the supervisor fails that job and starts a new decoder.
@@ -43,13 +43,12 @@ def rgb24(frame, width: int | None = None, height: int | None = None) -> np.ndar
 
 
 class Batcher:
-    """Frames -> ring slots -> batch descriptors, with the first-frame-early rule."""
+    """Frames -> ring slots -> batch descriptors: the first frame alone, then a ramp."""
 
     def __init__(self, link: Link, job: DecodeJob, ring: FrameRing):
         self.link, self.job, self.ring = link, job, ring
         self.first = None
         self.numbers: list[int] = []
-        self.sent_any = False
         self.frames = 0
         # a batch may never need more slots than the ring can give while others are busy
         self.batch = max(1, min(job.batch, ring.slots // 2))
@@ -69,7 +68,10 @@ class Batcher:
     def add(self, number: int) -> None:
         self.numbers.append(number)
         self.frames += 1
-        if not self.sent_any or len(self.numbers) >= self.batch:
+        # Batches ramp up 1, 1, 2, 4, 8 ... to the batch size: the model starts on the
+        # first frame and, while it works on a batch, the decoder fills one twice its size,
+        # instead of the model waiting for a whole batch right after the first frame.
+        if len(self.numbers) >= min(self.batch, max(1, self.frames - len(self.numbers))):
             self.flush()
 
     def flush(self) -> None:
@@ -79,7 +81,6 @@ class Batcher:
         self.ring.publish(run)
         self.link.send(BatchReady(self.job.job, run.first, run.count, self.numbers,
                                   time.monotonic()))
-        self.sent_any = True
         self.numbers = []
 
 

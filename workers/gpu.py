@@ -6,16 +6,23 @@ processor sees a zero-copy tensor over the ring slots; on CUDA the batch is copi
 through pinned staging buffers on a side stream, and the slots are released as soon
 as the host copy is done, so the decoder can refill them while the model runs; batches
 are handled two deep, so the device copy of batch k+1 overlaps the processing of k.
+
+Per-video processors (``begin(video)``, see ``engine.processors``) get one handler per
+job, made when the job arrives. Batches reach the worker in each job's frame order (the
+decoder sends them in order over one relay), so a handler sees its frames in order and
+only its own; after a handler fails it is not called again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import traceback
 from dataclasses import dataclass
 
 from engine.config import Config
-from engine.messages import BatchReady, BatchResults, EndJob, GpuJob, Shutdown
+from engine.messages import (BatchReady, BatchResults, EndJob, EndVideo, GpuJob, Shutdown,
+                             VideoResult)
 from engine import processors
 from shm import FrameRing, ShmError
 from shm.ring import SlotRun
@@ -71,12 +78,21 @@ class Staging:
 
 
 @dataclass
+class JobState:
+    """What the worker holds for one job."""
+    spec: str
+    ring: FrameRing | None = None
+    handler: object = None       # per-video processor: begin()'s handler, until end/close
+    error: str | None = None     # the processor failed on this job: the job's answer
+
+
+@dataclass
 class Staged:
     """A batch on its way to the processor."""
     msg: BatchReady
     ring: FrameRing
     run: SlotRun
-    spec: str
+    state: JobState
     frames: object = None
     copied: object = None        # CUDA event: the device copy is done
     released: bool = False
@@ -90,8 +106,7 @@ class GpuWorker:
         self.link = link
         self.device = device
         self.processors: dict[str, object] = {}
-        self.rings: dict[int, FrameRing] = {}
-        self.job_processor: dict[int, str] = {}
+        self.jobs: dict[int, JobState] = {}
         self.staging = Staging(device) if device.type == "cuda" else None
         self.default = config.processor
 
@@ -103,30 +118,78 @@ class GpuWorker:
 
     def handle(self, msg) -> None:
         if isinstance(msg, GpuJob):
-            self.job_processor[msg.job] = msg.processor
-            try:
-                self.rings[msg.job] = FrameRing.attach(msg.ring)
-            except ShmError:
-                pass
+            self.start_job(msg)
+        elif isinstance(msg, EndVideo):
+            self.end_video(msg.job)
         elif isinstance(msg, EndJob):
-            ring = self.rings.pop(msg.job, None)
-            self.job_processor.pop(msg.job, None)
-            if ring is not None:
-                ring.close()
+            state = self.jobs.pop(msg.job, None)
+            if state is None:
+                return
+            if state.handler is not None:   # the job failed or was cancelled
+                close = getattr(state.handler, "close", None)
+                state.handler = None
+                if callable(close):
+                    try:
+                        close()
+                    except Exception:
+                        log.warning("processor %s: close() failed: %s", state.spec,
+                                    traceback.format_exc())
+            if state.ring is not None:
+                state.ring.close()
+
+    def start_job(self, msg: GpuJob) -> None:
+        state = self.jobs[msg.job] = JobState(msg.processor or self.default)
+        try:
+            state.ring = FrameRing.attach(msg.ring)
+        except ShmError:
+            pass   # the job ended meanwhile
+        try:
+            proc = self.processor(state.spec)
+            if callable(getattr(proc, "begin", None)):
+                state.handler = proc.begin(processors.Video(**msg.video))
+                if not callable(state.handler):
+                    raise TypeError("begin(video) did not return a callable handler")
+        except Exception as exc:
+            state.error = self._failed(state.spec, exc)
+
+    def end_video(self, job: int) -> None:
+        state = self.jobs.get(job)
+        reply = VideoResult(job)
+        if state is None:
+            reply.error = "the GPU worker has no such job (restarted?)"
+        elif state.error:
+            reply.error = state.error
+        elif state.handler is not None:
+            handler, state.handler = state.handler, None
+            try:
+                with self.torch.inference_mode():
+                    value = handler.end()
+                json.dumps(value)     # fail here, clearly, rather than in the report's writer
+                reply.value = value
+            except Exception as exc:
+                reply.error = self._failed(state.spec, exc, "end()")
+        self.link.send(reply)
+
+    @staticmethod
+    def _failed(spec: str, exc: Exception, where: str = "") -> str:
+        log.debug("processor failed: %s", traceback.format_exc())
+        return (f"processor {spec}{' ' + where if where else ''} failed: "
+                f"{type(exc).__name__}: {_one_line(exc)}")
 
     def stage(self, msg: BatchReady) -> Staged | None:
         """First half of a batch: get its frames onto the device (CUDA: start the copy
         and free the ring slots at once; CPU: a zero-copy view of the slots)."""
-        ring = self.rings.get(msg.job)
-        if ring is None:
+        state = self.jobs.get(msg.job)
+        if state is None or state.ring is None:
             return None  # the job ended meanwhile
-        staged = Staged(msg, ring, SlotRun(msg.first_slot, msg.count),
-                        self.job_processor.get(msg.job, self.default))
+        staged = Staged(msg, state.ring, SlotRun(msg.first_slot, msg.count), state)
+        if state.error:
+            return staged
         try:
-            view = ring.view(staged.run)
+            view = state.ring.view(staged.run)
             if self.staging is not None:
                 staged.frames, staged.copied = self.staging.upload(view)
-                ring.release(staged.run)   # in pinned memory now: the decoder may refill
+                state.ring.release(staged.run)   # in pinned memory now: the decoder may refill
                 staged.released = True
             else:
                 staged.frames = self.torch.from_numpy(view)
@@ -135,13 +198,17 @@ class GpuWorker:
         return staged
 
     def finish(self, staged: Staged) -> None:
-        """Second half: run the processor and send the results."""
-        msg, run = staged.msg, staged.run
+        """Second half: run the processor (the job's handler, if per-video) and send the
+        results."""
+        msg, run, state = staged.msg, staged.run, staged.state
         reply = BatchResults(msg.job, run.first, run.count, msg.frame_numbers, [])
         try:
+            if state.error:
+                reply.error = state.error
+                return
             if staged.error:
                 raise RuntimeError(staged.error)
-            proc = self.processor(staged.spec)
+            proc = state.handler or self.processor(state.spec)
             frames = staged.frames
             if staged.copied is not None:
                 stream = self.torch.cuda.current_stream(self.device)
@@ -153,12 +220,13 @@ class GpuWorker:
                 raise ValueError(f"returned {len(results)} results for {run.count} frames")
             reply.results = results
         except Exception as exc:
-            log.debug("processor failed: %s", traceback.format_exc())
-            reply.error = f"processor {staged.spec} failed: {type(exc).__name__}: {_one_line(exc)}"
+            reply.error = self._failed(state.spec, exc)
+            if state.handler is not None:
+                state.error = reply.error   # a failed handler is not called again
         finally:
             if not staged.released:
                 staged.ring.release(run)
-        self.link.send(reply)
+            self.link.send(reply)
 
 
 def _one_line(exc: Exception) -> str:
