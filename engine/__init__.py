@@ -1,7 +1,19 @@
-"""engine: a video URL in, decoded frames through a GPU model out, everything overlapped."""
-from engine.api import Batch, Engine, EngineClient, Report, VideoResult
+"""engine: a video URL in, decoded frames through a GPU model out, everything overlapped.
+
+The names below load on first use: a worker process imports ``engine.workers...`` and
+with it this package, and must not pay for the client API it never uses.
+"""
 from engine.errors import (DecodeError, EngineClosed, EngineError, FetchError, JobTimeout,
                            ProcessorError)
 
+_API = ("Batch", "Engine", "EngineClient", "Report", "VideoResult")
+
 __all__ = ["Batch", "DecodeError", "Engine", "EngineClient", "EngineClosed", "EngineError",
            "FetchError", "JobTimeout", "ProcessorError", "Report", "VideoResult"]
+
+
+def __getattr__(name):
+    if name in _API:
+        from engine import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

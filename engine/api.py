@@ -296,8 +296,8 @@ class Engine(EngineClient):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(2.0)
-        from shm.sweep import owned_blocks
-        from shm.block import unlink_block
+        from engine.shm.sweep import owned_blocks
+        from engine.shm.block import unlink_block
         for name in owned_blocks(proc.pid):
             unlink_block(name)
         self._process = None

@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     diag = sub.add_parser("diagnose", help="where the time goes, cold then warm")
     diag.add_argument("url", metavar="URL")
-    # listed for --help; main() hands "bench ..." to tools.bench, which parses its own options
+    # listed for --help; main() hands "bench ..." to engine.tools.bench, which parses its own options
     sub.add_parser("bench", help="side-by-side benchmark against other methods", add_help=False)
     return ap
 
@@ -199,17 +199,17 @@ def cmd_status(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from tools.diagnose import diagnose
+    from engine.tools.diagnose import diagnose
     return diagnose(args.url)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"] and "--cluster" in argv:   # one engine against a Ray cluster
-        from tools.cluster_bench import main as cluster_bench_main
+        from engine.tools.cluster_bench import main as cluster_bench_main
         return cluster_bench_main([a for a in argv[1:] if a != "--cluster"])
     if argv[:1] == ["bench"]:   # bench parses its own options (argparse REMAINDER drops --x)
-        from tools.bench import main as bench_main
+        from engine.tools.bench import main as bench_main
         return bench_main(argv[1:])
     ap = parser()
     args = ap.parse_args(argv)

@@ -22,10 +22,9 @@ from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, En
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
                              RangeDone, RangeFailed, ResultBatch, RingReady, SegmentReady,
                              StreamInfo, Submit, VideoResult)
-from engine.plan import Piece, RangePlan
-from workers.decoder import fetch_end
-from shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
-from shm.block import free_bytes
+from engine.plan import Piece, RangePlan, fetch_end
+from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
+from engine.shm.block import free_bytes
 
 if TYPE_CHECKING:
     from engine.supervisor import WorkerHandle

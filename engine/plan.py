@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from shm.availability import CHUNK
+from engine.shm.availability import CHUNK
 
 RAMP_MIN = 2 * CHUNK
 
@@ -142,3 +142,17 @@ class RangePlan:
             elif hi > lo:
                 merged.append((lo, hi))
         return merged
+
+
+def fetch_end(backend: str, need_end, limit: int, size: int) -> int:
+    """How far a partial job must fetch so that ``backend`` can output ``limit`` frames.
+
+    PyAV reads exactly what the frames need. decord's open probes FFmpeg's probesize
+    (5,000,000 bytes) and its demuxer reads ahead of the frames asked for, taking absent
+    bytes for zeros; with a fixed prefix, 48 frames and 2 MB of margin were enough.
+    """
+    end = int(need_end[limit - 1])
+    if backend == "decord":
+        ahead = int(need_end[min(len(need_end) - 1, limit - 1 + 48)])
+        end = max(end, ahead + (2 << 20), 5_000_000)
+    return min(end, size)

@@ -7,8 +7,8 @@ from collections import Counter
 
 import psutil
 
-from shm.block import SHM_DIR
-from shm.sweep import owned_blocks
+from engine.shm.block import SHM_DIR
+from engine.shm.sweep import owned_blocks
 
 _procs: dict[int, psutil.Process] = {}
 

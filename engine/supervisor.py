@@ -29,10 +29,10 @@ from engine.config import Config
 from engine.messages import (CancelJob, Heartbeat, Hello, Prewarm, PrewarmOrigins, Reply, Shutdown,
                              StatusQuery, Submit)
 from engine.pipeline import Pipeline
-from shm import sweep_stale
-from shm.sweep import owned_blocks
-from shm.block import unlink_block
-from workers.base import Child, child_env
+from engine.shm import sweep_stale
+from engine.shm.sweep import owned_blocks
+from engine.shm.block import unlink_block
+from engine.workers.base import Child, child_env
 
 log = logging.getLogger("engine.supervisor")
 
@@ -101,7 +101,7 @@ class Supervisor:
         self.sampled_at = 0.0
         self.touched: set[int] = set()    # jobs the event being handled concerns
         self.last_status: dict = {}
-        from workers import decoder, fetcher, gpu
+        from engine.workers import decoder, fetcher, gpu
         for i in range(config.fetchers):
             self.workers.append(WorkerHandle("fetcher", i, fetcher.main))
         for i in range(config.decoders):
@@ -472,7 +472,7 @@ class Supervisor:
 
 def main(conn, config: Config) -> None:
     """Entry of a supervisor spawned by ``Engine``: its only client is the pipe."""
-    from workers.base import die_with_parent
+    from engine.workers.base import die_with_parent
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)   # a broken pipe is an error we handle
     logging.basicConfig(level=config.log_level, format="%(asctime)s supervisor %(message)s")

@@ -14,8 +14,8 @@ import struct
 
 import numpy as np
 
-from shm.block import SharedBlock
-from shm.futex import Cancelled, FutexWord, wait_until
+from engine.shm.block import SharedBlock
+from engine.shm.futex import Cancelled, FutexWord, wait_until
 
 CHUNK = 64 * 1024
 _HEADER = 64

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shm.block import SharedBlock
-from shm.futex import FutexWord, wait_until
+from engine.shm.block import SharedBlock
+from engine.shm.futex import FutexWord, wait_until
 
 FREE, WRITING, WRITTEN = 0, 1, 2
 _HEADER = 4096  # word, state, slots, height, width, cursor; then slot states; frames page-aligned

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-from shm.block import PREFIX, SHM_DIR, unlink_block
+from engine.shm.block import PREFIX, SHM_DIR, unlink_block
 
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)-")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.faulty_server import FaultyServer
-from tools.clips import cached_clip
-from tools.https_server import NginxCDN
+from engine.demo.clips import cached_clip
+from engine.demo.nginx import NginxCDN
 
 SMALL = ("small", "small-moov-end")
 SN44 = ("sn44", "sn44-moov-end")
@@ -113,13 +113,13 @@ def engine_children() -> list:
 
 
 def _engine_blocks() -> set[str]:
-    from shm.block import PREFIX, SHM_DIR
+    from engine.shm.block import PREFIX, SHM_DIR
     return {n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX)}
 
 
 def _leaked(before: set[str], children: set[int]) -> list[str]:
     """Blocks that appeared during the session and whose owner is dead or ours."""
-    from shm.sweep import _alive
+    from engine.shm.sweep import _alive
     leaked = []
     for name in _engine_blocks() - before:
         pid = int(name.split("-")[1])

@@ -1,6 +1,6 @@
 """A small real HTTPS server that misbehaves on purpose.
 
-Why: nginx (tools/https_server.py) is always correct, but the engine must
+Why: nginx (engine/demo/nginx.py) is always correct, but the engine must
 survive servers and networks that are not: connections that die mid-body,
 truncated bodies, bodies longer than the range asked for, and transfers
 that stall.  This server speaks just enough HTTP/1.1 (keep-alive, GET/HEAD,

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.timeout(120)
 def test_bench_smoke(tmp_path, capsys):
-    from tools.bench import main
+    from engine.tools.bench import main
 
     out = tmp_path / "bench.json"
     ca_before = os.environ.get("SSL_CERT_FILE")
@@ -35,7 +35,7 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bench_fetch_smoke(tmp_path, capsys):
     import shutil
 
-    from tools.bench import main
+    from engine.tools.bench import main
 
     out = tmp_path / "fetch.json"
     ca_before = os.environ.get("SSL_CERT_FILE")
@@ -66,7 +66,7 @@ def test_bench_fetch_smoke(tmp_path, capsys):
 def test_bench_model_bound_smoke(tmp_path, capsys, monkeypatch):
     import shutil
 
-    from tools.bench import main
+    from engine.tools.bench import main
 
     monkeypatch.setenv("ENGINE_WAIT_MS_PER_FRAME", "2")
     out = tmp_path / "model.json"

@@ -17,7 +17,7 @@ import av
 import httpx
 import pytest
 
-from tools.https_server import NginxCDN
+from engine.demo.nginx import NginxCDN
 
 RANGE = (100, 1099)
 

@@ -1,4 +1,4 @@
-"""Measurements through tools.cdn_emulator against real local TCP servers.
+"""Measurements through engine.demo.emulator against real local TCP servers.
 
 The emulator's job is timing, so these tests measure it: a threaded bulk
 server (request = 8-byte big-endian length N, reply = N bytes then close) and
@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tools.cdn_emulator import PROFILES, CdnEmulator, Profile, main, profile
+from engine.demo.emulator import PROFILES, CdnEmulator, Profile, main, profile
 
 TOL = 0.20
 IO_TIMEOUT = 15.0
@@ -432,7 +432,7 @@ def test_https_http2_passes_through(cdn, small_clips):
 
 def test_cli_prints_port_and_stops_on_ctrl_c(echo):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.cdn_emulator", "--upstream", f"127.0.0.1:{echo.port}", "--profile", "lan"],
+        [sys.executable, "-m", "engine.demo.emulator", "--upstream", f"127.0.0.1:{echo.port}", "--profile", "lan"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

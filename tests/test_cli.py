@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shm.sweep import owned_blocks
+from engine.shm.sweep import owned_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"url", "ok", "error", "video", "frames_processed", "timings_s", "fetch", "results"}
@@ -66,7 +66,7 @@ def test_bad_options_give_one_line_errors():
 @pytest.fixture
 def served(cdn, tmp_path):
     sock = tmp_path / "engine.sock"
-    from tools.https_server import free_port
+    from engine.demo.nginx import free_port
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run", "--socket", str(sock),
                              "--device", "cpu", "--metrics-port", str(port)], cwd=ROOT,

@@ -32,7 +32,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine import Engine, EngineError
 from engine.cluster import ClusterBusy, ClusterEngine, format_status, node_name
-from shm.sweep import owned_blocks
+from engine.shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -103,7 +103,7 @@ def _up_on_all_nodes(eng, c: Cluster):
     ("no-port", "expected HOST:PORT"),
 ])
 def test_unreachable_or_malformed_cluster_address_is_one_line(address, text, cdn):
-    from tools.https_server import free_port
+    from engine.demo.nginx import free_port
     address = f"127.0.0.1:{free_port()}" if address == "refused" else "127.0.0.1"
     done = subprocess.run([sys.executable, "-m", "engine", "run", cdn.url("small.mp4"),
                            "--cluster", address], cwd=ROOT, env=_cli_env(),

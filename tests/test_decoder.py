@@ -9,7 +9,7 @@ import pytest
 
 from engine import DecodeError, Engine
 from tests.reference import assert_matches, reference
-from tools.cdn_emulator import CdnEmulator, Profile
+from engine.demo.emulator import CdnEmulator, Profile
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import Config
-from tools.diagnose import Probe, advice, dominant, increments, verdict
+from engine.tools.diagnose import Probe, advice, dominant, increments, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 NETWORK_STAGES = ("DNS", "TCP connect", "TLS", "first byte")

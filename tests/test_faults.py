@@ -49,9 +49,9 @@ import pytest
 
 from engine import DecodeError, Engine, EngineClosed, JobTimeout, ProcessorError
 from engine.messages import StatusQuery
-from shm.sweep import owned_blocks
+from engine.shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
-from tools.cdn_emulator import CdnEmulator, Profile
+from engine.demo.emulator import CdnEmulator, Profile
 from engine.pipeline import RING_POOL    # finished rings kept per frame size
 
 NULL = "engine.processors:null"

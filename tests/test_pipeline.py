@@ -205,7 +205,7 @@ def test_tls_is_verified(cdn, monkeypatch):
 
 
 def test_connection_refused_is_a_clean_error(engine):
-    from tools.https_server import free_port
+    from engine.demo.nginx import free_port
     url = f"https://127.0.0.1:{free_port()}/x.mp4"
     with pytest.raises(FetchError, match="cannot connect") as err:
         engine.process(url)

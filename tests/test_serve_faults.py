@@ -27,9 +27,9 @@ import psutil
 import pytest
 
 from engine import Engine, EngineError
-from shm.sweep import owned_blocks
+from engine.shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
-from tools.cdn_emulator import CdnEmulator, Profile
+from engine.demo.emulator import CdnEmulator, Profile
 
 NULL = "engine.processors:null"
 

@@ -24,10 +24,10 @@ import multiprocess
 import numpy as np
 import pytest
 
-from shm import (AvailabilityMap, Cancelled, FrameRing, SharedBlock, ShmError, ShmFullError,
+from engine.shm import (AvailabilityMap, Cancelled, FrameRing, SharedBlock, ShmError, ShmFullError,
                  sweep_stale)
-from shm.block import PREFIX, SHM_DIR, unlink_block
-from shm.ring import FREE, WRITING, WRITTEN, SlotRun
+from engine.shm.block import PREFIX, SHM_DIR, unlink_block
+from engine.shm.ring import FREE, WRITING, WRITTEN, SlotRun
 
 CTX = multiprocess.get_context("spawn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ def _ring_producer(conn, ring_name: str, total: int, batch: int) -> None:
 _OWNER_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-from shm import AvailabilityMap, FrameRing, SharedBlock
+from engine.shm import AvailabilityMap, FrameRing, SharedBlock
 base = f"engine-{{os.getpid()}}-1"
 SharedBlock.create(base, 1 << 16)
 AvailabilityMap.create(base + ".map", 1 << 20)
@@ -793,7 +793,7 @@ def test_create_and_attach_without_free_file_descriptors_raise_shm_error(names):
     try:
         code = textwrap.dedent(f"""
             import os, resource
-            from shm import SharedBlock, ShmError
+            from engine.shm import SharedBlock, ShmError
             resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1,) * 2)
             for call in (lambda: SharedBlock.create({name!r}, 4096),
                          lambda: SharedBlock.attach({existing!r})):

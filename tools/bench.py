@@ -42,7 +42,7 @@ the clip is local, no decoding in the measure) -- see ``fetch_main``: ``engine-w
 file on a new connection), ``aria2`` (``aria2c -x16 -s16 -k1M``, subprocess wall clock)
 and ``link`` (the floor: RTT + size / total_bps), with the issue's three goal checks.
 
-Each subprocess contender runs as ``python -m tools.bench --worker NAME ...`` and prints
+Each subprocess contender runs as ``python -m engine.tools.bench --worker NAME ...`` and prints
 one JSON line; imports and the processor's load happen before its clock starts. CPU is
 user+sys of the measured process tree over the timed part; memory is the peak of the
 tree's summed RSS (shared memory counted once per process that maps it) and summed PSS
@@ -235,7 +235,7 @@ def _pyav_loop(container, clock: Clock, proc, dev, proc_time: list | None = None
     """PyAV (frame threads) to rgb24, the processor on batches of one; ``proc=None``
     decodes only; ``proc_time`` (a one-item list) accumulates the processor's share."""
     import torch
-    from workers.decoder import rgb24
+    from engine.workers.decoder import rgb24
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     n = 0
@@ -377,7 +377,7 @@ def worker_pyav_url(a) -> dict:
 def worker_local(a) -> dict:
     """The decode side of the floor: the same file from local disk, same processor."""
     import av
-    from workers.decoder import rgb24
+    from engine.workers.decoder import rgb24
     proc, dev = _load_processor(a.processor, _device(a.device))
     # bytes a decoder needs for the first frame: the header and the first (key) packet
     with av.open(a.video) as c:
@@ -554,7 +554,7 @@ WORKERS = {"ffmpeg-cli": worker_ffmpeg_cli, "decord-file": worker_decord_file,
 
 
 def worker_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench --worker")
+    ap = argparse.ArgumentParser(prog="python -m engine.tools.bench --worker")
     ap.add_argument("--worker", required=True, choices=sorted(WORKERS))
     ap.add_argument("--url")
     ap.add_argument("--video")
@@ -566,7 +566,7 @@ def worker_main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         from engine.config import Config
-        from workers import decoder
+        from engine.workers import decoder
         decoder.SWS_THREADS = Config.from_env().sws_threads   # convert as the engine does
         out = WORKERS[a.worker](a)
     except Exception as exc:                    # one line back to the parent, not a traceback
@@ -587,7 +587,7 @@ def run_worker(name: str, args: list[str], timeout: float, env: dict) -> dict:
     """Run one worker in its own session; on timeout kill its whole process group."""
     import resource
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = [sys.executable, "-m", "tools.bench", "--worker", name, *args]
+    cmd = [sys.executable, "-m", "engine.tools.bench", "--worker", name, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=str(REPO), env=env, start_new_session=True)
     try:
@@ -653,7 +653,7 @@ def _teardown(eng, emu, cdn, tmp, old_ca) -> None:
 
 def _sweep() -> None:
     try:
-        from shm.sweep import sweep_stale
+        from engine.shm.sweep import sweep_stale
         sweep_stale()
     except Exception:
         pass
@@ -909,7 +909,7 @@ def plot(summary: dict, contenders: list[str], path: str, title: str) -> None:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv):
-    from tools.clips import PRESETS
+    from engine.demo.clips import PRESETS
     ap = argparse.ArgumentParser(prog="python -m engine bench",
                                  description="The engine against the stock and seed miners, PyAV "
                                              "on the URL, and the physical floor.")
@@ -957,8 +957,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from engine.demo import local_cdn
     from engine.errors import EngineError
-    from tools.cdn_emulator import profile as get_profile
-    from tools.clips import cached_clip
+    from engine.demo.emulator import profile as get_profile
+    from engine.demo.clips import cached_clip
 
     prof = get_profile(a.profile)
     started = time.monotonic()
@@ -1194,7 +1194,7 @@ NULL_PROCESSOR = "engine.processors:null"
 
 
 def parse_fetch_args(argv):
-    from tools.clips import PRESETS
+    from engine.demo.clips import PRESETS
     ap = argparse.ArgumentParser(
         prog="python -m engine bench --fetch",
         description="Fetch only: the time until every byte of the clip is local, for the "
@@ -1374,8 +1374,8 @@ def fetch_main(argv: list[str]) -> int:
     a = parse_fetch_args(argv)
     from engine.demo import local_cdn
     from engine.errors import EngineError
-    from tools.cdn_emulator import profile as get_profile
-    from tools.clips import cached_clip
+    from engine.demo.emulator import profile as get_profile
+    from engine.demo.clips import cached_clip
 
     try:
         prof = get_profile(a.profile)

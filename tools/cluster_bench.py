@@ -1,4 +1,4 @@
-"""``python -m tools.cluster_bench``: one engine against a Ray cluster of two simulated
+"""``python -m engine.tools.cluster_bench``: one engine against a Ray cluster of two simulated
 GPU nodes, on a model-bound load.
 
 8 concurrent jobs (``--jobs``) of the small clip (50 frames) with a processor that holds
@@ -56,7 +56,7 @@ def _first_result(eng, url: str, runs: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.cluster_bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m engine.tools.cluster_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--ms-per-frame", type=float, default=20.0)
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("ENGINE_LOG_LEVEL", "WARNING")
 
     from engine import Engine
-    from tools.clips import cached_clip
-    from tools.https_server import NginxCDN
+    from engine.demo.clips import cached_clip
+    from engine.demo.nginx import NginxCDN
 
     tmp = Path(tempfile.mkdtemp(prefix="cluster-bench-"))
     (tmp / "root").mkdir()
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     cdn = NginxCDN(tmp / "root", tmp / "nginx").start()
     os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)
     url = cdn.url("small.mp4")
-    spec = "tools.cluster_bench:wait"
+    spec = "engine.tools.cluster_bench:wait"
     opts = dict(processor=spec, device="cpu", fetchers=1, connections=2, decoders=2)
     try:
         with Engine(cluster="", **opts) as eng:

@@ -1,6 +1,6 @@
 """Soak: serve mode for N minutes under mixed traffic and random worker kills (not in CI).
 
-    python -m tools.soak --minutes 10 [--clients 4] [--kill-every 20] [--device cpu]
+    python -m engine.tools.soak --minutes 10 [--clients 4] [--kill-every 20] [--device cpu]
 
 Starts a local nginx HTTPS CDN with the cached clips and ``python -m engine run`` on a
 socket, then keeps ``--clients`` clients busy with good jobs (small clips, and a partial
@@ -28,9 +28,9 @@ from pathlib import Path
 import psutil
 
 from engine import Engine, EngineError
-from shm.sweep import owned_blocks
-from tools.clips import cached_clip
-from tools.https_server import NginxCDN
+from engine.shm.sweep import owned_blocks
+from engine.demo.clips import cached_clip
+from engine.demo.nginx import NginxCDN
 
 GOOD = [("small.mp4", None, 50), ("small-moov-end.mp4", None, 50), ("sn44.mp4", 40, 40),
         ("sn44-moov-end.mp4", 40, 40)]
@@ -127,7 +127,7 @@ class Soak:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.tools.soak", description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between kills")

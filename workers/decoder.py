@@ -22,9 +22,9 @@ import numpy as np
 from engine.config import Config
 from engine.messages import (BatchReady, DecodeDone, DecodeJob, EndJob, NeedBytes, RingReady,
                              Shutdown, StreamInfo)
-from shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
-from shm.ring import SlotRun
-from workers.base import Link, worker_setup
+from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
+from engine.shm.ring import SlotRun
+from engine.workers.base import Link, worker_setup
 
 log = logging.getLogger("engine.decoder")
 
@@ -293,20 +293,6 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     del vr
     expected = min(job.expected or limit, job.frame_limit or limit) if job.expected else limit
     return DecodeDone(job.job, limit, list(range(limit, expected)), None)
-
-
-def fetch_end(backend: str, need_end, limit: int, size: int) -> int:
-    """How far a partial job must fetch so that ``backend`` can output ``limit`` frames.
-
-    PyAV reads exactly what the frames need. decord's open probes FFmpeg's probesize
-    (5,000,000 bytes) and its demuxer reads ahead of the frames asked for, taking absent
-    bytes for zeros; with a fixed prefix, 48 frames and 2 MB of margin were enough.
-    """
-    end = int(need_end[limit - 1])
-    if backend == "decord":
-        ahead = int(need_end[min(len(need_end) - 1, limit - 1 + 48)])
-        end = max(end, ahead + (2 << 20), 5_000_000)
-    return min(end, size)
 
 
 BACKENDS = {"pyav": decode_pyav, "decord": decode_decord}

@@ -24,8 +24,8 @@ import httpx
 from engine.config import Config
 from engine.messages import (EndJob, FetchHead, FetchRange, FetchStats, HeadInfo, PrewarmOrigins,
                              RangeDone, RangeFailed, Reply, SegmentReady, Shutdown)
-from shm import AvailabilityMap, SharedBlock, ShmError
-from workers.base import Link, worker_setup
+from engine.shm import AvailabilityMap, SharedBlock, ShmError
+from engine.workers.base import Link, worker_setup
 
 log = logging.getLogger("engine.fetcher")
 

@@ -24,9 +24,9 @@ from engine.config import Config
 from engine.messages import (BatchReady, BatchResults, EndJob, EndVideo, GpuJob, Shutdown,
                              VideoResult)
 from engine import processors
-from shm import FrameRing, ShmError
-from shm.ring import SlotRun
-from workers.base import Link, worker_setup
+from engine.shm import FrameRing, ShmError
+from engine.shm.ring import SlotRun
+from engine.workers.base import Link, worker_setup
 
 log = logging.getLogger("engine.gpu")
 

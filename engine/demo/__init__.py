@@ -17,8 +17,8 @@ from engine.errors import EngineError
 
 def local_cdn(clips: dict[str, Path], profile: str):
     """Start nginx over the clips and the emulator in front; returns (cdn, emulator, tmp)."""
-    from tools.cdn_emulator import CdnEmulator
-    from tools.https_server import NginxCDN
+    from engine.demo.emulator import CdnEmulator
+    from engine.demo.nginx import NginxCDN
 
     if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
         raise EngineError("nginx is not installed (the README's set-up command installs it)")
@@ -39,8 +39,8 @@ def local_cdn(clips: dict[str, Path], profile: str):
 def run_demo(args) -> int:
     from engine.api import Engine
     from engine.cli import run_jobs
-    from tools.cdn_emulator import profile as get_profile
-    from tools.clips import cached_clip
+    from engine.demo.emulator import profile as get_profile
+    from engine.demo.clips import cached_clip
 
     try:
         prof = get_profile(args.profile)

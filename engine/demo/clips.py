@@ -155,7 +155,7 @@ def cached_clip(name: str) -> Path:
     return path
 
 
-if __name__ == "__main__":  # python -m tools.clips [names...]: build and time
+if __name__ == "__main__":  # python -m engine.demo.clips [names...]: build and time
     import sys
 
     for clip in sys.argv[1:] or list(PRESETS):

@@ -22,7 +22,7 @@ The emulator runs an asyncio loop in a daemon thread::
 
 or from the command line::
 
-    python -m tools.cdn_emulator --upstream 127.0.0.1:8443 --profile seed
+    python -m engine.demo.emulator --upstream 127.0.0.1:8443 --profile seed
 """
 
 from __future__ import annotations
@@ -472,7 +472,7 @@ def _parse_hostport(s: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m tools.cdn_emulator",
+        prog="python -m engine.demo.emulator",
         description="TCP proxy on 127.0.0.1 emulating a distant CDN (latency, slow connects, bandwidth).",
     )
     ap.add_argument("--upstream", required=True, type=_parse_hostport, help="HOST:PORT of the real server")
