@@ -42,6 +42,7 @@ class Job:
     way: str = "planned"            # "streamed": the layout could not be planned
     truncated: str | None = None    # the file ends before the frames its table lists
     decoded: int = 0
+    linear: bool = False            # streamed front to back without seeking
     probed_until: int = 0           # a partial job fetched the box headers up to here
     http_version: str = ""
     connections_new: int = 0

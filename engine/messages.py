@@ -117,6 +117,7 @@ class DecodeJob:
     regions: list                # every (start, end) byte region the job fetches
     expected: int | None = None  # frames the sample table has (None: streamed, unknown)
     stream_index: int | None = None   # the planned track (None: the decoder picks)
+    seekable: bool = True        # False: the decoder reads front to back only
 
 
 @dataclass

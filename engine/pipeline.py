@@ -450,9 +450,9 @@ class Pipeline:
             job.truncated = why
         job.way, job.planned, job.moov, job.moov_layout, job.track = "streamed", True, None, None, None
         job.plan.extend(job.size)
-        if "fragmented" in why:
-            # FFmpeg reads a fragmented MP4's index (mfra) at the end before the first frame
-            job.plan.raise_to_front(max(0, job.size - PROBE_BYTES))
+        # A seekable fragmented MP4 makes FFmpeg visit every fragment's header before
+        # the first frame, i.e. wait for nearly the whole file: it is read front to back.
+        job.linear = "fragmented" in why
         job.frame_limit = job.max_frames
         job.readable_end = job.size
         self.decode_queue.append(job.id)
@@ -646,7 +646,7 @@ class Pipeline:
                 self.sup.send_worker(w, DecodeJob(
                     job.id, job.segment.name, job.amap.name, None, job.size, "pyav",
                     self.config.batch, [], job.frame_limit, job.readable_end, None,
-                    job.plan.regions()))
+                    job.plan.regions(), seekable=not job.linear))
                 continue
             gpu.jobs.add(job.id)   # from now on its death fails this job
             self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor,

@@ -143,7 +143,7 @@ class SegmentReader:
         return self.pos
 
     def seekable(self) -> bool:
-        return True
+        return self.job.seekable
 
 
 STILL = {"mjpeg", "png", "gif", "bmp", "tiff"}
