@@ -5,7 +5,7 @@ bytes are still arriving.  For that it needs, *before* most of the file is
 here, two things:
 
 * where the ``moov`` box is (front or end of the file), so it can fetch it
-  first -- see :func:`top_level_boxes` and :func:`locate_moov`;
+  first -- see :func:`walk`;
 * the video sample table from ``moov`` (file offset, size, dts/pts, keyframe
   flag of every sample) -- see :func:`parse_moov` -- so it can tell how many
   bytes must be present before frame *n* can be shown
@@ -28,9 +28,6 @@ import numpy as np
 __all__ = [
     "NotMP4",
     "Box",
-    "top_level_boxes",
-    "MoovLocation",
-    "locate_moov",
     "VideoTrack",
     "parse_moov",
     "Walk",
@@ -102,89 +99,6 @@ def _read_header(buf, pos: int, limit: int):
     return _fourcc(raw), 8, size
 
 
-def top_level_boxes(head: bytes | memoryview, file_size: int) -> list[Box]:
-    """Walk the top-level boxes whose headers lie inside ``head``.
-
-    ``head`` is the first bytes of the file (usually much less than the whole
-    file); ``file_size`` is the full length (e.g. from Content-Length), which
-    is what lets us resolve size-0 boxes and reject impossible sizes.  The
-    walk stops at the first header not fully inside ``head`` or at
-    ``file_size``, so the caller learns where to look next from the last
-    box's end.
-
-    Raises NotMP4 when the first box is not a plausible MP4 opening box, or
-    when any box size is impossible -- better to fail fast with a clear
-    message than to plan byte ranges from garbage.
-    """
-    head = memoryview(head).cast("B")
-    limit = min(len(head), file_size)
-    if file_size < 8:
-        raise NotMP4(f"not an MP4 file (only {file_size} bytes)")
-    boxes: list[Box] = []
-    pos = 0
-    while pos < file_size:
-        hdr = _read_header(head, pos, limit)
-        if hdr is None:
-            break
-        kind, hsize, size = hdr
-        if not boxes and kind not in _FIRST_BOX_TYPES:
-            raise NotMP4(f"not an MP4 file (starts with {bytes(head[:16])!r})")
-        if size == 0:
-            size = file_size - pos
-        if size < hsize:
-            raise NotMP4(f"corrupt MP4: box {kind!r} at offset {pos} has size {size}")
-        if pos + size > file_size:
-            raise NotMP4(
-                f"truncated file: box {kind!r} at offset {pos} needs {pos + size} bytes"
-                f" but the file has {file_size}"
-            )
-        boxes.append(Box(kind, pos, size))
-        pos += size
-    return boxes
-
-
-@dataclass(frozen=True)
-class MoovLocation:
-    """Where the moov box is, as far as the head bytes tell.
-
-    ``layout`` is ``'front'`` when moov precedes the first mdat (streamable,
-    "faststart" files) and ``'end'`` otherwise.  ``size`` is None when only
-    the offset is inferred (the moov header itself is not in head yet); the
-    caller then fetches a few bytes at ``offset`` to learn it.
-    """
-
-    offset: int
-    size: int | None
-    layout: str
-
-
-def locate_moov(head: bytes | memoryview, file_size: int) -> MoovLocation | None:
-    """Find (or infer) the moov box position from the file's head bytes.
-
-    * moov header inside head -> its exact offset and size.
-    * an mdat with known size seen before any moov -> moov is expected at the
-      next top-level box after the visible ones (where the walk stopped),
-      returned with ``size=None`` and ``layout='end'``.
-    * otherwise (head too short, no mdat seen yet, or the boxes seen already
-      reach the end of the file) -> None: nothing useful can be said, fetch a
-      longer head.
-
-    Raises NotMP4 (from :func:`top_level_boxes`) for non-MP4 bytes.
-    """
-    boxes = top_level_boxes(head, file_size)
-    seen_mdat = False
-    for box in boxes:
-        if box.type == "moov":
-            return MoovLocation(box.offset, box.size, "end" if seen_mdat else "front")
-        seen_mdat = seen_mdat or box.type == "mdat"
-    if not seen_mdat:
-        return None
-    next_offset = boxes[-1].offset + boxes[-1].size
-    if next_offset >= file_size:
-        return None  # mdat runs to EOF and there was no moov: nothing to fetch
-    return MoovLocation(next_offset, None, "end")
-
-
 @dataclass(frozen=True)
 class Walk:
     """How far a walk over the top-level box headers got.
@@ -212,7 +126,9 @@ def walk(read, file_size: int) -> Walk:
         raise NotMP4(f"not an MP4 file (only {file_size} bytes)")
     pos, seen_mdat, boxes = 0, False, []
     while pos + 8 <= file_size:
-        raw = read(pos, min(16, file_size - pos))
+        raw = read(pos, 8)
+        if raw is not None and raw[:4] == b"\0\0\0\1":   # a 64-bit size follows
+            raw = read(pos, 16) if pos + 16 <= file_size else raw
         if raw is None:
             return Walk(need=pos, layout="end" if seen_mdat else "front", boxes=tuple(boxes))
         hdr = _read_header(memoryview(raw).cast("B"), 0, len(raw))
@@ -220,7 +136,8 @@ def walk(read, file_size: int) -> Walk:
             raise NotMP4(f"corrupt MP4: box header at offset {pos} is cut by the end of file")
         kind, hsize, size = hdr
         if not boxes and kind not in _FIRST_BOX_TYPES:
-            raise NotMP4(f"not an MP4 file (starts with {bytes(raw[:16])!r})")
+            start = read(0, min(16, file_size)) or raw
+            raise NotMP4(f"not an MP4 file (starts with {bytes(start[:16])!r})")
         if size == 0:
             size = file_size - pos
         if size < hsize:

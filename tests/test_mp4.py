@@ -12,15 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from engine.mp4 import (
-    Box,
-    MoovLocation,
-    NotMP4,
-    VideoTrack,
-    locate_moov,
-    parse_moov,
-    top_level_boxes,
-)
+from engine.mp4 import Box, NotMP4, VideoTrack, parse_moov, reader_of, walk
 
 N_FRAMES = 60
 HEAD = 64 * 1024
@@ -70,7 +62,7 @@ def files(tmp_path_factory):
 
 
 def _moov_bytes(data: bytes) -> bytes:
-    box = next(b for b in top_level_boxes(data, len(data)) if b.type == "moov")
+    box = walk(reader_of(data), len(data)).moov
     return data[box.offset : box.offset + box.size]
 
 
@@ -149,52 +141,50 @@ def test_audio_interleaving_splits_video_into_chunks(files):
     assert gaps.any()
 
 
-# ---------------------------------------------------------------- locate_moov
-
-
-def test_locate_moov_front(files):
-    data = files["front"].read_bytes()
-    loc = locate_moov(data[:HEAD], len(data))
-    moov = next(b for b in top_level_boxes(data, len(data)) if b.type == "moov")
-    assert loc == MoovLocation(moov.offset, moov.size, "front")
-    assert bytes(data[loc.offset + 4 : loc.offset + 8]) == b"moov"
-
-
-def test_locate_moov_end(files):
-    data = files["end"].read_bytes()
-    moov = next(b for b in top_level_boxes(data, len(data)) if b.type == "moov")
-    # The test file is small, so 64 KiB shows the moov header itself ...
-    assert locate_moov(data[:HEAD], len(data)) == MoovLocation(moov.offset, moov.size, "end")
-    # ... while a short head only shows the mdat header: the moov position is
-    # inferred from the mdat size, its size is not known yet.
-    loc = locate_moov(data[:200], len(data))
-    assert loc == MoovLocation(moov.offset, None, "end")
-    assert moov.offset > 200
-
-
-def test_locate_moov_unknown():
-    # ftyp fully visible, next header not in head: nothing can be said yet.
-    ftyp = struct.pack(">I4s4sI", 16, b"ftyp", b"isom", 512)
-    assert locate_moov(ftyp + b"\0\0", 10_000) is None
-    assert locate_moov(b"", 10_000) is None
-
-
 # ---------------------------------------------------------------- box walking
 
 
-def test_top_level_boxes_sizes():
+def _walk(head: bytes, file_size: int):
+    return walk(reader_of(head), file_size)
+
+
+def test_walk_front(files):
+    data = files["front"].read_bytes()
+    found = _walk(data[:HEAD], len(data))
+    assert found.layout == "front" and found.need is None
+    assert bytes(data[found.moov.offset + 4 : found.moov.offset + 8]) == b"moov"
+
+
+def test_walk_end(files):
+    data = files["end"].read_bytes()
+    moov = _walk(data, len(data)).moov
+    # The test file is small, so 64 KiB shows the moov header itself ...
+    assert _walk(data[:HEAD], len(data)).moov == moov
+    # ... while a short head only shows the mdat header: the walk asks for the next
+    # header where the mdat ends and never guesses it is the moov.
+    found = _walk(data[:200], len(data))
+    assert found.moov is None and found.need == moov.offset and found.layout == "end"
+    assert moov.offset > 200
+
+
+def test_walk_unknown():
+    # ftyp fully visible, next header not in head: fetch it.
+    ftyp = struct.pack(">I4s4sI", 16, b"ftyp", b"isom", 512)
+    assert _walk(ftyp + b"\0\0", 10_000).need == 16
+    assert _walk(b"", 10_000).need == 0
+
+
+def test_walk_sizes():
     ftyp = struct.pack(">I4s4sI", 16, b"ftyp", b"isom", 512)
     large = struct.pack(">I4sQ", 1, b"mdat", 16 + 100)  # 64-bit largesize
     to_eof = struct.pack(">I4s", 0, b"moov")  # size 0: runs to end of file
     head = ftyp + large + b"\0" * 100 + to_eof
     file_size = len(head) + 50
-    assert top_level_boxes(head, file_size) == [
-        Box("ftyp", 0, 16),
-        Box("mdat", 16, 116),
-        Box("moov", 132, file_size - 132),
-    ]
-    # Walk stops at a header that is not fully inside head.
-    assert top_level_boxes(head[:20], file_size) == [Box("ftyp", 0, 16)]
+    found = _walk(head, file_size)
+    assert found.boxes == (Box("ftyp", 0, 16), Box("mdat", 16, 116),
+                           Box("moov", 132, file_size - 132))
+    # The walk stops at a header that is not fully inside head.
+    assert _walk(head[:20], file_size).boxes == (Box("ftyp", 0, 16),)
 
 
 @pytest.mark.parametrize(
@@ -209,16 +199,14 @@ def test_top_level_boxes_sizes():
 )
 def test_not_mp4(data):
     with pytest.raises(NotMP4) as err:
-        top_level_boxes(data, len(data))
+        _walk(data, len(data))
     assert "\n" not in str(err.value)
-    with pytest.raises(NotMP4):
-        locate_moov(data, len(data))
 
 
 def test_not_mp4_message_for_html():
     html = b"<!DOCTYPE html><html></html>"
     with pytest.raises(NotMP4, match=r"not an MP4 file \(starts with b'<!DOCTYPE html"):
-        top_level_boxes(html, len(html))
+        _walk(html, len(html))
 
 
 def test_parse_moov_rejects_bad_input(files):
