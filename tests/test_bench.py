@@ -84,3 +84,44 @@ def test_bench_model_bound_smoke(tmp_path, capsys, monkeypatch):
         assert run["t"]["total"] >= 0.1                     # the model's time is inside it
     table = capsys.readouterr().out
     assert "model idle s" in table and "decord-file" in table
+
+
+def test_runner_rotates_skips_and_derives_rows():
+    """The runner alone, on a stand-in context: no CDN, no subprocess."""
+    import time
+    from types import SimpleNamespace
+
+    from engine.tools.bench import Contender, Runner, summarize
+
+    class Ctx:
+        a = SimpleNamespace(runs=3, budget=1e9)
+        started = time.monotonic()
+        emu = SimpleNamespace(stats=lambda: {"bytes_server_to_client": 0, "connections_accepted": 0})
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    order = []
+
+    class Fake(Contender):
+        def run(self, ctx):
+            order.append(self.name)
+            if self.name != "x":
+                return {"ok": True, "t": {"total": 1.0}}
+            return {"ok": True, "t": {"total": 2.0},
+                    "also": {"x-floor": {"ok": True, "t": {"total": 0.5}}}}
+
+    class Absent(Contender):
+        def missing(self):
+            return "not installed"
+
+    runner = Runner(Ctx(), "total")
+    rows = runner.measure([Fake("engine-warm"), Fake("x", "x-floor"), Absent("gone")])
+    assert rows == ["engine-warm", "x", "x-floor", "gone"]
+    assert order == ["engine-warm", "x", "x", "engine-warm", "engine-warm", "x"]
+    summary = summarize(runner.runs, rows, ("total",), (), {"ratio_total": "total"})
+    assert summary["x"]["ratio_total"] == 2.0 and summary["x-floor"]["runs_ok"] == 3
+    assert summary["gone"] == {"runs_ok": 0, "runs_failed": 0, "skipped": "not installed"}

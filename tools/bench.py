@@ -42,6 +42,12 @@ the clip is local, no decoding in the measure) -- see ``fetch_main``: ``engine-w
 file on a new connection), ``aria2`` (``aria2c -x16 -s16 -k1M``, subprocess wall clock)
 and ``link`` (the floor: RTT + size / total_bps), with the issue's three goal checks.
 
+Both modes are the same small framework: each contender is a ``Contender`` (``prepare``
+once off the clock, ``run`` once per round returning a measurement dict), a ``Context``
+holds what they run on (the clip, the local CDN, SSL_CERT_FILE, the workers' environment,
+the warm engine), and one ``Runner`` owns the rounds, the notes and the JSON file;
+``summarize`` and ``_table`` turn the measurements into medians [min-max] and tables.
+
 Each subprocess contender runs as ``python -m engine.tools.bench --worker NAME ...`` and prints
 one JSON line; imports and the processor's load happen before its clock starts. CPU is
 user+sys of the measured process tree over the timed part; memory is the peak of the
@@ -54,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -76,6 +83,8 @@ MODEL_CONTENDERS = ("engine-warm", "ffmpeg-cli", "decord-file")
 WAIT_PROCESSOR = "engine.processors:wait"
 STAGE_KEYS = ("connect", "first_byte", "moov_ready", "first_frame", "first_result",
               "download_done", "decode_done", "total")
+FETCH_CONTENDERS = ("engine-warm", "engine-cold", "httpx-get", "aria2", "link")
+NULL_PROCESSOR = "engine.processors:null"
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -177,19 +186,14 @@ class Clock:
         return now
 
 
-def _device(spec: str | None) -> str:
-    import torch
-    d = (spec or os.environ.get("ENGINE_DEVICE") or "auto").lower()
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    return d
-
-
-def _load_processor(spec: str, device: str):
+def _load_processor(a):
+    """The worker's processor on its device (``--device``, else ENGINE_DEVICE, else auto)."""
     import torch
     from engine.processors import load
-    dev = torch.device(device)
-    return load(spec, dev), dev
+    d = (a.device or os.environ.get("ENGINE_DEVICE") or "auto").lower()
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return load(a.processor, torch.device(d)), torch.device(d)
 
 
 def _httpx_trace(clock: Clock, is_async: bool):
@@ -209,26 +213,41 @@ def _httpx_trace(clock: Clock, is_async: bool):
     return trace
 
 
-def _cv2_loop(path: str, clock: Clock, proc, dev, limit: int | None = None) -> int:
-    """OpenCV frame by frame, BGR->RGB, processor on a batch of one (the stock way)."""
+def _cv2_loop(content: bytes, clock: Clock, proc, dev, tag: str) -> int:
+    """The downloaded bytes to a temp file, then OpenCV frame by frame, BGR->RGB, processor
+    on a batch of one (the stock way)."""
     import cv2
     import torch
-    cap = cv2.VideoCapture(path)
-    n = 0
-    try:
-        while limit is None or n < limit:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            clock.mark("first_frame")
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            proc(torch.from_numpy(rgb[None]).to(dev), [n])
-            clock.mark("first_result")
-            n += 1
-    finally:
-        cap.release()
+    with _temp_mp4(tag) as path:
+        Path(path).write_bytes(content)
+        clock.mark("written")
+        cap = cv2.VideoCapture(path)
+        n = 0
+        try:
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                clock.mark("first_frame")
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                proc(torch.from_numpy(rgb[None]).to(dev), [n])
+                clock.mark("first_result")
+                n += 1
+        finally:
+            cap.release()
     clock.mark("decode_done")
+    clock.mark("total")
     return n
+
+
+@contextlib.contextmanager
+def _temp_mp4(tag: str):
+    fd, path = tempfile.mkstemp(suffix=".mp4", prefix=f"bench-{tag}-")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
 
 
 def _pyav_loop(container, clock: Clock, proc, dev, proc_time: list | None = None) -> int:
@@ -251,6 +270,33 @@ def _pyav_loop(container, clock: Clock, proc, dev, proc_time: list | None = None
         n += 1
     clock.mark("decode_done")
     return n
+
+
+def _get_to_file(url: str, ca: str | None, path: str) -> tuple[Clock, int, str]:
+    """One streamed GET on a new connection into ``path``; the clock starts just before the
+    request (client built, CA loaded, off the clock). Returns (clock, bytes, HTTP version)."""
+    import ssl
+
+    import httpx
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    with open(path, "wb") as fh, httpx.Client(verify=verify, timeout=60.0) as client:
+        clock = Clock()
+        with client.stream("GET", url, extensions={"trace": _httpx_trace(clock, False)}) as r:
+            r.raise_for_status()
+            clock.mark("first_byte")
+            for chunk in r.iter_raw():
+                fh.write(chunk)
+            fh.flush()
+            clock.mark("download_done")
+            return clock, fh.tell(), r.http_version
+
+
+def _decoded(clock: Clock, frames: int, meter: TreeMeter, error: str | None, **fields) -> dict:
+    """A decoding worker's measurement; ``error`` is None when it worked."""
+    out = {"ok": error is None, "error": error, "t": clock.t, "wall_s": clock.t["total"],
+           "frames": frames, **fields}
+    out.update(meter.stop())
+    return out
 
 
 # ----------------------------------------------------------------------------- workers
@@ -287,7 +333,7 @@ def worker_engine_cold(a) -> dict:
 
 def worker_stock(a) -> dict:
     import httpx
-    proc, dev = _load_processor(a.processor, _device(a.device))
+    proc, dev = _load_processor(a)
     meter = TreeMeter().start()
     clock = Clock()
 
@@ -299,25 +345,14 @@ def worker_stock(a) -> dict:
 
     content, http_version = asyncio.run(fetch())
     clock.mark("download_done")
-    fd, path = tempfile.mkstemp(suffix=".mp4", prefix="bench-stock-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-        clock.mark("written")
-        frames = _cv2_loop(path, clock, proc, dev)
-        clock.mark("total")
-    finally:
-        os.unlink(path)
-    out = {"ok": frames > 0, "error": None if frames else "OpenCV decoded no frame",
-           "t": clock.t, "wall_s": clock.t["total"], "frames": frames, "bytes": len(content),
-           "http_version": http_version, "conns_new": 1, "conns_reused": 0}
-    out.update(meter.stop())
-    return out
+    frames = _cv2_loop(content, clock, proc, dev, "stock")
+    return _decoded(clock, frames, meter, None if frames else "OpenCV decoded no frame",
+                    bytes=len(content), http_version=http_version, conns_new=1, conns_reused=0)
 
 
 def worker_seed_fork(a) -> dict:
     import httpx
-    proc, dev = _load_processor(a.processor, _device(a.device))
+    proc, dev = _load_processor(a)
     client = httpx.Client(http2=True, timeout=60.0)
     try:
         t = time.perf_counter()                 # a running miner's pool is already warm
@@ -331,29 +366,18 @@ def worker_seed_fork(a) -> dict:
         clock.mark("first_byte")
         content = response.content
         clock.mark("download_done")
-        http_version = response.http_version
     finally:
         client.close()
-    fd, path = tempfile.mkstemp(suffix=".mp4", prefix="bench-seed-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-        clock.mark("written")
-        frames = _cv2_loop(path, clock, proc, dev)
-        clock.mark("total")
-    finally:
-        os.unlink(path)
-    out = {"ok": frames > 0, "error": None if frames else "OpenCV decoded no frame from the prefix",
-           "t": clock.t, "wall_s": clock.t["total"], "frames": frames, "bytes": len(content),
-           "http_version": http_version, "conns_new": 0, "conns_reused": 1,
-           "pool_warmup_s": round(warmup, 4)}
-    out.update(meter.stop())
-    return out
+    frames = _cv2_loop(content, clock, proc, dev, "seed")
+    return _decoded(clock, frames, meter,
+                    None if frames else "OpenCV decoded no frame from the prefix",
+                    bytes=len(content), http_version=response.http_version, conns_new=0,
+                    conns_reused=1, pool_warmup_s=round(warmup, 4))
 
 
 def worker_pyav_url(a) -> dict:
     import av
-    proc, dev = _load_processor(a.processor, _device(a.device))
+    proc, dev = _load_processor(a)
     options, note = {}, None
     if a.ca:
         options = {"ca_file": a.ca, "tls_verify": "1"}
@@ -367,18 +391,15 @@ def worker_pyav_url(a) -> dict:
     finally:
         container.close()
     clock.mark("total")
-    out = {"ok": frames > 0, "error": None if frames else "PyAV decoded no frame",
-           "t": clock.t, "wall_s": clock.t["total"], "frames": frames, "bytes": None,
-           "http_version": "HTTP/1.1", "note": note}
-    out.update(meter.stop())
-    return out
+    return _decoded(clock, frames, meter, None if frames else "PyAV decoded no frame",
+                    bytes=None, http_version="HTTP/1.1", note=note)
 
 
 def worker_local(a) -> dict:
     """The decode side of the floor: the same file from local disk, same processor."""
     import av
     from engine.workers.decoder import rgb24
-    proc, dev = _load_processor(a.processor, _device(a.device))
+    proc, dev = _load_processor(a)
     # bytes a decoder needs for the first frame: the header and the first (key) packet
     with av.open(a.video) as c:
         stream = c.streams.video[0]
@@ -417,28 +438,9 @@ def worker_local(a) -> dict:
 
 
 def worker_httpx_get(a) -> dict:
-    """One streamed GET of the whole file to a temp file, on a new connection; the clock
-    starts just before the request (client built, CA loaded, off the clock)."""
-    import ssl
-
-    import httpx
-    verify = ssl.create_default_context(cafile=a.ca) if a.ca else True
-    fd, path = tempfile.mkstemp(suffix=".mp4", prefix="bench-httpx-")
-    n = 0
-    try:
-        with os.fdopen(fd, "wb") as fh, httpx.Client(verify=verify, timeout=60.0) as client:
-            clock = Clock()
-            with client.stream("GET", a.url, extensions={"trace": _httpx_trace(clock, False)}) as r:
-                r.raise_for_status()
-                clock.mark("first_byte")
-                for chunk in r.iter_raw():
-                    fh.write(chunk)
-                    n += len(chunk)
-                fh.flush()
-                clock.mark("download_done")
-                http_version = r.http_version
-    finally:
-        os.unlink(path)
+    """One streamed GET of the whole file to a temp file, on a new connection."""
+    with _temp_mp4("httpx") as path:
+        clock, n, http_version = _get_to_file(a.url, a.ca, path)
     return {"ok": n > 0, "error": None if n else "no bytes", "t": clock.t,
             "wall_s": clock.t["download_done"], "bytes": n, "http_version": http_version,
             "conns_new": 1, "conns_reused": 0}
@@ -460,7 +462,7 @@ def worker_ffmpeg_cli(a) -> dict:
     exe = shutil.which("ffmpeg")
     if exe is None:
         return {"ok": False, "error": "ffmpeg is not installed (tools/setup.sh installs it)"}
-    proc, dev = _load_processor(a.processor, _device(a.device))
+    proc, dev = _load_processor(a)
     w, h = _dims(a.video)
     cmd = [exe, "-nostdin", "-v", "error"]
     if dev.type == "cuda":
@@ -495,38 +497,22 @@ def worker_ffmpeg_cli(a) -> dict:
             ff.kill()
             ff.wait()
     clock.mark("total")
-    ok = rc == 0 and n > 0
-    out = {"ok": ok, "error": None if ok else f"ffmpeg exited {rc}: {err[-300:]}", "t": clock.t,
-           "wall_s": clock.t["total"], "frames": n, "bytes": None, "conns_new": 1,
-           "conns_reused": 0}
-    out.update(meter.stop())
-    return out
+    return _decoded(clock, n, meter, None if rc == 0 and n else f"ffmpeg exited {rc}: {err[-300:]}",
+                    bytes=None, conns_new=1, conns_reused=0)
 
 
 def worker_decord_file(a) -> dict:
     """One streamed GET to a temp file (new connection), then decord on the file,
     ``get_batch`` of ``--batch`` frames into the processor (the first batch one frame)."""
-    import ssl
-
-    import httpx
     import torch
     try:
         import decord
     except ImportError:
         return {"ok": False, "error": "decord is not installed"}
-    proc, dev = _load_processor(a.processor, _device(a.device))
-    verify = ssl.create_default_context(cafile=a.ca) if a.ca else True
-    fd, path = tempfile.mkstemp(suffix=".mp4", prefix="bench-decord-")
+    proc, dev = _load_processor(a)
     meter = TreeMeter().start()
-    try:
-        with os.fdopen(fd, "wb") as fh, httpx.Client(verify=verify, timeout=60.0) as client:
-            clock = Clock()
-            with client.stream("GET", a.url, extensions={"trace": _httpx_trace(clock, False)}) as r:
-                r.raise_for_status()
-                for chunk in r.iter_raw():
-                    fh.write(chunk)
-                size = fh.tell()
-        clock.mark("download_done")
+    with _temp_mp4("decord") as path:
+        clock, size, _ = _get_to_file(a.url, a.ca, path)
         vr = decord.VideoReader(path, ctx=decord.cpu(0))
         total = len(vr)
         n = 0
@@ -539,17 +525,13 @@ def worker_decord_file(a) -> dict:
             n += count
         clock.mark("decode_done")
         clock.mark("total")
-    finally:
-        os.unlink(path)
-    out = {"ok": n > 0, "error": None if n else "decord decoded no frame", "t": clock.t,
-           "wall_s": clock.t["total"], "frames": n, "bytes": size, "conns_new": 1,
-           "conns_reused": 0}
-    out.update(meter.stop())
-    return out
+    return _decoded(clock, n, meter, None if n else "decord decoded no frame", bytes=size,
+                    conns_new=1, conns_reused=0)
 
 
 WORKERS = {"ffmpeg-cli": worker_ffmpeg_cli, "decord-file": worker_decord_file,
-           "engine-cold": worker_engine_cold, "httpx-get": worker_httpx_get, "stock": worker_stock, "seed-fork": worker_seed_fork,
+           "engine-cold": worker_engine_cold, "httpx-get": worker_httpx_get,
+           "stock": worker_stock, "seed-fork": worker_seed_fork,
            "pyav-url": worker_pyav_url, "local": worker_local}
 
 
@@ -571,15 +553,11 @@ def worker_main(argv: list[str]) -> int:
         out = WORKERS[a.worker](a)
     except Exception as exc:                    # one line back to the parent, not a traceback
         out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    out["worker_maxrss_mb"] = round(_maxrss_mb(), 1)
+    import resource
+    out["worker_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     sys.stdout.write(RESULT_TAG + json.dumps(out) + "\n")
     sys.stdout.flush()
     return 0
-
-
-def _maxrss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------- parent
@@ -625,30 +603,324 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _parse(ap, argv, known) -> argparse.Namespace:
-    """Parse, then check the contender list and the run count against ``known``."""
+# ----------------------------------------------------------------------------- framework
+class Contender:
+    """What the runner measures. ``prepare`` runs once, off the clock, once the CDN is up
+    (a note back if it went wrong); ``run`` measures once and returns a measurement (ok,
+    error, t = {stage: seconds since submit}, whatever else it knows), with the rows it
+    derives from that same measurement under ``also`` (``rows`` lists them after its own).
+    ``missing`` says why it cannot run on this machine: it is then shown as skipped."""
+    wire = True             # the emulator's counters over run() are this contender's
+    every_round = True      # False for a floor computed from the profile: nothing to spread
+
+    def __init__(self, name: str, *also: str):
+        self.name, self.rows = name, (name, *also)
+
+    def missing(self) -> str | None:
+        return None
+
+    def prepare(self, ctx: Context) -> str | None:
+        return None
+
+    def run(self, ctx: Context) -> dict:
+        raise NotImplementedError
+
+
+class EngineWarm(Contender):
+    def __init__(self):
+        super().__init__("engine-warm")
+
+    def prepare(self, ctx):
+        return ctx.start_engine()
+
+    def run(self, ctx):
+        eng = ctx.eng
+        eng.prewarm([ctx.origin])
+        before = ctx.emu.stats()                # the prewarm's connections are not the job's
+        meter = TreeMeter(eng.pid).start()
+        mono = time.monotonic()
+        t0 = time.perf_counter()
+        report = eng.report(ctx.url)
+        out = _report_fields(report, time.perf_counter() - t0)
+        out.update(meter.stop(), _emu_before=before)
+        timeline = report.video_result
+        if report.ok and isinstance(timeline, dict) and timeline.get("first_call") is not None:
+            # the wait processor's own timeline (engine.processors.Wait): where the model waited
+            out["model_waits"] = {
+                "to_first_call": round(timeline["first_call"] - mono, 4),
+                "ramp_gaps": timeline["ramp_gaps_s"], "gaps": timeline["gaps_s"],
+                "after_last": round(mono + report.timings_s["total"] - timeline["last_end"], 4),
+                "held_s": timeline["held_s"], "calls": timeline["calls"]}
+        return out
+
+
+class Worker(Contender):
+    """``--worker NAME`` in a fresh interpreter, given the URL, the CA, the clip's path,
+    the processor and the device, and ``args``."""
+
+    def __init__(self, name: str, timeout: float, *args: str, worker: str | None = None):
+        super().__init__(name)
+        self.worker, self.timeout, self.args = worker or name, timeout, list(args)
+
+    def run(self, ctx):
+        return run_worker(self.worker, ctx.worker_args + self.args, self.timeout, ctx.env)
+
+
+class Limit(Worker):
+    wire = False            # no transfer: the local file, the link from the profile
+
+    def __init__(self, timeout: float):
+        super().__init__("limit", timeout, worker="local")
+        self.rows = ("limit", "limit-pipelined")
+
+    def run(self, ctx):
+        local = super().run(ctx)
+        if not local.get("ok"):
+            return dict(local, local=local)
+        serial, pipelined = limit_from(local, ctx.prof)
+        return dict(serial, local=local, also={"limit-pipelined": pipelined})
+
+
+class Link(Contender):
+    """The floor: one RTT then the file at the link's aggregate rate (connections open);
+    ``link-cold`` adds one new connection's set-up (``new_conn_s``)."""
+    wire, every_round = False, False
+
+    def __init__(self):
+        super().__init__("link", "link-cold")
+
+    def run(self, ctx):
+        p, size = ctx.prof, ctx.size
+        transfer = size / p.total_bps if p.total_bps else 0.0
+        warm, cold = ({"ok": True, "error": None, "bytes": size, "transfer_s": round(transfer, 4),
+                       "t": {"first_byte": round(fb, 4), "download_done": round(fb + transfer, 4)}}
+                      for fb in (p.rtt_s, p.rtt_s + p.new_conn_s))
+        return dict(warm, also={"link-cold": cold})
+
+
+class Aria2(Contender):
+    """``aria2c -x16 -s16 -k1M`` to a temp dir; the time is the subprocess's wall clock
+    (process start-up included, a few ms)."""
+
+    def __init__(self, timeout: float):
+        super().__init__("aria2")
+        self.timeout = timeout
+
+    def missing(self):
+        return None if shutil.which("aria2c") else "aria2c is not installed (apt-get install aria2)"
+
+    def run(self, ctx):
+        with tempfile.TemporaryDirectory(prefix="bench-aria2-") as d:
+            cmd = [shutil.which("aria2c"), "--no-conf", "-x16", "-s16", "-k1M",
+                   f"--ca-certificate={ctx.ca}", "--allow-overwrite=true",
+                   "--auto-file-renaming=false", "--file-allocation=none", "--summary-interval=0",
+                   "--console-log-level=warn", "--download-result=hide", "-d", d, "-o", "out.mp4",
+                   ctx.url]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+            try:
+                out, _ = proc.communicate(timeout=self.timeout)
+                wall = time.perf_counter() - t0
+            except subprocess.TimeoutExpired:
+                return {"ok": False, "error": f"aria2c timed out after {self.timeout:.0f} s"}
+            finally:
+                _kill_group(proc)
+            out_path = os.path.join(d, "out.mp4")
+            got = os.path.getsize(out_path) if os.path.exists(out_path) else 0
+        ok = proc.returncode == 0 and got == ctx.size
+        return {"ok": ok, "error": None if ok else
+                f"aria2c exited {proc.returncode}, {got} of {ctx.size} bytes: {out.strip()[-300:]}",
+                "t": {"download_done": round(wall, 4)}, "wall_s": round(wall, 4), "bytes": got,
+                "http_version": "HTTP/1.1"}
+
+
+class Context:
+    """Where the contenders run: the clip served as ``bench.mp4`` by the local CDN (nginx
+    behind the emulator with the profile), SSL_CERT_FILE naming the CDN's CA while it is up
+    and given back after, the environment and arguments of subprocess workers, and the warm
+    engine once a contender starts it. A ``with`` block holds the CDN up."""
+
+    def __init__(self, a, prog: str, argv: list[str]):
+        from engine.demo.clips import cached_clip
+        from engine.demo.emulator import profile
+        from engine.errors import EngineError
+
+        self.a, self.prog, self.started = a, prog, time.monotonic()
+        self.cmdline = f"python -m engine {prog} " + " ".join(shlex.quote(x) for x in argv)
+        try:
+            self.prof = profile(a.profile)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        print("preparing the clip (generated once, then cached) ...", file=sys.stderr)
+        self.video = Path(a.video).resolve() if a.video else cached_clip(a.clip)
+        if not self.video.is_file():
+            raise EngineError(f"--video {a.video}: no such file")
+        self.size = self.video.stat().st_size
+        self.machine = machine_info()
+        self.load = " ".join(map(str, self.machine["loadavg"]))
+        p = self.prof
+        self.profile_line = (f"profile {p.name}: RTT {p.rtt_s * 1000:.0f} ms, "
+                             f"+{p.new_conn_s * 1000:.0f} ms per new connection, "
+                             f"{_rate(p.per_conn_bps)} per connection, {_rate(p.total_bps)} in total")
+        self.eng = self.warm_startup = None
+
+    def head(self, *lines: str) -> None:
+        print("\n".join([f"$ {self.cmdline}", *lines]), flush=True)
+
+    def __enter__(self) -> Context:
+        from engine.demo import local_cdn
+        from engine.demo.clips import cached_clip
+
+        # the warm engine's first job (imports, processor load, first segments) runs on a tiny
+        # clip off the clock; a whole job, since every stage of the pipeline should have run once
+        self.cdn, self.emu, self.tmp = local_cdn(
+            {"bench.mp4": self.video, "warmup.mp4": cached_clip("small")}, self.prof.name)
+        self.old_ca = os.environ.get("SSL_CERT_FILE")
+        self.ca = os.environ["SSL_CERT_FILE"] = str(self.cdn.ca_file)
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        self.url, self.origin = self.emu.url("/bench.mp4"), self.emu.url("/")
+        self.worker_args = ["--url", self.url, "--ca", self.ca, "--video", str(self.video),
+                            "--processor", self.a.processor]
+        if self.a.device:
+            self.worker_args += ["--device", self.a.device]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.eng is not None:
+            self.eng.close()
+        self.emu.stop()
+        self.cdn.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.old_ca is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = self.old_ca
+        _sweep()
+
+    def start_engine(self) -> str | None:
+        from engine.api import Engine
+        print("starting the warm engine ...", file=sys.stderr)
+        t = time.perf_counter()
+        self.eng = Engine(processor=self.a.processor, device=self.a.device)
+        self.eng.prewarm([self.origin])
+        warm = self.eng.report(self.emu.url("/warmup.mp4"))
+        self.warm_startup = time.perf_counter() - t
+        return None if warm.ok else f"engine-warm: the warm-up job failed: {warm.error}"
+
+
+class Runner:
+    """Rounds: every contender once a round, the order rotated by one each round so that
+    drift and noise spread over all of them, no new round once ``--budget`` seconds have
+    passed since the start. ``progress`` is the stage reported on stderr after each run;
+    ``after`` adds derived fields to each measurement."""
+
+    def __init__(self, ctx: Context, progress: str, after=None):
+        self.ctx, self.progress, self.after = ctx, progress, after
+        self.runs: list[dict] = []
+        self.notes: list[str] = []
+
+    def measure(self, contenders: list[Contender]) -> list[str]:
+        """Measure; returns the table's rows."""
+        a, ready = self.ctx.a, []
+        for c in contenders:
+            why = c.missing()
+            if why:
+                print(f"{why}: skipping the {c.name} contender", file=sys.stderr)
+                self.runs.append({"ok": False, "skipped": True, "contender": c.name, "round": 0,
+                                  "error": why})
+            else:
+                ready.append(c)
+        timed = [c for c in ready if c.every_round]
+        with self.ctx:
+            self.notes += filter(None, (c.prepare(self.ctx) for c in ready))
+            for c in ready:
+                if not c.every_round:
+                    self._once(c, 0)
+            for rnd in range(a.runs):
+                if rnd and time.monotonic() - self.ctx.started > a.budget:
+                    self.notes.append(f"stopped after {rnd} rounds: the {a.budget:.0f} s budget "
+                                      "was spent")
+                    break
+                k = rnd % max(len(timed), 1)
+                for c in timed[k:] + timed[:k]:
+                    print(f"round {rnd + 1}/{a.runs}: {c.name} ...", file=sys.stderr, flush=True)
+                    self._once(c, rnd)
+        return [row for c in contenders for row in c.rows]
+
+    def _once(self, c: Contender, rnd: int) -> None:
+        emu = self.ctx.emu
+        before = emu.stats()
+        res = c.run(self.ctx)
+        before = res.pop("_emu_before", before)
+        if c.wire:
+            res.update(_emu_delta(before, emu.stats()))
+        if self.after:
+            self.after(res)
+        self.runs += [dict(r, contender=row, round=rnd) for row, r in res.pop("also", {}).items()]
+        self.runs.append(dict(res, contender=c.name, round=rnd))
+        t = (res.get("t") or {}).get(self.progress)
+        status = f"FAILED: {res.get('error')}"
+        if res.get("ok") and t is not None:
+            frames = f", {res['frames']} frames" if res.get("frames") else ""
+            status = f"{self.progress} {t:.3f} s{frames}"
+        print(f"  {c.name}: {status}", file=sys.stderr, flush=True)
+
+    def finish(self, summary: dict, rows: list[str], warm: str, notes: list[str], **extra) -> int:
+        """Print the notes, write ``--json``; 1 if a run failed."""
+        ctx, a = self.ctx, self.ctx.a
+        notes = self.notes + notes + [
+            f"{r['contender']} round {r['round'] + 1} failed: {r.get('error')}"
+            for r in self.runs if not r.get("ok") and not r.get("skipped")]
+        if ctx.warm_startup is not None:
+            notes.insert(0, f"engine-warm: started once in {ctx.warm_startup:.2f} s {warm}")
+        if notes:
+            print()
+            for n in notes:
+                print(f"- {n}")
+        if a.json:
+            p = ctx.prof
+            with open(a.json, "w") as fh:
+                json.dump({"command": ctx.cmdline, "machine": ctx.machine,
+                           "profile": {"name": p.name, "rtt_s": p.rtt_s, "new_conn_s": p.new_conn_s,
+                                       "per_conn_bps": p.per_conn_bps, "total_bps": p.total_bps},
+                           "video": {"path": str(ctx.video), "bytes": ctx.size}, **extra,
+                           "runs_per_contender": a.runs, "contenders": a.contenders, "rows": rows,
+                           "runs": self.runs, "summary": summary, "notes": notes,
+                           "elapsed_s": round(time.monotonic() - ctx.started, 1)}, fh, indent=1)
+        print(f"\n{ctx.prog} finished in {time.monotonic() - ctx.started:.0f} s", file=sys.stderr)
+        return 0 if all(r.get("ok") or r.get("skipped") for r in self.runs) else 1
+
+
+def _parser(prog: str, description: str, runs: int, timeout: float, budget: float):
+    """The options both modes share."""
+    from engine.demo.clips import PRESETS
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--profile", default="seed", help="CDN emulator profile (lan, seed, mobile)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--video", metavar="PATH", help="an MP4 file to serve instead of a preset clip")
+    src.add_argument("--clip", default="sn44", choices=sorted(PRESETS), help="preset clip (sn44)")
+    ap.add_argument("--runs", type=int, default=runs, help=f"measurements per contender ({runs})")
+    ap.add_argument("--device", help="auto, cpu, cuda[:N] (default ENGINE_DEVICE or auto)")
+    ap.add_argument("--json", metavar="PATH", help="write every raw measurement as JSON")
+    ap.add_argument("--timeout", type=float, default=timeout,
+                    help=f"per measurement, seconds ({timeout:g})")
+    ap.add_argument("--budget", type=float, default=budget,
+                    help=f"start no new round after this many seconds ({budget:g})")
+    return ap
+
+
+def _parse(ap, argv, known, default) -> argparse.Namespace:
+    """Parse, then check the contender list (``default`` if none) and the run count."""
     a = ap.parse_args(argv)
-    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    a.contenders = [c.strip() for c in (a.contenders or ",".join(default)).split(",") if c.strip()]
     bad = [c for c in a.contenders if c not in known]
     if bad or not a.contenders:
         ap.error(f"unknown contender(s) {bad}; known: {', '.join(known)}")
     if a.runs < 1:
         ap.error("--runs must be >= 1")
     return a
-
-
-def _teardown(eng, emu, cdn, tmp, old_ca) -> None:
-    """Stop what a bench run started and give back SSL_CERT_FILE."""
-    if eng is not None:
-        eng.close()
-    emu.stop()
-    cdn.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old_ca is None:
-        os.environ.pop("SSL_CERT_FILE", None)
-    else:
-        os.environ["SSL_CERT_FILE"] = old_ca
-    _sweep()
 
 
 def _sweep() -> None:
@@ -733,42 +1005,42 @@ def limit_from(local: dict, prof) -> tuple[dict, dict]:
     return serial, pipelined
 
 
-def _med(values):
+def _spread(values) -> dict | None:
     vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)} if vals else None
 
 
-def summarize(runs: list[dict], contenders: list[str]) -> dict:
+def summarize(runs: list[dict], rows: list[str], stages, meds, ratios: dict) -> dict:
+    """Per row: runs ok/failed (and why skipped), median/min/max of each stage in ``stages``
+    (and of model idle), medians of ``meds``, and ``ratios`` ({key: stage}) of its median
+    over engine-warm's."""
     out = {}
-    for c in contenders:
-        rs = [r for r in runs if r["contender"] == c and r.get("ok")]
-        s = {"runs_ok": len(rs), "runs_failed": sum(1 for r in runs if r["contender"] == c
-                                                   and not r.get("ok"))}
-        for k in STAGE_KEYS + ("written", "decode_start"):
-            vals = [r["t"].get(k) for r in rs if r.get("t") and r["t"].get(k) is not None]
-            if vals:
-                s[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-        idle = [r["model_idle_s"] for r in rs if r.get("model_idle_s") is not None]
-        if idle:
-            s["model_idle"] = {"median": statistics.median(idle), "min": min(idle),
-                               "max": max(idle)}
+    for c in rows:
+        mine = [r for r in runs if r["contender"] == c]
+        rs = [r for r in mine if r.get("ok")]
+        s = {"runs_ok": len(rs), "runs_failed": sum(1 for r in mine
+                                                   if not r.get("ok") and not r.get("skipped"))}
+        skipped = next((r["error"] for r in mine if r.get("skipped")), None)
+        if skipped:
+            s["skipped"] = skipped
+        spreads = {k: _spread((r.get("t") or {}).get(k) for r in rs) for k in stages}
+        spreads["model_idle"] = _spread(r.get("model_idle_s") for r in rs)
+        s.update((k, v) for k, v in spreads.items() if v)
         waits = [r["model_waits"] for r in rs if r.get("model_waits")]
         if waits:
-            s["model_waits"] = {k: statistics.median(w[k] for w in waits)
-                                for k in WAIT_PARTS}
-        for k in ("wall_s", "startup_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "bytes",
-                  "wire_bytes", "conns_accepted", "conns_new", "conns_reused", "frames",
-                  "process_cpu_s", "model_s"):
-            m = _med(r.get(k) for r in rs)
-            if m is not None:
-                s[k] = m
+            s["model_waits"] = {k: statistics.median(w[k] for w in waits) for k in WAIT_PARTS}
+        s.update((k, v["median"]) for k in meds if (v := _spread(r.get(k) for r in rs)))
         out[c] = s
     ref = out.get("engine-warm", {})
-    for c, s in out.items():
-        for k in ("total", "first_result"):
-            if k in s and k in ref and ref[k]["median"]:
-                s[f"ratio_{k}"] = s[k]["median"] / ref[k]["median"]
+    for s in out.values():
+        for key, stage in ratios.items():
+            if stage in s and stage in ref and ref[stage]["median"]:
+                s[key] = s[stage]["median"] / ref[stage]["median"]
     return out
+
+
+def _num(v, f="{:.2f}") -> str:
+    return "-" if v is None else f.format(v)
 
 
 def _fmt_stage(s: dict, key: str) -> str:
@@ -780,7 +1052,7 @@ def _fmt_stage(s: dict, key: str) -> str:
     return f"{v['median']:.3f} [{v['min']:.2f}-{v['max']:.2f}]"
 
 
-def _table(rows: list[list[str]], header: list[str], right=True) -> str:
+def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     def line(cells):
         return "  ".join((str(c).ljust(w) if i == 0 else str(c).rjust(w))
@@ -789,31 +1061,26 @@ def _table(rows: list[list[str]], header: list[str], right=True) -> str:
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
-def render(summary: dict, contenders: list[str]) -> str:
-    def num(v, f="{:.2f}"):
-        return "-" if v is None else f.format(v)
+def _rate(bps) -> str:
+    return "unlimited" if not bps else f"{bps / 1e6:g} MB/s"
 
+
+# ----------------------------------------------------------------------------- bench
+def render(summary: dict, rows: list[str]) -> str:
     t_rows, r_rows = [], []
-    for c in contenders:
+    for c in rows:
         s = summary[c]
         fail = f" ({s['runs_failed']} failed)" if s["runs_failed"] else ""
         t_rows.append([c + fail, _fmt_stage(s, "first_frame"), _fmt_stage(s, "first_result"),
-                       _fmt_stage(s, "total"),
-                       num(s.get("ratio_first_result"), "{:.2f}x"),
-                       num(s.get("ratio_total"), "{:.2f}x"),
-                       num(s.get("startup_s"), "{:.2f}")])
-        if c.startswith("limit"):
-            conns = "-"
-        elif s.get("conns_new") is not None or s.get("conns_accepted") is not None:
-            new = s["conns_new"] if s.get("conns_new") is not None else s.get("conns_accepted")
-            conns = f"{num(new, '{:.0f}')}/{num(s.get('conns_reused'), '{:.0f}')}"
-        else:
-            conns = "-"
-        r_rows.append([c, num(s.get("cpu_s")), num(s.get("peak_rss_mb"), "{:.0f}"),
-                       num(s.get("peak_pss_mb"), "{:.0f}"),
-                       num(s["bytes"] / 1e6 if s.get("bytes") else None),
-                       num(s["wire_bytes"] / 1e6 if s.get("wire_bytes") else None),
-                       conns, num(s.get("frames"), "{:.0f}")])
+                       _fmt_stage(s, "total"), _num(s.get("ratio_first_result"), "{:.2f}x"),
+                       _num(s.get("ratio_total"), "{:.2f}x"), _num(s.get("startup_s"))])
+        new = s["conns_new"] if s.get("conns_new") is not None else s.get("conns_accepted")
+        conns = "-" if new is None else f"{new:.0f}/{_num(s.get('conns_reused'), '{:.0f}')}"
+        r_rows.append([c, _num(s.get("cpu_s")), _num(s.get("peak_rss_mb"), "{:.0f}"),
+                       _num(s.get("peak_pss_mb"), "{:.0f}"),
+                       _num(s["bytes"] / 1e6 if s.get("bytes") else None),
+                       _num(s["wire_bytes"] / 1e6 if s.get("wire_bytes") else None),
+                       conns, _num(s.get("frames"), "{:.0f}")])
     t = _table(t_rows, ["contender", "first frame s", "first result s", "total s",
                         "1st res/warm", "total/warm", "startup s"])
     r = _table(r_rows, ["contender", "CPU s", "peak RSS MB", "peak PSS MB", "MB payload",
@@ -907,20 +1174,11 @@ def plot(summary: dict, contenders: list[str], path: str, title: str) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- main
 def parse_args(argv):
-    from engine.demo.clips import PRESETS
-    ap = argparse.ArgumentParser(prog="python -m engine bench",
-                                 description="The engine against the stock and seed miners, PyAV "
-                                             "on the URL, and the physical floor.")
-    ap.add_argument("--profile", default="seed", help="CDN emulator profile (lan, seed, mobile)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--video", metavar="PATH", help="an MP4 file to serve instead of a preset clip")
-    src.add_argument("--clip", default="sn44", choices=sorted(PRESETS), help="preset clip (sn44)")
-    ap.add_argument("--runs", type=int, default=3, help="measurements per contender (3)")
+    ap = _parser("python -m engine bench", "The engine against the stock and seed miners, PyAV "
+                 "on the URL, and the physical floor.", runs=3, timeout=120.0, budget=540.0)
     ap.add_argument("--processor", default="engine.processors:stats", help="module:factory")
-    ap.add_argument("--device", help="auto, cpu, cuda[:N] (default ENGINE_DEVICE or auto)")
-    ap.add_argument("--contenders", default=None,
+    ap.add_argument("--contenders",
                     help=f"comma-separated subset of {','.join(CONTENDERS + MODEL_CONTENDERS[1:])} "
                          f"(default {','.join(CONTENDERS)}; with --model-bound "
                          f"{','.join(MODEL_CONTENDERS)})")
@@ -931,16 +1189,9 @@ def parse_args(argv):
     ap.add_argument("--fetch", action="store_true",
                     help="fetch-only comparison instead (engine, httpx, aria2c, the link); "
                          "see --fetch --help")
-    ap.add_argument("--json", metavar="PATH", help="write every raw measurement as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG waterfall per contender")
-    ap.add_argument("--timeout", type=float, default=120.0, help="per measurement, seconds (120)")
-    ap.add_argument("--budget", type=float, default=540.0,
-                    help="start no new round after this many seconds (540)")
-    argv = list(argv)
-    if "--contenders" not in argv and not any(x.startswith("--contenders=") for x in argv):
-        argv += ["--contenders", ",".join(MODEL_CONTENDERS if "--model-bound" in argv
-                                          else CONTENDERS)]
-    a = _parse(ap, argv, CONTENDERS + MODEL_CONTENDERS[1:])
+    a = _parse(ap, argv, CONTENDERS + MODEL_CONTENDERS[1:],
+               MODEL_CONTENDERS if "--model-bound" in argv else CONTENDERS)
     if a.model_bound:
         a.processor = WAIT_PROCESSOR
     return a
@@ -955,138 +1206,37 @@ def main(argv: list[str] | None = None) -> int:
     if "--fetch" in argv:
         return fetch_main([x for x in argv if x != "--fetch"])
     a = parse_args(argv)
-    from engine.demo import local_cdn
-    from engine.errors import EngineError
-    from engine.demo.emulator import profile as get_profile
-    from engine.demo.clips import cached_clip
-
-    prof = get_profile(a.profile)
-    started = time.monotonic()
-    print("preparing the clip (generated once, then cached) ...", file=sys.stderr)
-    video = Path(a.video).resolve() if a.video else cached_clip(a.clip)
-    if not video.is_file():
-        raise EngineError(f"--video {a.video}: no such file")
-    name = "bench.mp4"
-    machine = machine_info()
-    cmdline = "python -m engine bench " + " ".join(shlex.quote(x) for x in argv)
-    head = [f"$ {cmdline}",
-            f"machine: {machine['cpu']}, {machine['cores_logical']} logical / "
-            f"{machine['cores_physical']} physical cores (affinity {machine['affinity']}), "
-            f"{machine['memory_gb']} GB RAM, GPU {machine['gpu'] or 'none'}, "
-            f"load average {' '.join(map(str, machine['loadavg']))} at start",
-            f"software: Python {machine['python']}, torch {machine['torch']}, PyAV {machine['av']}, "
-            f"OpenCV {machine['cv2']}, httpx {machine['httpx']}; {machine['os']}",
-            f"profile {prof.name}: RTT {prof.rtt_s * 1000:.0f} ms, +{prof.new_conn_s * 1000:.0f} ms "
-            f"per new connection, {_rate(prof.per_conn_bps)} per connection, "
-            f"{_rate(prof.total_bps)} in total",
-            f"clip: {video.name} ({video.stat().st_size / 1e6:.2f} MB); processor {a.processor}; "
-            f"device {a.device or os.environ.get('ENGINE_DEVICE') or 'auto'}; runs {a.runs}"]
-    print("\n".join(head), flush=True)
-
-    # the warm engine's first job (imports, processor load, first segments) runs on a tiny
-    # clip off the clock; a whole job, since every stage of the pipeline should have run once
-    cdn, emu, tmp = local_cdn({name: video, "warmup.mp4": cached_clip("small")}, prof.name)
-    old_ca = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    eng = None
-    runs: list[dict] = []
-    notes: list[str] = []
-    try:
-        url, origin = emu.url("/" + name), emu.url("/")
-        common = ["--url", url, "--processor", a.processor, "--ca", str(cdn.ca_file)]
-        if a.device:
-            common += ["--device", a.device]
-        warm_startup = None
-        if "engine-warm" in a.contenders:
-            from engine.api import Engine
-            print("starting the warm engine ...", file=sys.stderr)
-            t = time.perf_counter()
-            eng = Engine(processor=a.processor, device=a.device)
-            eng.prewarm([origin])
-            warm = eng.report(emu.url("/warmup.mp4"))
-            warm_startup = time.perf_counter() - t
-            if not warm.ok:
-                notes.append(f"engine-warm: the warm-up job failed: {warm.error}")
-        order = list(a.contenders)
-        for rnd in range(a.runs):
-            if rnd and time.monotonic() - started > a.budget:
-                notes.append(f"stopped after {rnd} rounds: the {a.budget:.0f} s budget was spent")
-                break
-            k = rnd % len(order)
-            for c in order[k:] + order[:k]:
-                print(f"round {rnd + 1}/{a.runs}: {c} ...", file=sys.stderr, flush=True)
-                before = emu.stats()
-                if c == "engine-warm":
-                    res = _measure_warm(eng, url, origin, emu)
-                    before = res.pop("_emu_before")
-                elif c == "limit":
-                    local = run_worker("local", ["--video", str(video), "--processor", a.processor]
-                                       + (["--device", a.device] if a.device else []),
-                                       a.timeout, env)
-                    if local.get("ok"):
-                        res, pipelined = limit_from(local, prof)
-                        runs.append(dict(pipelined, contender="limit-pipelined", round=rnd))
-                    else:
-                        res = local
-                    res["local"] = local
-                else:
-                    extra = []
-                    if c == "seed-fork":
-                        extra = ["--prefix-bytes", str(int(a.prefix_mb * 1024 * 1024))]
-                    elif c == "ffmpeg-cli":
-                        extra = ["--video", str(video)]
-                    res = run_worker(c, common + extra, a.timeout, env)
-                if c != "limit":
-                    res.update(_emu_delta(before, emu.stats()))
-                if a.model_bound:
-                    _model_time(res)
-                res.update(contender=c, round=rnd)
-                runs.append(res)
-                status = (f"total {res['t']['total']:.2f} s, {res.get('frames')} frames"
-                          if res.get("ok") and res.get("t", {}).get("total") is not None
-                          else f"FAILED: {res.get('error')}")
-                print(f"  {c}: {status}", file=sys.stderr, flush=True)
-    finally:
-        _teardown(eng, emu, cdn, tmp, old_ca)
-
-    shown = list(a.contenders)
-    if "limit" in shown:
-        shown.insert(shown.index("limit") + 1, "limit-pipelined")
-    summary = summarize(runs, shown)
-    if warm_startup is not None:
-        notes.insert(0, f"engine-warm: started once in {warm_startup:.2f} s (start, prewarm and a "
-                     "50-frame warm-up job on another clip, all off the clock)")
+    ctx = Context(a, "bench", argv)
+    m = ctx.machine
+    ctx.head(f"machine: {m['cpu']}, {m['cores_logical']} logical / {m['cores_physical']} physical "
+             f"cores (affinity {m['affinity']}), {m['memory_gb']} GB RAM, GPU {m['gpu'] or 'none'}, "
+             f"load average {ctx.load} at start",
+             f"software: Python {m['python']}, torch {m['torch']}, PyAV {m['av']}, "
+             f"OpenCV {m['cv2']}, httpx {m['httpx']}; {m['os']}", ctx.profile_line,
+             f"clip: {ctx.video.name} ({ctx.size / 1e6:.2f} MB); processor {a.processor}; "
+             f"device {a.device or os.environ.get('ENGINE_DEVICE') or 'auto'}; runs {a.runs}")
+    special = {"engine-warm": EngineWarm(), "limit": Limit(a.timeout),
+               "seed-fork": Worker("seed-fork", a.timeout,
+                                   "--prefix-bytes", str(int(a.prefix_mb * 1024 * 1024)))}
+    runner = Runner(ctx, "total", _model_time if a.model_bound else None)
+    rows = runner.measure([special.get(c) or Worker(c, a.timeout) for c in a.contenders])
+    summary = summarize(runner.runs, rows, STAGE_KEYS + ("written", "decode_start"),
+                        ("wall_s", "startup_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "bytes",
+                         "wire_bytes", "conns_accepted", "conns_new", "conns_reused", "frames",
+                         "process_cpu_s", "model_s"),
+                        {"ratio_total": "total", "ratio_first_result": "first_result"})
     print()
-    print(render(summary, shown))
+    print(render(summary, rows))
     if a.model_bound:
         print()
-        print(render_model(summary, shown))
-    notes += _notes(summary, a, prof)
-    for failed in (r for r in runs if not r.get("ok")):
-        notes.append(f"{failed['contender']} round {failed['round'] + 1} failed: {failed.get('error')}")
-    if notes:
-        print()
-        for n in notes:
-            print(f"- {n}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"command": cmdline, "machine": machine,
-                       "profile": {"name": prof.name, "rtt_s": prof.rtt_s,
-                                   "new_conn_s": prof.new_conn_s,
-                                   "per_conn_bps": prof.per_conn_bps, "total_bps": prof.total_bps},
-                       "video": {"path": str(video), "bytes": video.stat().st_size},
-                       "processor": a.processor, "device": a.device, "runs_per_contender": a.runs,
-                       "contenders": a.contenders, "rows": shown, "runs": runs, "summary": summary,
-                       "notes": notes, "elapsed_s": round(time.monotonic() - started, 1)},
-                      fh, indent=1)
+        print(render_model(summary, rows))
     if a.plot:
-        plot(summary, shown, a.plot,
-             f"{video.name} ({video.stat().st_size / 1e6:.1f} MB) on profile {prof.name}, "
-             f"{a.processor}, {machine['cores_logical']} cores")
-    print(f"\nbench finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return 0 if all(r.get("ok") for r in runs) else 1
+        plot(summary, rows, a.plot,
+             f"{ctx.video.name} ({ctx.size / 1e6:.1f} MB) on profile {ctx.prof.name}, "
+             f"{a.processor}, {m['cores_logical']} cores")
+    return runner.finish(summary, rows, "(start, prewarm and a 50-frame warm-up job on another "
+                         "clip, all off the clock)", _notes(summary, a),
+                         processor=a.processor, device=a.device)
 
 
 def _wait_s_per_frame() -> float:
@@ -1132,29 +1282,7 @@ def render_model(summary: dict, contenders: list[str]) -> str:
                             "frames"]) + waits)
 
 
-def _measure_warm(eng, url: str, origin: str, emu) -> dict:
-    eng.prewarm([origin])
-    before = emu.stats()
-    meter = TreeMeter(eng.pid).start()
-    mono = time.monotonic()
-    t0 = time.perf_counter()
-    report = eng.report(url)
-    wall = time.perf_counter() - t0
-    out = _report_fields(report, wall)
-    out.update(meter.stop())
-    out["_emu_before"] = before
-    timeline = report.video_result
-    if report.ok and isinstance(timeline, dict) and timeline.get("first_call") is not None:
-        # the wait processor's own timeline (engine.processors.Wait): where the model waited
-        out["model_waits"] = {
-            "to_first_call": round(timeline["first_call"] - mono, 4),
-            "ramp_gaps": timeline["ramp_gaps_s"], "gaps": timeline["gaps_s"],
-            "after_last": round(mono + report.timings_s["total"] - timeline["last_end"], 4),
-            "held_s": timeline["held_s"], "calls": timeline["calls"]}
-    return out
-
-
-def _notes(summary: dict, a, prof) -> list[str]:
+def _notes(summary: dict, a) -> list[str]:
     notes = []
     w = summary.get("engine-warm", {})
     if w.get("wall_s") and w.get("total"):
@@ -1184,104 +1312,16 @@ def _notes(summary: dict, a, prof) -> list[str]:
     return notes
 
 
-def _rate(bps) -> str:
-    return "unlimited" if not bps else f"{bps / 1e6:g} MB/s"
-
-
 # ----------------------------------------------------------------------------- --fetch
-FETCH_CONTENDERS = ("engine-warm", "engine-cold", "httpx-get", "aria2", "link")
-NULL_PROCESSOR = "engine.processors:null"
-
-
 def parse_fetch_args(argv):
-    from engine.demo.clips import PRESETS
-    ap = argparse.ArgumentParser(
-        prog="python -m engine bench --fetch",
-        description="Fetch only: the time until every byte of the clip is local, for the "
-                    "engine (warm and cold), one httpx GET, aria2c and the link's floor.")
-    ap.add_argument("--profile", default="seed", help="CDN emulator profile (lan, seed, mobile)")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--video", metavar="PATH", help="an MP4 file to serve instead of a preset clip")
-    src.add_argument("--clip", default="sn44", choices=sorted(PRESETS), help="preset clip (sn44)")
-    ap.add_argument("--runs", type=int, default=5, help="measurements per contender (5)")
-    ap.add_argument("--device", help="the engines' device (default ENGINE_DEVICE or auto)")
-    ap.add_argument("--contenders", default=",".join(FETCH_CONTENDERS),
-                    help=f"comma-separated subset of {','.join(FETCH_CONTENDERS)}")
-    ap.add_argument("--json", metavar="PATH", help="write every raw measurement as JSON")
-    ap.add_argument("--timeout", type=float, default=60.0, help="per measurement, seconds (60)")
-    ap.add_argument("--budget", type=float, default=180.0,
-                    help="start no new round after this many seconds (180)")
-    return _parse(ap, argv, FETCH_CONTENDERS)
-
-
-def run_aria2(url: str, ca: str, size: int, timeout: float) -> dict:
-    """``aria2c -x16 -s16 -k1M`` to a temp dir; the time is the subprocess's wall clock
-    (process start-up included, a few ms)."""
-    exe = shutil.which("aria2c")
-    if exe is None:
-        return {"ok": False, "skipped": True, "error": "aria2c is not installed (apt-get install aria2)"}
-    d = tempfile.mkdtemp(prefix="bench-aria2-")
-    cmd = [exe, "--no-conf", "-x16", "-s16", "-k1M", f"--ca-certificate={ca}",
-           "--allow-overwrite=true", "--auto-file-renaming=false", "--file-allocation=none",
-           "--summary-interval=0", "--console-log-level=warn", "--download-result=hide",
-           "-d", d, "-o", "out.mp4", url]
-    try:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return {"ok": False, "error": f"aria2c timed out after {timeout:.0f} s"}
-        wall = time.perf_counter() - t0
-        _kill_group(proc)
-        got = os.path.getsize(os.path.join(d, "out.mp4")) if os.path.exists(os.path.join(d, "out.mp4")) else 0
-        ok = proc.returncode == 0 and got == size
-        res = {"ok": ok, "error": None if ok else
-               f"aria2c exited {proc.returncode}, {got} of {size} bytes: {out.strip()[-300:]}",
-               "t": {"download_done": round(wall, 4)}, "wall_s": round(wall, 4), "bytes": got,
-               "http_version": "HTTP/1.1"}
-        return res
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def fetch_link(prof, size: int) -> tuple[dict, dict]:
-    """The floor: one RTT then the file at the link's aggregate rate (connections open);
-    cold adds one new connection's set-up (``new_conn_s``)."""
-    transfer = size / prof.total_bps if prof.total_bps else 0.0
-    warm = {"ok": True, "error": None, "bytes": size, "transfer_s": round(transfer, 4),
-            "t": {"first_byte": round(prof.rtt_s, 4), "download_done": round(prof.rtt_s + transfer, 4)}}
-    cold_fb = prof.rtt_s + prof.new_conn_s
-    cold = {"ok": True, "error": None, "bytes": size, "transfer_s": round(transfer, 4),
-            "t": {"first_byte": round(cold_fb, 4), "download_done": round(cold_fb + transfer, 4)}}
-    return warm, cold
-
-
-def summarize_fetch(runs: list[dict], rows: list[str]) -> dict:
-    out = {}
-    for c in rows:
-        rs = [r for r in runs if r["contender"] == c and r.get("ok")]
-        s = {"runs_ok": len(rs), "runs_failed": sum(1 for r in runs if r["contender"] == c
-                                                   and not r.get("ok") and not r.get("skipped")),
-             "skipped": next((r["error"] for r in runs if r["contender"] == c and r.get("skipped")),
-                             None)}
-        for k in ("connect", "first_byte", "download_done"):
-            vals = [r["t"][k] for r in rs if r.get("t") and r["t"].get(k) is not None]
-            if vals:
-                s[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-        for k in ("wall_s", "startup_s", "bytes", "wire_bytes", "conns_accepted", "conns_new",
-                  "conns_reused", "cpu_s"):
-            m = _med(r.get(k) for r in rs)
-            if m is not None:
-                s[k] = m
-        out[c] = s
-    ref = out.get("engine-warm", {}).get("download_done")
-    for s in out.values():
-        if ref and ref["median"] and s.get("download_done"):
-            s["ratio"] = s["download_done"]["median"] / ref["median"]
-    return out
+    ap = _parser("python -m engine bench --fetch",
+                 "Fetch only: the time until every byte of the clip is local, for the "
+                 "engine (warm and cold), one httpx GET, aria2c and the link's floor.",
+                 runs=5, timeout=60.0, budget=180.0)
+    ap.add_argument("--contenders", help=f"comma-separated subset of {','.join(FETCH_CONTENDERS)}")
+    a = _parse(ap, argv, FETCH_CONTENDERS, FETCH_CONTENDERS)
+    a.processor = NULL_PROCESSOR
+    return a
 
 
 def fetch_checks(summary: dict, prof, size: int) -> list[dict]:
@@ -1343,10 +1383,7 @@ def fetch_checks(summary: dict, prof, size: int) -> list[dict]:
     return checks
 
 
-def render_fetch(summary: dict, rows: list[str], prof, size: int) -> str:
-    def num(v, f="{:.2f}"):
-        return "-" if v is None else f.format(v)
-
+def render_fetch(summary: dict, rows: list[str], prof, size: int, checks: list[dict]) -> str:
     out = []
     for c in rows:
         s = summary[c]
@@ -1358,139 +1395,37 @@ def render_fetch(summary: dict, rows: list[str], prof, size: int) -> str:
         fb_rtt = (fb["median"] / prof.rtt_s) if fb and prof.rtt_s > 0 else None
         conns = "-"
         if s.get("conns_new") is not None:
-            conns = f"{s['conns_new']:.0f}/{num(s.get('conns_reused'), '{:.0f}')}"
+            conns = f"{s['conns_new']:.0f}/{_num(s.get('conns_reused'), '{:.0f}')}"
         if s.get("conns_accepted") is not None:
             conns += f" ({s['conns_accepted']:.0f})"
-        out.append([c + fail, _fmt_stage(s, "download_done"), num(s.get("ratio"), "{:.2f}x"),
-                    _fmt_stage(s, "first_byte"), num(fb_rtt, "{:.2f}"),
-                    num(size / dl["median"] / 1e6 if dl and dl["median"] else None, "{:.1f}"),
-                    conns, num(s["wire_bytes"] / 1e6 if s.get("wire_bytes") else None),
-                    num(s.get("startup_s"))])
-    return _table(out, ["contender", "all bytes local s", "/warm", "first byte s", "fb/RTT",
-                        "MB/s", "req new/reused (conns)", "MB wire", "start-up s"])
-
-
-def fetch_main(argv: list[str]) -> int:
-    a = parse_fetch_args(argv)
-    from engine.demo import local_cdn
-    from engine.errors import EngineError
-    from engine.demo.emulator import profile as get_profile
-    from engine.demo.clips import cached_clip
-
-    try:
-        prof = get_profile(a.profile)
-    except ValueError as exc:
-        raise EngineError(str(exc)) from None
-    started = time.monotonic()
-    print("preparing the clip (generated once, then cached) ...", file=sys.stderr)
-    video = Path(a.video).resolve() if a.video else cached_clip(a.clip)
-    if not video.is_file():
-        raise EngineError(f"--video {a.video}: no such file")
-    size = video.stat().st_size
-    name = "bench.mp4"
-    machine = machine_info()
-    cmdline = "python -m engine bench --fetch " + " ".join(shlex.quote(x) for x in argv)
-    head = [f"$ {cmdline}",
-            f"machine: {machine['cpu']}, {machine['cores_logical']} logical cores (affinity "
-            f"{machine['affinity']}), load average {' '.join(map(str, machine['loadavg']))} at start; "
-            f"httpx {machine['httpx']}",
-            f"profile {prof.name}: RTT {prof.rtt_s * 1000:.0f} ms, +{prof.new_conn_s * 1000:.0f} ms "
-            f"per new connection, {_rate(prof.per_conn_bps)} per connection, "
-            f"{_rate(prof.total_bps)} in total (the link's aggregate capacity)",
-            f"clip: {video.name} ({size / 1e6:.2f} MB); runs {a.runs}; measured: the time until "
-            "every byte is local (engine: report download_done, since submit)"]
-    print("\n".join(head), flush=True)
-
-    rows = [c for c in a.contenders]
-    if "link" in rows:
-        rows.insert(rows.index("link") + 1, "link-cold")
-    measured = [c for c in a.contenders if c != "link"]
-    runs: list[dict] = []
-    notes: list[str] = []
-    if "link" in a.contenders:
-        lw, lc = fetch_link(prof, size)
-        runs += [dict(lw, contender="link", round=0), dict(lc, contender="link-cold", round=0)]
-    aria2_missing = "aria2" in measured and shutil.which("aria2c") is None
-    if aria2_missing:
-        print("aria2c is not installed: skipping the aria2 contender", file=sys.stderr)
-        runs.append({"ok": False, "skipped": True, "contender": "aria2", "round": 0,
-                     "error": "aria2c is not installed (apt-get install aria2)"})
-        measured.remove("aria2")
-
-    cdn, emu, tmp = local_cdn({name: video, "warmup.mp4": cached_clip("small")}, prof.name)
-    old_ca = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    eng = None
-    warm_startup = None
-    try:
-        url, origin = emu.url("/" + name), emu.url("/")
-        ca = str(cdn.ca_file)
-        dev = ["--device", a.device] if a.device else []
-        if "engine-warm" in measured:
-            from engine.api import Engine
-            print("starting the warm engine ...", file=sys.stderr)
-            t = time.perf_counter()
-            eng = Engine(processor=NULL_PROCESSOR, device=a.device)
-            eng.prewarm([origin])
-            warm = eng.report(emu.url("/warmup.mp4"))
-            warm_startup = time.perf_counter() - t
-            if not warm.ok:
-                notes.append(f"engine-warm: the warm-up job failed: {warm.error}")
-        for rnd in range(a.runs):
-            if rnd and time.monotonic() - started > a.budget:
-                notes.append(f"stopped after {rnd} rounds: the {a.budget:.0f} s budget was spent")
-                break
-            k = rnd % max(len(measured), 1)
-            for c in measured[k:] + measured[:k]:
-                print(f"round {rnd + 1}/{a.runs}: {c} ...", file=sys.stderr, flush=True)
-                before = emu.stats()
-                if c == "engine-warm":
-                    res = _measure_warm(eng, url, origin, emu)
-                    before = res.pop("_emu_before")
-                elif c == "engine-cold":
-                    res = run_worker("engine-cold", ["--url", url, "--processor", NULL_PROCESSOR,
-                                                     "--ca", ca] + dev, a.timeout + 60, env)
-                elif c == "httpx-get":
-                    res = run_worker("httpx-get", ["--url", url, "--ca", ca], a.timeout, env)
-                else:
-                    res = run_aria2(url, ca, size, a.timeout)
-                res.update(_emu_delta(before, emu.stats()))
-                res.update(contender=c, round=rnd)
-                runs.append(res)
-                dl = (res.get("t") or {}).get("download_done")
-                status = (f"all bytes local at {dl:.3f} s" if res.get("ok") and dl is not None
-                          else f"FAILED: {res.get('error')}")
-                print(f"  {c}: {status}", file=sys.stderr, flush=True)
-    finally:
-        _teardown(eng, emu, cdn, tmp, old_ca)
-
-    summary = summarize_fetch(runs, rows)
-    checks = fetch_checks(summary, prof, size)
-    print()
-    print("time until all bytes are local: median [min-max] over the runs, seconds; /warm = "
-          "median over engine-warm's; fb/RTT = first byte / one RTT; MB/s = size / median; "
-          "requests on new/reused connections as the client counts them, and in brackets the "
-          "connections the emulator accepted during the run")
-    print(render_fetch(summary, rows, prof, size))
-    print()
-    print(f"link: aggregate capacity {_rate(prof.total_bps)}"
-          + (f" = {prof.total_bps / prof.per_conn_bps:g} connections at {_rate(prof.per_conn_bps)}"
-             if prof.total_bps and prof.per_conn_bps else "")
-          + f"; floor for {size / 1e6:.2f} MB = RTT + size/capacity "
-          f"= {prof.rtt_s:.3f} + {(size / prof.total_bps if prof.total_bps else 0):.3f} s; "
-          f"cold floor adds one new connection ({prof.new_conn_s:.3f} s; the emulator's TLS "
-          "handshake round trips come on top of it)")
-    print("goal checks (medians):")
+        out.append([c + fail, _fmt_stage(s, "download_done"), _num(s.get("ratio"), "{:.2f}x"),
+                    _fmt_stage(s, "first_byte"), _num(fb_rtt, "{:.2f}"),
+                    _num(size / dl["median"] / 1e6 if dl and dl["median"] else None, "{:.1f}"),
+                    conns, _num(s["wire_bytes"] / 1e6 if s.get("wire_bytes") else None),
+                    _num(s.get("startup_s"))])
+    lines = [
+        "time until all bytes are local: median [min-max] over the runs, seconds; /warm = "
+        "median over engine-warm's; fb/RTT = first byte / one RTT; MB/s = size / median; "
+        "requests on new/reused connections as the client counts them, and in brackets the "
+        "connections the emulator accepted during the run",
+        _table(out, ["contender", "all bytes local s", "/warm", "first byte s", "fb/RTT",
+                     "MB/s", "req new/reused (conns)", "MB wire", "start-up s"]), "",
+        f"link: aggregate capacity {_rate(prof.total_bps)}"
+        + (f" = {prof.total_bps / prof.per_conn_bps:g} connections at {_rate(prof.per_conn_bps)}"
+           if prof.total_bps and prof.per_conn_bps else "")
+        + f"; floor for {size / 1e6:.2f} MB = RTT + size/capacity "
+        f"= {prof.rtt_s:.3f} + {(size / prof.total_bps if prof.total_bps else 0):.3f} s; "
+        f"cold floor adds one new connection ({prof.new_conn_s:.3f} s; the emulator's TLS "
+        "handshake round trips come on top of it)", "goal checks (medians):"]
     for ch in checks:
         verdict = {True: "PASS", False: "FAIL", None: "info"}[ch["pass"]]
         how = f" [{ch['how']}]" if ch.get("how") and ch["how"] != "-" else ""
-        print(f"  {verdict:4}  {ch['goal']}{how}: {ch['text']}")
-    if warm_startup is not None:
-        notes.insert(0, f"engine-warm: started once in {warm_startup:.2f} s (start, prewarm and a "
-                     "warm-up job on another clip, off the clock); prewarmed again before each run; "
-                     f"processor {NULL_PROCESSOR}")
+        lines.append(f"  {verdict:4}  {ch['goal']}{how}: {ch['text']}")
+    return "\n".join(lines)
+
+
+def _fetch_notes(summary: dict) -> list[str]:
+    notes = []
     c = summary.get("engine-cold", {})
     if c.get("startup_s"):
         notes.append(f"engine-cold: Engine() start-up {c['startup_s']:.2f} s (median), excluded; "
@@ -1503,23 +1438,32 @@ def fetch_main(argv: list[str]) -> int:
                      "(process start included)")
     notes.append("the engines still decode (null processor) while fetching; download_done is "
                  "when the last byte is in shared memory, not when the job ends")
-    for failed in (r for r in runs if not r.get("ok") and not r.get("skipped")):
-        notes.append(f"{failed['contender']} round {failed['round'] + 1} failed: {failed.get('error')}")
+    return notes
+
+
+def fetch_main(argv: list[str]) -> int:
+    a = parse_fetch_args(argv)
+    ctx = Context(a, "bench --fetch", argv)
+    m = ctx.machine
+    ctx.head(f"machine: {m['cpu']}, {m['cores_logical']} logical cores (affinity {m['affinity']}), "
+             f"load average {ctx.load} at start; httpx {m['httpx']}",
+             ctx.profile_line + " (the link's aggregate capacity)",
+             f"clip: {ctx.video.name} ({ctx.size / 1e6:.2f} MB); runs {a.runs}; measured: the time "
+             "until every byte is local (engine: report download_done, since submit)")
+    # engine-cold's worker starts its engine before its clock does, within the same timeout
+    special = {"engine-warm": EngineWarm(), "engine-cold": Worker("engine-cold", a.timeout + 60),
+               "aria2": Aria2(a.timeout), "link": Link()}
+    runner = Runner(ctx, "download_done")
+    rows = runner.measure([special.get(c) or Worker(c, a.timeout) for c in a.contenders])
+    summary = summarize(runner.runs, rows, ("connect", "first_byte", "download_done"),
+                        ("wall_s", "startup_s", "bytes", "wire_bytes", "conns_accepted",
+                         "conns_new", "conns_reused", "cpu_s"), {"ratio": "download_done"})
+    checks = fetch_checks(summary, ctx.prof, ctx.size)
     print()
-    for n in notes:
-        print(f"- {n}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"command": cmdline, "machine": machine,
-                       "profile": {"name": prof.name, "rtt_s": prof.rtt_s,
-                                   "new_conn_s": prof.new_conn_s,
-                                   "per_conn_bps": prof.per_conn_bps, "total_bps": prof.total_bps},
-                       "video": {"path": str(video), "bytes": size}, "runs_per_contender": a.runs,
-                       "contenders": a.contenders, "rows": rows, "runs": runs, "summary": summary,
-                       "checks": checks, "notes": notes,
-                       "elapsed_s": round(time.monotonic() - started, 1)}, fh, indent=1)
-    print(f"\nbench --fetch finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    return 0 if all(r.get("ok") or r.get("skipped") for r in runs) else 1
+    print(render_fetch(summary, rows, ctx.prof, ctx.size, checks))
+    return runner.finish(summary, rows, "(start, prewarm and a warm-up job on another clip, off "
+                         "the clock); prewarmed again before each run; processor "
+                         f"{NULL_PROCESSOR}", _fetch_notes(summary), checks=checks)
 
 
 if __name__ == "__main__":
