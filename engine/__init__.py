@@ -3,13 +3,13 @@
 The names below load on first use: a worker process imports ``engine.workers...`` and
 with it this package, and must not pay for the client API it never uses.
 """
-from engine.errors import (DecodeError, EngineClosed, EngineError, FetchError, JobTimeout,
-                           ProcessorError)
+from engine.errors import (DecodeError, EngineBusy, EngineClosed, EngineError, FetchError,
+                           JobTimeout, ProcessorError)
 
 _API = ("Batch", "Engine", "EngineClient", "Report", "VideoResult")
 
-__all__ = ["Batch", "DecodeError", "Engine", "EngineClient", "EngineClosed", "EngineError",
-           "FetchError", "JobTimeout", "ProcessorError", "Report", "VideoResult"]
+__all__ = ["Batch", "DecodeError", "Engine", "EngineBusy", "EngineClient", "EngineClosed",
+           "EngineError", "FetchError", "JobTimeout", "ProcessorError", "Report", "VideoResult"]
 
 
 def __getattr__(name):

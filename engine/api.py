@@ -79,7 +79,7 @@ class VideoResult:
 
 def raise_for(report: Report) -> None:
     if not report.ok:
-        exc = error_from(report.error_kind or "EngineError", report.error or "job failed")
+        exc = error_from(report.error_kind, report.error or "job failed")
         exc.report = report
         raise exc
 
@@ -141,7 +141,7 @@ class EngineClient:
         finally:
             self._waiting.pop(token, None)
         if reply.error:
-            raise error_from(reply.kind or "EngineError", reply.error)
+            raise error_from(reply.kind, reply.error)
         return reply.payload
 
     # -- the interface -------------------------------------------------------------------
@@ -149,7 +149,7 @@ class EngineClient:
         """Open pooled connections to these origins now; returns how many were opened."""
         if isinstance(origins, str):
             origins = [origins]
-        return self._call(lambda t: Prewarm(t, tuple(origins)), timeout=120.0)["opened"]
+        return self._call(lambda t: Prewarm(token=t, origins=tuple(origins)), timeout=120.0)["opened"]
 
     def status(self) -> dict:
         return self._call(StatusQuery)
@@ -159,7 +159,7 @@ class EngineClient:
         """Start a job; yields ``Batch`` objects if streaming, then the ``Report``."""
         token, q = self._open()
         try:
-            self._send(Submit(token, url, processor, max_frames, stream))
+            self._send(Submit(token=token, url=url, processor=processor, max_frames=max_frames, stream=stream))
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
@@ -171,7 +171,7 @@ class EngineClient:
         finally:
             if self._waiting.pop(token, None) is not None and not self._closed:
                 try:
-                    self._send(CancelJob(token))
+                    self._send(CancelJob(token=token))
                 except EngineClosed:
                     pass
 
@@ -256,7 +256,7 @@ class Engine(EngineClient):
         super().__init__(parent)
         token, q = self._open(0)
         try:
-            self._send(StatusQuery(0))
+            self._send(StatusQuery(token=0))
             reply = self._get(q, START_TIMEOUT_S)
         except EngineError:
             self.close()
@@ -265,7 +265,7 @@ class Engine(EngineClient):
             self._waiting.pop(0, None)
         if reply.error:
             self.close()
-            raise error_from(reply.kind or "EngineError", reply.error)
+            raise error_from(reply.kind, reply.error)
         self.workers = reply.payload.get("workers", {})
         if self.config.prewarm:
             self.prewarm(list(self.config.prewarm))

@@ -192,7 +192,8 @@ def cmd_status(args) -> int:
     print(f"shared memory: {shm['segments']} segments, {shm['bytes'] / 1e6:.1f} MB")
     print(f"jobs in flight: {len(st['jobs_in_flight'])}")
     for j in st["jobs_in_flight"]:
-        print(f"  {j['url']}  {j['age_s']} s  {j['frames_done']} frames  {j['bytes']} bytes")
+        print(f"  {j['url']}  {j.get('phase', '')}  {j['age_s']} s  {j['frames_done']} frames  "
+              f"{j['bytes']} bytes")
     conns = st["connections"]
     print("connections: " + (", ".join(f"{h} x{n}" for h, n in conns.items()) or "none"))
     return 0

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from engine.api import Batch, EngineClient, Report
 from engine.config import Config, check_device
-from engine.errors import EngineClosed, EngineError
+from engine.errors import EngineBusy, EngineClosed, EngineError, ErrorKind
 
 log = logging.getLogger("engine")
 
@@ -31,7 +31,7 @@ CLOSE_TIMEOUT_S = 20.0
 NAMESPACE = "engine"
 
 
-class ClusterBusy(EngineError):
+class ClusterBusy(EngineBusy):
     pass
 
 
@@ -362,7 +362,7 @@ class ClusterEngine(EngineClient):
         fetch = {"http_version": None, "connections_new": 0, "connections_reused": 0,
                  "ranges": 0, "retries": 0, "bytes": 0}
         return Report(url=url, ok=False, error=error, video={}, frames_processed=0,
-                      timings_s={}, fetch=fetch, results=[], error_kind="EngineError",
+                      timings_s={}, fetch=fetch, results=[], error_kind=ErrorKind.ENGINE,
                       node=node)
 
     def prewarm(self, origins) -> int:
@@ -478,12 +478,12 @@ def serve_cluster(args, address: str, path: str) -> int:
                 if cancelled.is_set():
                     return
                 if isinstance(item, Batch):
-                    send(ResultBatch(msg.token, item.frame_numbers, item.results,
-                                     item.bytes_done, item.bytes_total, item.frames_total))
+                    send(ResultBatch(token=msg.token, frame_numbers=item.frame_numbers, results=item.results,
+                                     bytes_done=item.bytes_done, bytes_total=item.bytes_total, frames_total=item.frames_total))
                 else:
-                    send(JobDone(msg.token, item.to_dict()))
+                    send(JobDone(token=msg.token, report=item.to_dict()))
         except EngineError as exc:
-            send(JobDone(msg.token, ClusterEngine._failed(msg.url, str(exc), "-").to_dict()))
+            send(JobDone(token=msg.token, report=ClusterEngine._failed(msg.url, str(exc), "-").to_dict()))
 
     def client(conn):
         lock = threading.Lock()
@@ -510,9 +510,9 @@ def serve_cluster(args, address: str, path: str) -> int:
                 try:
                     payload = (cluster.status() if isinstance(msg, StatusQuery)
                                else {"opened": cluster.prewarm(list(msg.origins))})
-                    send(Reply(msg.token, payload))
+                    send(Reply(token=msg.token, payload=payload))
                 except EngineError as exc:
-                    send(Reply(msg.token, {}, str(exc), type(exc).__name__))
+                    send(Reply(token=msg.token, payload={}, error=str(exc), kind=type(exc).__name__))
         for event in cancels.values():   # a client that hangs up cancels its jobs
             event.set()
 

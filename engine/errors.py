@@ -1,4 +1,11 @@
-"""The errors a user of the engine sees. Every message is one line naming the cause."""
+"""The errors a user of the engine sees. Every message is one line naming the cause.
+
+Errors cross processes as an ``ErrorKind`` (a string in the JSON report); this module is
+the one place that maps a kind to its exception class.
+"""
+from __future__ import annotations
+
+import enum
 
 
 class EngineError(Exception):
@@ -25,9 +32,37 @@ class EngineClosed(EngineError):
     """The engine is not running (closed, or its supervisor died)."""
 
 
-KINDS = {cls.__name__: cls for cls in (EngineError, FetchError, DecodeError, ProcessorError,
-                                      JobTimeout, EngineClosed)}
+class EngineBusy(EngineError):
+    """The engine (or cluster) takes no more work now: too many clients or jobs."""
 
 
-def error_from(kind: str, message: str) -> EngineError:
-    return KINDS.get(kind, EngineError)(message)
+class ErrorKind(str, enum.Enum):
+    """What went wrong, as it travels between processes and appears in a report."""
+    ENGINE = "EngineError"
+    FETCH = "FetchError"
+    DECODE = "DecodeError"
+    PROCESSOR = "ProcessorError"
+    TIMEOUT = "JobTimeout"
+    CLOSED = "EngineClosed"
+    BUSY = "EngineBusy"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def exception(self) -> type[EngineError]:
+        return _CLASSES[self]
+
+
+_CLASSES = {ErrorKind.ENGINE: EngineError, ErrorKind.FETCH: FetchError,
+            ErrorKind.DECODE: DecodeError, ErrorKind.PROCESSOR: ProcessorError,
+            ErrorKind.TIMEOUT: JobTimeout, ErrorKind.CLOSED: EngineClosed,
+            ErrorKind.BUSY: EngineBusy}
+
+
+def error_from(kind: ErrorKind | str | None, message: str) -> EngineError:
+    """The exception for an error that arrived from another process or a report."""
+    try:
+        return ErrorKind(kind or ErrorKind.ENGINE).exception(message)
+    except ValueError:   # a kind this version does not know (a newer node of a cluster)
+        return EngineError(message)

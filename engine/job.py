@@ -1,10 +1,58 @@
-"""One job's state in the supervisor, and the report the contract defines."""
+"""One job's state in the supervisor, its lifecycle, and the report the contract defines.
+
+A job's phase is one field, ``Job.phase``; every allowed move is in ``TRANSITIONS`` and
+goes through ``Job.to``. Fetching runs beside the later phases (a job decodes while its
+bytes arrive), so how far the download is has its own facts (``head_done``,
+``fetched``), not phases.
+"""
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.errors import ErrorKind
 from engine.plan import RangePlan
+
+class Phase(enum.Enum):
+    WAITING_FETCHER = "waiting for a fetcher"   # every fetcher is restarting
+    HEAD = "head"                      # the first range is on its way: size and layout unknown
+    WAITING_MEMORY = "waiting for memory"  # head dropped: other jobs hold the shared memory
+    LOCATING = "locating the moov"     # box headers walked: fetching the moov or the next header
+    PLANNED = "planned fetch"          # the sample table says where every frame's bytes are
+    STREAMED = "streamed fetch"        # cannot be planned: front to back, FFmpeg probes
+    DECODING = "decoding"              # a decoder has the job (bytes may still be arriving)
+    DRAINING = "draining results"      # decoded: results of the last batches to come
+    ENDING = "ending"                  # asked the processor for the video's result
+    DONE = "done"
+    FAILED = "failed"
+
+
+_P = Phase
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    _P.WAITING_FETCHER: frozenset({_P.HEAD}),
+    _P.HEAD: frozenset({_P.HEAD, _P.WAITING_FETCHER, _P.WAITING_MEMORY, _P.LOCATING,
+                        _P.STREAMED}),
+    _P.WAITING_MEMORY: frozenset({_P.HEAD, _P.WAITING_FETCHER}),
+    _P.LOCATING: frozenset({_P.PLANNED, _P.STREAMED}),
+    _P.PLANNED: frozenset({_P.DECODING}),
+    _P.STREAMED: frozenset({_P.DECODING}),
+    _P.DECODING: frozenset({_P.DRAINING}),
+    _P.DRAINING: frozenset({_P.ENDING}),
+    _P.ENDING: frozenset({_P.DONE}),
+    _P.DONE: frozenset(),
+    _P.FAILED: frozenset(),
+}
+# Any phase that is not an end may fail (deadline, a worker lost, the client gone).
+for _phase, _next in TRANSITIONS.items():
+    if _next:
+        TRANSITIONS[_phase] = _next | {_P.FAILED}
+TERMINAL = frozenset({_P.DONE, _P.FAILED})
+
+
+class BadTransition(RuntimeError):
+    pass
+
 
 TIMING_KEYS = ("connect", "first_byte", "moov_ready", "first_frame", "first_result",
                "download_done", "decode_done", "total")
@@ -20,6 +68,7 @@ class Job:
     max_frames: int | None
     partial_mb: float | None
     stream: bool
+    phase: Phase = Phase.HEAD
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
     # fetch
@@ -30,12 +79,10 @@ class Job:
     segment: object = None          # shm.SharedBlock (the supervisor owns it)
     amap: object = None             # shm.AvailabilityMap
     ring: object = None             # shm.FrameRing
-    head_fetcher: object = None
     head_attempt: int = 0
-    speculative: dict = field(default_factory=dict)   # offset -> (end, fetcher)
-    head_done: bool = False
+    head_done: bool = False         # the head's bytes are all in the segment
+    fetched: bool = False           # every planned byte is in the segment
     head_len: int = 0
-    planned: bool = False           # the range plan is made (moov located)
     moov: tuple[int, int] | None = None
     moov_layout: str | None = None
     track: object = None            # engine.mp4.VideoTrack, or StreamInfo when streamed
@@ -55,18 +102,30 @@ class Job:
     # decode and process
     frame_limit: int | None = None
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)
-    decode_done: bool = False
     outstanding: int = 0            # batches sent to the GPU worker, not yet answered
     results: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)
     decoder_backend: str = ""
-    ending: bool = False            # asked the GPU worker for the video's result
     video_result: object = None     # a per-video processor's end() value
     # end
     error: str | None = None
-    error_kind: str | None = None
-    finished: bool = False
+    error_kind: ErrorKind | None = None
     timings: dict = field(default_factory=dict)
+
+    def to(self, phase: Phase) -> None:
+        """Move to ``phase``; a move ``TRANSITIONS`` does not allow is a bug."""
+        if phase not in TRANSITIONS[self.phase]:
+            raise BadTransition(f"job {self.id}: {self.phase.name} -> {phase.name}")
+        self.phase = phase
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in TERMINAL
+
+    @property
+    def decoded_all(self) -> bool:
+        """The decoder is done with the job (its frames counted, missing ones named)."""
+        return self.phase in (Phase.DRAINING, Phase.ENDING, Phase.DONE)
 
     @property
     def partial(self) -> bool:

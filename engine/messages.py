@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import ErrorKind
+
 # ---------------------------------------------------------------- client <-> supervisor
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Submit:
     token: int
     url: str
@@ -20,23 +22,23 @@ class Submit:
     stream: bool = False
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Prewarm:
     token: int
     origins: tuple[str, ...]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class StatusQuery:
     token: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class CancelJob:
     token: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ResultBatch:
     """Results of consecutive frames, sent to a client that streams, with the job's
     progress (bytes fetched so far, the file's size, the frames it will have)."""
@@ -48,24 +50,24 @@ class ResultBatch:
     frames_total: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class JobDone:
     token: int
     report: dict
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Reply:
     token: int
     payload: dict
     error: str | None = None
-    kind: str | None = None
+    kind: ErrorKind | None = None
 
 
 # ---------------------------------------------------------------- supervisor -> workers
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class FetchHead:
     """First request of a job: a small range at 0 whose answer gives the size."""
     job: int
@@ -74,7 +76,7 @@ class FetchHead:
     attempt: int = 0
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class SegmentReady:
     """The supervisor made the job's segment after a ``HeadInfo``."""
     job: int
@@ -82,7 +84,7 @@ class SegmentReady:
     amap: str | None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class FetchRange:
     job: int
     url: str
@@ -93,13 +95,13 @@ class FetchRange:
     attempt: int = 0
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PrewarmOrigins:
     origins: tuple[str, ...]
     token: int = 0
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class DecodeJob:
     """A planned job names its ring, its moov and its sample table; a streamed one
     (``ring`` None) learns the picture by decoding and asks for a ring (``StreamInfo``)."""
@@ -120,14 +122,14 @@ class DecodeJob:
     seekable: bool = True        # False: the decoder reads front to back only
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RingReady:
     """Answer to ``StreamInfo``: the streamed job's frame ring (None: the job ended)."""
     job: int
     ring: str | None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class GpuJob:
     job: int
     ring: str
@@ -135,19 +137,19 @@ class GpuJob:
     video: dict = field(default_factory=dict)   # engine.processors.Video's fields
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class EndVideo:
     """Every batch of the job has its results: a per-video processor's ``end()`` now."""
     job: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class EndJob:
     """The job is over (done, failed or cancelled): drop its work, unmap its segments."""
     job: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Shutdown:
     pass
 
@@ -155,14 +157,14 @@ class Shutdown:
 # ---------------------------------------------------------------- workers -> supervisor
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Hello:
     role: str
     pid: int
     info: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Heartbeat:
     """Every ``HEARTBEAT_S``; ``busy`` and ``progress`` tell a stuck main thread (whose
     heartbeat thread still beats) from one at work (``workers.base.Link``)."""
@@ -172,9 +174,11 @@ class Heartbeat:
     progress: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FetchStats:
-    """Per request: what the connection cost and what came back."""
+    """Per request: what the connection cost and what came back. The one mutable record:
+    the fetcher fills it in while its request runs (httpcore's trace hook included), and
+    sends it once the request is over."""
     new_connection: bool = False
     http_version: str = ""
     started: float = 0.0
@@ -183,7 +187,7 @@ class FetchStats:
     bytes: int = 0
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class HeadInfo:
     job: int
     size: int
@@ -194,7 +198,7 @@ class HeadInfo:
     prefix: bytes = b""          # the first bytes of the body: enough to plan the ranges
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RangeDone:
     job: int
     offset: int
@@ -203,14 +207,14 @@ class RangeDone:
     head: bool = False
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class RangeFailed:
     job: int
     offset: int
     end: int
     written: int                 # bytes [offset, written) did arrive
     error: str
-    kind: str                    # FetchError subclass name
+    kind: ErrorKind
     retryable: bool
     stats: FetchStats | None = None
     attempt: int = 0
@@ -218,14 +222,14 @@ class RangeFailed:
     speculative: bool = False
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class NeedBytes:
     """The decoder blocks on bytes at ``offset``: fetch that range first."""
     job: int
     offset: int
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class BatchReady:
     job: int
     first_slot: int
@@ -234,7 +238,7 @@ class BatchReady:
     decoded_at: float
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class StreamInfo:
     """A streamed job's picture, as the decoder found it: the ring can be made now."""
     job: int
@@ -244,7 +248,7 @@ class StreamInfo:
     fps: float | None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class DecodeDone:
     job: int
     frames: int
@@ -252,7 +256,7 @@ class DecodeDone:
     error: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class VideoResult:
     """Answer to ``EndVideo``: ``end()``'s value (None for a per-frame processor)."""
     job: int
@@ -260,7 +264,7 @@ class VideoResult:
     error: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class BatchResults:
     job: int
     first_slot: int

@@ -1,10 +1,15 @@
 """Every job's way through the pipeline, as the supervisor sees it: fetch plan, segments,
 decode, results, report.
 
-The supervisor (``engine.supervisor``) keeps the processes alive and routes messages;
-this keeps the jobs. It runs in the supervisor's one thread, so job state needs no
-locks. It creates and unlinks every segment a job uses (video, availability map, frame
-ring) and counts them against ENGINE_MAX_BYTES; workers only attach by name.
+The supervisor (``engine.supervisor``) keeps the processes alive and carries messages;
+this keeps the jobs. It takes one event at a time -- a worker's message, a client's
+request, a tick, a worker's death -- moves the jobs it concerns through their phases
+(``engine.job.Phase``) and leaves what must be sent in its outbox (``take``); it never
+touches a pipe or a socket, so its tests drive it with events and read the outbox.
+What each worker holds is in ``self.ledger``. It runs in the supervisor's one thread, so
+job state needs no locks. It creates and unlinks every segment a job uses (video,
+availability map, frame ring) and counts them against ENGINE_MAX_BYTES; workers only
+attach by name.
 """
 from __future__ import annotations
 
@@ -12,12 +17,15 @@ import hashlib
 import itertools
 import logging
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 from engine import mp4
 from engine.config import Config
-from engine.job import Job
+from engine.errors import ErrorKind
+from engine.job import Job, Phase
+from engine.ledger import Ledger
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
                              RangeDone, RangeFailed, ResultBatch, RingReady, SegmentReady,
@@ -26,9 +34,6 @@ from engine.plan import Piece, RangePlan, fetch_end
 from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
 from engine.shm.block import free_bytes
 
-if TYPE_CHECKING:
-    from engine.supervisor import WorkerHandle
-
 log = logging.getLogger("engine.supervisor")
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -36,6 +41,7 @@ PROBE_BYTES = 64 * 1024  # a partial job reads this much at a header past the he
 RING_POOL = 2          # finished rings kept per frame size
 SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.05   # doubled at each attempt of a range
 
 
 def looks_like_html(head: bytes) -> bool:
@@ -44,14 +50,30 @@ def looks_like_html(head: bytes) -> bool:
     return text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
 
-class Pipeline:
-    """The jobs in flight. The supervisor calls in with messages, ticks and worker deaths;
-    this calls back only for workers (``fetchers``, ``gpu``, ``send_worker``) and clients
-    (``send``)."""
+@dataclass(frozen=True)
+class Send:
+    """A message the supervisor is to send: to a worker (by name) or to a client."""
+    to: object          # a worker's name (str), or a client connection
+    msg: object
 
-    def __init__(self, sup):
-        self.sup = sup                  # engine.supervisor.Supervisor: workers, clients
-        self.config: Config = sup.config
+    @property
+    def to_worker(self) -> bool:
+        return isinstance(self.to, str)
+
+
+class Pipeline:
+    """The jobs in flight.
+
+    ``roster()`` lists the worker processes that are alive, as objects with ``name``,
+    ``role`` (fetcher, decoder, gpu) and ``ready`` (said Hello: takes work).
+    """
+
+    def __init__(self, config: Config, roster: Callable[[], list]):
+        self.config = config
+        self.roster = roster
+        self.stopping = False           # the engine is shutting down: no new jobs
+        self.outbox: list[Send] = []
+        self.ledger = Ledger()
         self.jobs: dict[int, Job] = {}
         self.job_ids = itertools.count(1)
         self.shm_in_use = 0
@@ -59,9 +81,44 @@ class Pipeline:
         self.rr = 0
         self.ring_pool: dict[tuple, list] = {}
         self.ring_reserved: dict[int, int] = {}   # job -> bytes held for its ring until moov
-        self.waiting_memory: dict[int, int] = {}  # job -> bytes it waits for (head dropped)
         self.warned_small_ring = False
         self.decoder_backend = self._pick_backend()
+        self.handlers = {RangeDone: self.on_range_done, BatchReady: self.on_batch,
+                         BatchResults: self.on_results, HeadInfo: self.on_head,
+                         RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
+                         DecodeDone: self.on_decode_done, StreamInfo: self.on_stream_info,
+                         VideoResult: self.on_video_result}
+
+    # ------------------------------------------------------------------ outbox and workers
+    def take(self) -> list[Send]:
+        """What the events handled since the last call want sent, in order."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _send(self, worker, msg) -> None:
+        self.outbox.append(Send(getattr(worker, "name", worker), msg))
+
+    def _reply(self, client, msg) -> None:
+        if client is not None:
+            self.outbox.append(Send(client, msg))
+
+    def _workers(self, role: str, ready: bool = True) -> list:
+        return [w for w in self.roster() if w.role == role and (w.ready or not ready)]
+
+    def _fetchers(self) -> list:
+        return self._workers("fetcher")
+
+    def _gpu(self):
+        """The GPU worker, while its process is alive (messages wait in its pipe while it
+        starts)."""
+        gpus = self._workers("gpu", ready=False)
+        return gpus[0] if gpus else None
+
+    def _least_loaded(self, fetchers: list):
+        """The fetcher with a free connection and the fewest requests, or None."""
+        limit = self.config.connections
+        free = [f for f in fetchers if self.ledger.of(f.name).load < limit]
+        return min(free, key=lambda f: self.ledger.of(f.name).load) if free else None
 
     def _pick_backend(self) -> str:
         choice = self.config.decoder
@@ -90,47 +147,37 @@ class Pipeline:
         return any(j.plan and j.plan.pending for j in self.jobs.values())
 
     def on_message(self, w, msg) -> None:
-        if isinstance(msg, RangeDone):
-            self.on_range_done(w, msg)
-        elif isinstance(msg, BatchReady):
-            self.on_batch(w, msg)
-        elif isinstance(msg, BatchResults):
-            self.on_results(w, msg)
-        elif isinstance(msg, HeadInfo):
-            self.on_head(w, msg)
-        elif isinstance(msg, RangeFailed):
-            self.on_range_failed(w, msg)
-        elif isinstance(msg, NeedBytes):
-            job = self.jobs.get(msg.job)
-            if job is not None and job.plan is not None:
-                job.plan.raise_to_front(msg.offset)
-        elif isinstance(msg, DecodeDone):
-            self.on_decode_done(w, msg)
-        elif isinstance(msg, StreamInfo):
-            self.on_stream_info(w, msg)
-        elif isinstance(msg, VideoResult):
-            self.on_video_result(w, msg)
+        """A worker's message about a job."""
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            log.warning("%s sent an unexpected %s: dropped", w.name, type(msg).__name__)
+            return
+        handler(w, msg)
+
+    def on_need_bytes(self, w, msg: NeedBytes) -> None:
+        job = self.jobs.get(msg.job)
+        if job is not None and job.plan is not None:
+            job.plan.raise_to_front(msg.offset)
 
     def tick(self, now: float) -> None:
         """Deadlines, heads that wait for a fetcher, and pieces and decodes to hand out."""
         for job in self.live:
-            if now > job.deadline and job.id in self.waiting_memory:
-                self.fail(job, "JobTimeout", f"{job.url}: engine busy: waited "
+            if now > job.deadline and job.phase is Phase.WAITING_MEMORY:
+                self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: engine busy: waited "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S) for shared "
                           f"memory that other jobs held ({self.shm_in_use / 1e6:.0f} MB)")
             elif now > job.deadline:
-                self.fail(job, "JobTimeout", f"{job.url}: job exceeded its deadline of "
+                self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: job exceeded its deadline of "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
-            elif job.id in self.waiting_memory:
-                if self._memory_back(self.waiting_memory[job.id]):
+            elif job.phase is Phase.WAITING_MEMORY:
+                if self._memory_back(job.size):
                     # a new id: the fetchers have ended the old one (EndJob at _admit)
-                    del self.waiting_memory[job.id]
                     del self.jobs[job.id]
                     job.id = next(self.job_ids)
                     self.jobs[job.id] = job
                     self._start_head(job)
                     self._start_speculative(job)
-            elif job.segment is None and job.head_fetcher is None and job.final_url:
+            elif job.phase is Phase.WAITING_FETCHER:
                 self._start_head(job, job.head_attempt)
         self.dispatch()
 
@@ -150,41 +197,36 @@ class Pipeline:
     def cancel(self, client, token: int) -> None:
         for job in self.live:
             if job.client is client and job.token == token:
-                self.fail(job, "EngineError", f"{job.url}: cancelled")
+                self.fail(job, ErrorKind.ENGINE, f"{job.url}: cancelled")
 
     def worker_lost(self, w, cause: str) -> None:
         """A worker died: requeue what a fetcher held; fail the jobs whose decode or
         results died with it."""
-        if w.role == "fetcher":
-            for job_id, offset in w.inflight:
-                job = self.jobs.get(job_id)
-                if job is not None and job.plan is not None:
-                    job.plan.requeue(offset)
-            for job_id in list(w.heads):
-                job = self._live(job_id)
-                if job is None:
-                    continue
-                if job.segment is None:
-                    self._start_head(job)
-                elif job.ranged:
-                    job.plan.requeue(0)
-                else:
-                    self.fail(job, "FetchError", f"{job.url}: fetcher process died during a "
-                              "download without Range support")
-        elif w.role == "decoder" and w.job is not None:
-            job = self._live(w.job)
-            w.job = None
+        held = self.ledger.drop_worker(w.name)
+        for job_id, offset in held.ranges:
+            job = self.jobs.get(job_id)
+            if job is not None and job.plan is not None:
+                job.plan.requeue(offset)
+        for job_id in held.heads:
+            job = self._live(job_id)
+            if job is None:
+                continue
+            if job.segment is None:
+                self._start_head(job)
+            elif job.ranged:
+                job.plan.requeue(0)
+            else:
+                self.fail(job, ErrorKind.FETCH, f"{job.url}: fetcher process died during a "
+                          "download without Range support")
+        if held.decoding is not None:
+            job = self._live(held.decoding)
             if job is not None:
-                self.fail(job, "DecodeError", f"{job.url}: decoder process crashed ({cause}) "
+                self.fail(job, ErrorKind.DECODE, f"{job.url}: decoder process crashed ({cause}) "
                           "while decoding this video")
-        elif w.role == "gpu":
-            for job_id in list(w.jobs):
-                job = self._live(job_id)
-                if job is not None:
-                    self.fail(job, "ProcessorError", f"{job.url}: GPU worker crashed ({cause})")
-            w.jobs.clear()
-        w.inflight.clear()
-        w.heads.clear()
+        for job_id in sorted(held.jobs):
+            job = self._live(job_id)
+            if job is not None:
+                self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: GPU worker crashed ({cause})")
 
     # ------------------------------------------------------------------ fetch
     def submit(self, client, msg: Submit) -> None:
@@ -197,11 +239,11 @@ class Pipeline:
         self.jobs[job.id] = job
         scheme = urlsplit(msg.url).scheme.lower()
         if scheme not in ("http", "https"):
-            self.fail(job, "FetchError", f"{msg.url}: unsupported URL scheme "
+            self.fail(job, ErrorKind.FETCH, f"{msg.url}: unsupported URL scheme "
                       f"{scheme or '(none)'!r}: only http and https")
             return
-        if self.sup.stopping_since is not None:
-            self.fail(job, "EngineError", f"{msg.url}: engine is shutting down")
+        if self.stopping:
+            self.fail(job, ErrorKind.ENGINE, f"{msg.url}: engine is shutting down")
             return
         job.final_url = msg.url
         self._start_head(job)
@@ -215,35 +257,34 @@ class Pipeline:
         partial job asks for less. The fetchers hold the bytes until the segment exists;
         a file shorter than a range answers 416, which only drops that range."""
         cfg = self.config
-        limit = cfg.connections
-        partial = job.max_frames is not None or job.partial_mb is not None
         offset = cfg.head_bytes
-        for _ in range(SPECULATIVE_PARTIAL if partial else cfg.fetchers * limit - 1):
-            free = [f for f in self.sup.fetchers() if len(f.inflight) + len(f.heads) < limit]
-            if not free:
+        fetchers = self._fetchers()
+        for _ in range(SPECULATIVE_PARTIAL if job.partial else cfg.fetchers * cfg.connections - 1):
+            w = self._least_loaded(fetchers)
+            if w is None:
                 return
-            w = min(free, key=lambda f: len(f.inflight) + len(f.heads))
             end = offset + min(offset, cfg.range_bytes)
-            w.inflight.add((job.id, offset))
-            job.speculative[offset] = (end, w)
-            self.sup.send_worker(w, FetchRange(job.id, job.final_url, None, None, offset, end))
+            self.ledger.hold_range(w.name, job.id, offset, end)
+            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=None, amap=None,
+                                     offset=offset, end=end))
             offset = end
 
     def _start_head(self, job: Job, attempt: int = 0) -> None:
-        fetchers = self.sup.fetchers() or [w for w in self.sup.workers if w.role == "fetcher" and w.alive]
+        fetchers = self._fetchers() or self._workers("fetcher", ready=False)
         if not fetchers:   # all restarting: the tick starts it when one is back
-            job.head_fetcher = None
+            job.to(Phase.WAITING_FETCHER)
             job.head_attempt = attempt
             return
-        w = min(fetchers, key=lambda f: len(f.inflight) + len(f.heads))
-        w.heads.add(job.id)
-        job.head_fetcher = w
-        self.sup.send_worker(w, FetchHead(job.id, job.final_url, self.config.head_bytes, attempt))
+        job.to(Phase.HEAD)
+        w = min(fetchers, key=lambda f: self.ledger.of(f.name).load)
+        self.ledger.of(w.name).heads.add(job.id)
+        self._send(w, FetchHead(job=job.id, url=job.final_url, length=self.config.head_bytes,
+                                attempt=attempt))
 
-    def on_head(self, w: WorkerHandle, msg: HeadInfo) -> None:
+    def on_head(self, w, msg: HeadInfo) -> None:
         job = self._live(msg.job)
         if job is None:
-            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
+            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
             return
         job.count_request(msg.stats)
         job.ranges += 1
@@ -255,20 +296,20 @@ class Pipeline:
         job.final_url, job.size, job.ranged = msg.url, msg.size, msg.ranged
         cfg = self.config
         if msg.size > cfg.max_bytes:
-            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
-            self.fail(job, "FetchError", f"{job.url}: file is {msg.size} bytes, over the "
+            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: file is {msg.size} bytes, over the "
                       f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
             return
         if msg.size == 0:
-            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
-            self.fail(job, "FetchError", f"{job.url}: empty file (the server sent 0 bytes)")
+            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: empty file (the server sent 0 bytes)")
             return
         # Content-Type is only a hint (text/plain, octet-stream or none may carry a video);
         # an HTML page is what a server sends instead of one, and is refused.
         if msg.content_type.split(";")[0].strip().lower() in HTML_TYPES \
                 or looks_like_html(msg.prefix):
-            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
-            self.fail(job, "DecodeError", f"{job.url}: server sent "
+            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
+            self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent "
                       f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
             return
         if not self._admit(job, w, msg.size):
@@ -278,21 +319,21 @@ class Pipeline:
             job.segment = SharedBlock.create(name, msg.size)
             job.amap = AvailabilityMap.create(name + ".map", msg.size)
         except ShmError as exc:
-            self.sup.send_worker(w, SegmentReady(msg.job, None, None))
-            self.fail(job, "FetchError", f"{job.url}: {exc}")
+            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
             return
         self.shm_in_use += job.shm_bytes()
-        ready = SegmentReady(job.id, job.segment.name, job.amap.name)
-        for f in {w} | {holder for _, holder in job.speculative.values()}:
-            self.sup.send_worker(f, ready)
+        ready = SegmentReady(job=job.id, segment=job.segment.name, amap=job.amap.name)
+        for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
+            self._send(f, ready)
         job.plan = RangePlan(msg.size, cfg.range_bytes)
         job.head_len = min(cfg.head_bytes, msg.size) if msg.ranged else msg.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
-        for offset, (end, holder) in sorted(job.speculative.items()):
-            # still on its way, and contiguous with what is planned: part of the plan
-            if not msg.ranged or offset != job.plan.planned_until or offset >= msg.size \
-                    or (job.id, offset) not in holder.inflight:
+        for offset, end, _ in self.ledger.ranges_of(job.id):
+            # the ranges sent with the head that are still on their way, and contiguous
+            # with what is planned: part of the plan
+            if not msg.ranged or offset != job.plan.planned_until or offset >= msg.size:
                 break
             job.plan.inflight[offset] = Piece(offset, min(end, msg.size))
             job.plan.planned_until = min(end, msg.size)
@@ -323,21 +364,16 @@ class Pipeline:
                 (size + ring <= room or (not busy and size + small_ring <= room)):
             self.ring_reserved[job.id] = min(ring, room - size)
             return True
-        holders = {w} | {holder for _, holder in job.speculative.values()}
-        for f in holders:
-            self.sup.send_worker(f, SegmentReady(job.id, None, None))
-            self.sup.send_worker(f, EndJob(job.id))
-            f.inflight = {(j, o) for j, o in f.inflight if j != job.id}
-            f.heads.discard(job.id)
-        job.speculative.clear()
-        job.head_fetcher = None
+        for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
+            self._send(f, SegmentReady(job=job.id, segment=None, amap=None))
+            self._send(f, EndJob(job=job.id))
+        self.ledger.drop_job(job.id)
         if busy:
-            if job.id not in self.waiting_memory:
-                log.info("%s waits for shared memory (jobs in flight hold %.0f MB)",
-                         job.url, self.shm_in_use / 1e6)
-            self.waiting_memory[job.id] = size
+            log.info("%s waits for shared memory (jobs in flight hold %.0f MB)",
+                     job.url, self.shm_in_use / 1e6)
+            job.to(Phase.WAITING_MEMORY)
             return False
-        self.fail(job, "FetchError", f"{job.url}: the video ({size / 1e6:.0f} MB) and its frames "
+        self.fail(job, ErrorKind.FETCH, f"{job.url}: the video ({size / 1e6:.0f} MB) and its frames "
                   f"do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
                   "(/dev/shm; a container needs a larger --shm-size)")
         return False
@@ -378,7 +414,7 @@ class Pipeline:
         """Walk the box headers and plan the remaining ranges: from the first bytes of the
         head as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head.
         What cannot be planned (not MP4, no moov, a moov without samples) is streamed."""
-        if job.planned:
+        if job.phase is not Phase.HEAD:
             return
         final = prefix is None
         try:
@@ -389,7 +425,6 @@ class Pipeline:
             return
         if found.moov is None and found.need is not None and not final:
             return                      # the prefix says too little: wait for the head
-        job.planned = True
         if found.moov is not None:
             self._found_moov(job, found)
         elif found.need is None:
@@ -397,6 +432,7 @@ class Pipeline:
         else:
             # The next header lies past the head (a long mdat or free box): fetch from
             # there first -- all of the rest for a full job, which needs it anyway.
+            job.to(Phase.LOCATING)
             job.moov_layout = found.layout
             end = job.size if not job.partial else min(job.size, found.need + PROBE_BYTES)
             job.plan.urgent(found.need, end)
@@ -425,6 +461,8 @@ class Pipeline:
             job.plan.urgent(found.need, job.probed_until)
 
     def _found_moov(self, job: Job, found) -> None:
+        if job.phase is Phase.HEAD:
+            job.to(Phase.LOCATING)
         moov = found.moov
         job.moov_layout = found.layout
         job.moov = (moov.offset, moov.offset + moov.size)
@@ -439,16 +477,17 @@ class Pipeline:
     def _stream(self, job: Job, why: str) -> None:
         """The second way through a job: fetch front to back, let FFmpeg probe and decode
         while the bytes arrive; the frame count is learned by decoding."""
-        if job.way == "streamed" or job.finished:
+        if job.phase not in (Phase.HEAD, Phase.LOCATING):
             return
         head = bytes(job.segment.mm[:min(512, job.size)]) if job.amap.present(0, min(512, job.size)) else b""
         if looks_like_html(head):
-            self.fail(job, "DecodeError", f"{job.url}: server sent an HTML page, not a video")
+            self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent an HTML page, not a video")
             return
         log.info("%s: streamed, not planned (%s)", job.url, why)
         if why.startswith("truncated file"):
             job.truncated = why
-        job.way, job.planned, job.moov, job.moov_layout, job.track = "streamed", True, None, None, None
+        job.to(Phase.STREAMED)
+        job.way, job.moov, job.moov_layout, job.track = "streamed", None, None, None
         job.plan.extend(job.size)
         # A seekable fragmented MP4 makes FFmpeg visit every fragment's header before
         # the first frame, i.e. wait for nearly the whole file: it is read front to back.
@@ -458,14 +497,14 @@ class Pipeline:
         self.decode_queue.append(job.id)
         self._dispatch_decodes()
 
-    def on_range_done(self, w: WorkerHandle, msg: RangeDone) -> None:
-        w.inflight.discard((msg.job, msg.offset))
+    def on_range_done(self, w, msg: RangeDone) -> None:
+        self.ledger.release_range(w.name, msg.job, msg.offset)
         job = self._live(msg.job)
         if job is None:
             return
         job.bytes += msg.stats.bytes
         if msg.head:
-            w.heads.discard(job.id)    # its request was counted at HeadInfo
+            self.ledger.of(w.name).heads.discard(job.id)   # its request was counted at HeadInfo
         else:
             job.count_request(msg.stats)
             job.ranges += 1
@@ -481,15 +520,15 @@ class Pipeline:
         if not job.finished:
             self._check_download(job)
 
-    def on_range_failed(self, w: WorkerHandle, msg: RangeFailed) -> None:
-        w.inflight.discard((msg.job, msg.offset))
+    def on_range_failed(self, w, msg: RangeFailed) -> None:
+        self.ledger.release_range(w.name, msg.job, msg.offset)
         job = self._live(msg.job)
         if job is None:
             return
         job.count_request(msg.stats)
         if msg.head:
-            w.heads.discard(job.id)
-            if job.id in self.waiting_memory:
+            self.ledger.of(w.name).heads.discard(job.id)
+            if job.phase is Phase.WAITING_MEMORY:
                 return   # its head was dropped on purpose: it waits for memory
             if job.segment is None:
                 if msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
@@ -508,7 +547,8 @@ class Pipeline:
         if msg.retryable and job.plan and msg.offset in job.plan.inflight \
                 and job.plan.inflight[msg.offset].attempt + 1 < MAX_RANGE_ATTEMPTS:
             job.retries += 1
-            job.plan.retry(msg.offset, msg.written, 0.05 * 2 ** job.plan.inflight[msg.offset].attempt)
+            job.plan.retry(msg.offset, msg.written,
+                           RETRY_BACKOFF_S * 2 ** job.plan.inflight[msg.offset].attempt)
             return
         self.fail(job, msg.kind, msg.error)
 
@@ -517,29 +557,27 @@ class Pipeline:
         jobs = [j for j in self.jobs.values() if not j.finished and j.plan and j.plan.pending]
         if not jobs:
             return
-        limit = self.config.connections
-        fetchers = self.sup.fetchers()
+        fetchers = self._fetchers()
         while jobs:
-            free = [f for f in fetchers if len(f.inflight) + len(f.heads) < limit]
-            if not free:
+            w = self._least_loaded(fetchers)
+            if w is None:
                 return
             self.rr = (self.rr + 1) % len(jobs)
             job = jobs[self.rr]
-            piece = job.plan.next(slots=limit * max(1, len(fetchers)),
+            piece = job.plan.next(slots=self.config.connections * max(1, len(fetchers)),
                                   missing=lambda p: job.amap.missing(p.offset, p.end))
             if piece is None:
                 jobs.remove(job)
                 continue
-            w = min(free, key=lambda f: len(f.inflight) + len(f.heads))
-            w.inflight.add((job.id, piece.offset))
-            self.sup.send_worker(w, FetchRange(job.id, job.final_url, job.segment.name, job.amap.name,
-                                            piece.offset, piece.end, piece.attempt))
+            self.ledger.hold_range(w.name, job.id, piece.offset, piece.end)
+            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=job.segment.name, amap=job.amap.name,
+                                            offset=piece.offset, end=piece.end, attempt=piece.attempt))
 
     def _check_moov(self, job: Job) -> None:
-        if job.track is not None or job.finished or job.way == "streamed":
+        if job.phase is not Phase.LOCATING:
             return
         if job.moov is None:
-            if job.planned and job.head_done:
+            if job.head_done:
                 self._walk_on(job)
             return
         start, end = job.moov
@@ -556,6 +594,7 @@ class Pipeline:
             self._stream(job, "the moov lists no samples (fragmented MP4)")
             return
         job.track = track
+        job.to(Phase.PLANNED)
         data_end = int((track.offsets + track.sizes).max())
         if data_end > job.size:
             # decode what is there; the report names the frames past the end
@@ -576,7 +615,7 @@ class Pipeline:
             job.readable_end = fetch_end(self.decoder_backend, track.need_end(), limit, job.size)
             job.plan.extend(job.readable_end)
         if limit == 0:
-            self.fail(job, "DecodeError", f"{job.url}: no frame fits the partial download limit")
+            self.fail(job, ErrorKind.DECODE, f"{job.url}: no frame fits the partial download limit")
             return
         if self._make_ring(job, track.height, track.width):
             self.decode_queue.append(job.id)
@@ -586,7 +625,7 @@ class Pipeline:
         self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
         slots = self._ring_slots(job, height, width)
         if slots is None:
-            self.fail(job, "FetchError", f"{job.url}: no room in shared memory for the frames "
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the frames "
                       f"of a {width}x{height} video (/dev/shm; a container needs "
                       "a larger --shm-size)")
             return False
@@ -599,10 +638,14 @@ class Pipeline:
             try:
                 job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"), *shape)
             except ShmError as exc:
-                self.fail(job, "FetchError", f"{job.url}: {exc}")
+                self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
                 return False
             self.shm_in_use += job.ring.block.size
         return True
+
+    def close(self) -> None:
+        """The engine stops: give back the pooled rings (live jobs are failed first)."""
+        self._drop_ring_pool()
 
     def _drop_ring_pool(self) -> None:
         """Give back the idle pooled rings (a job needs their room)."""
@@ -614,8 +657,9 @@ class Pipeline:
             rings.clear()
 
     def _check_download(self, job: Job) -> None:
-        if job.plan.finished and job.head_done and "download_done" not in job.timings:
+        if job.plan.finished and job.head_done and not job.fetched:
             if all(job.amap.present(lo, hi - lo) for lo, hi in job.plan.regions() if hi > lo):
+                job.fetched = True
                 job.mark("download_done")
                 if self.config.report_sha256:
                     digest = hashlib.sha256()
@@ -627,55 +671,56 @@ class Pipeline:
 
     # ------------------------------------------------------------------ decode
     def _dispatch_decodes(self) -> None:
-        gpu = self.sup.gpu()
+        gpu = self._gpu()
         if gpu is None:
             return   # restarting: decodes wait for it, as ranges wait for their fetchers
         while self.decode_queue:
-            free = [w for w in self.sup.workers if w.role == "decoder" and w.alive and w.ready
-                    and w.job is None]
+            free = [w for w in self._workers("decoder")
+                    if self.ledger.of(w.name).decoding is None]
             if not free:
                 return
             job = self._live(self.decode_queue.pop(0))
             if job is None:
                 continue
             w = free[0]
-            w.job = job.id
+            self.ledger.of(w.name).decoding = job.id
+            job.to(Phase.DECODING)
             job.decoder_backend = self.decoder_backend
             if job.way == "streamed":   # the ring and the GPU worker wait for StreamInfo
                 job.decoder_backend = "pyav"
-                self.sup.send_worker(w, DecodeJob(
-                    job.id, job.segment.name, job.amap.name, None, job.size, "pyav",
-                    self.config.batch, [], job.frame_limit, job.readable_end, None,
-                    job.plan.regions(), seekable=not job.linear))
+                self._send(w, DecodeJob(
+                    job=job.id, segment=job.segment.name, amap=job.amap.name, ring=None, size=job.size, backend="pyav",
+                    batch=self.config.batch, need_end=[], frame_limit=job.frame_limit, readable_end=job.readable_end, moov=None,
+                    regions=job.plan.regions(), seekable=not job.linear))
                 continue
-            gpu.jobs.add(job.id)   # from now on its death fails this job
-            self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor,
-                                             self._video_info(job)))
+            self.ledger.of(gpu.name).jobs.add(job.id)   # from now on its death fails this job
+            self._send(gpu, GpuJob(job=job.id, ring=job.ring.name, processor=job.processor,
+                                             video=self._video_info(job)))
             track = job.track
-            self.sup.send_worker(w, DecodeJob(
-                job.id, job.segment.name, job.amap.name, job.ring.name, job.size,
-                self.decoder_backend, self.config.batch,
-                [int(x) for x in track.need_end()], job.frame_limit, job.readable_end,
-                job.moov, job.plan.regions(), expected=track.frame_count,
+            self._send(w, DecodeJob(
+                job=job.id, segment=job.segment.name, amap=job.amap.name, ring=job.ring.name, size=job.size,
+                backend=self.decoder_backend, batch=self.config.batch,
+                need_end=[int(x) for x in track.need_end()], frame_limit=job.frame_limit, readable_end=job.readable_end,
+                moov=job.moov, regions=job.plan.regions(), expected=track.frame_count,
                 stream_index=track.index))
 
-    def on_stream_info(self, w: WorkerHandle, msg: StreamInfo) -> None:
+    def on_stream_info(self, w, msg: StreamInfo) -> None:
         """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
         job = self._live(msg.job)
-        if job is None or w.job != msg.job:
-            self.sup.send_worker(w, RingReady(msg.job, None))
+        if job is None or self.ledger.of(w.name).decoding != msg.job:
+            self._send(w, RingReady(job=msg.job, ring=None))
             return
         job.track = msg
         if not self._make_ring(job, msg.height, msg.width):
             return                  # failed: its EndJob tells the decoder
-        gpu = self.sup.gpu()
+        gpu = self._gpu()
         if gpu is None:
-            self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
+            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
             return
-        gpu.jobs.add(job.id)
-        self.sup.send_worker(gpu, GpuJob(job.id, job.ring.name, job.processor,
-                                         self._video_info(job)))
-        self.sup.send_worker(w, RingReady(job.id, job.ring.name))
+        self.ledger.of(gpu.name).jobs.add(job.id)
+        self._send(gpu, GpuJob(job=job.id, ring=job.ring.name, processor=job.processor,
+                                         video=self._video_info(job)))
+        self._send(w, RingReady(job=job.id, ring=job.ring.name))
 
     @staticmethod
     def _video_info(job: Job) -> dict:
@@ -684,47 +729,48 @@ class Pipeline:
         return {"url": job.url, "width": t.width, "height": t.height, "fps": t.fps,
                 "frames": job.frame_limit, "codec": t.codec}
 
-    def on_batch(self, w: WorkerHandle, msg: BatchReady) -> None:
+    def on_batch(self, w, msg: BatchReady) -> None:
         job = self._live(msg.job)
         if job is None:
             return
         job.mark("first_frame", msg.decoded_at)
-        gpu = self.sup.gpu()
+        gpu = self._gpu()
         if gpu is None:
-            self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
+            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
             return
         job.outstanding += 1
-        gpu.jobs.add(job.id)
-        self.sup.send_worker(gpu, msg)
+        self.ledger.of(gpu.name).jobs.add(job.id)
+        self._send(gpu, msg)
 
-    def on_results(self, w: WorkerHandle, msg: BatchResults) -> None:
+    def on_results(self, w, msg: BatchResults) -> None:
         job = self._live(msg.job)
         if job is None:
             return
         job.outstanding -= 1
         if msg.error:
-            self.fail(job, "ProcessorError", f"{job.url}: {msg.error}")
+            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: {msg.error}")
             return
         job.mark("first_result")
         for n, result in zip(msg.frame_numbers, msg.results):
             job.results[n] = result
         if job.stream:
-            self.sup.send(job.client, ResultBatch(job.token, list(msg.frame_numbers), msg.results,
-                                                  job.bytes, job.size, job.frame_limit))
+            self._reply(job.client, ResultBatch(token=job.token, frame_numbers=list(msg.frame_numbers), results=msg.results,
+                                                  bytes_done=job.bytes, bytes_total=job.size, frames_total=job.frame_limit))
         self._maybe_finish(job)
 
-    def on_decode_done(self, w: WorkerHandle, msg: DecodeDone) -> None:
-        if w.job == msg.job:
-            w.job = None
+    def on_decode_done(self, w, msg: DecodeDone) -> None:
+        held = self.ledger.of(w.name)
+        if held.decoding == msg.job:
+            held.decoding = None
         job = self._live(msg.job)
         self._dispatch_decodes()
         if job is None:
             return
-        job.decode_done = True
+        job.to(Phase.DRAINING)
         job.mark("decode_done")
         job.decoded, job.missing = msg.frames, msg.missing
         if msg.error and not msg.frames:
-            self.fail(job, "DecodeError", f"{job.url}: {job.truncated or msg.error}")
+            self.fail(job, ErrorKind.DECODE, f"{job.url}: {job.truncated or msg.error}")
             return
         # Frames are missing: the report keeps every frame that was decoded, and says
         # which are not there and why; it is never ok.
@@ -732,39 +778,39 @@ class Pipeline:
                                 "frames could not be decoded" if msg.missing else None)
         if problem:
             job.error = f"{job.url}: " + "; ".join(filter(None, (job.truncated, problem)))
-            job.error_kind = "DecodeError"
+            job.error_kind = ErrorKind.DECODE
         self._maybe_finish(job)
 
     def _maybe_finish(self, job: Job) -> None:
         """Every frame has its result: ask the GPU worker for the video's result (a
         per-video processor's ``end()``); the report goes out with its answer."""
-        if job.decode_done and job.outstanding == 0 and not job.finished and not job.ending:
-            gpu = self.sup.gpu()
+        if job.phase is Phase.DRAINING and job.outstanding == 0:
+            gpu = self._gpu()
             if gpu is None:
-                self.fail(job, "ProcessorError", f"{job.url}: the GPU worker is not running")
+                self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
                 return
-            job.ending = True
-            gpu.jobs.add(job.id)
-            self.sup.send_worker(gpu, EndVideo(job.id))
+            job.to(Phase.ENDING)
+            self.ledger.of(gpu.name).jobs.add(job.id)
+            self._send(gpu, EndVideo(job=job.id))
 
-    def on_video_result(self, w: WorkerHandle, msg: VideoResult) -> None:
+    def on_video_result(self, w, msg: VideoResult) -> None:
         job = self._live(msg.job)
-        if job is None or not job.ending:
+        if job is None or job.phase is not Phase.ENDING:
             return
         if msg.error:
-            self.fail(job, "ProcessorError", f"{job.url}: {msg.error}")
+            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: {msg.error}")
             return
         job.video_result = msg.value
         self.finish(job)
 
     # ------------------------------------------------------------------ end
     def finish(self, job: Job) -> None:
-        job.finished = True
+        job.to(Phase.DONE if job.error is None else Phase.FAILED)
         job.mark("total")
         self._release(job)
-        self.sup.send(job.client, JobDone(job.token, job.report()))
+        self._reply(job.client, JobDone(token=job.token, report=job.report()))
 
-    def fail(self, job: Job, kind: str, message: str) -> None:
+    def fail(self, job: Job, kind: ErrorKind, message: str) -> None:
         if job.finished:
             return
         job.error, job.error_kind = message, kind
@@ -775,7 +821,7 @@ class Pipeline:
         # A ring whose job ended cleanly (decoder and GPU worker done with it) is kept for
         # the next job of the same frame size; any other is cancelled and unlinked.
         keep = None
-        if job.ring is not None and job.error is None and job.decode_done and job.outstanding == 0:
+        if job.ring is not None and job.phase is Phase.DONE and job.outstanding == 0:
             shape = (job.ring.slots, job.ring.height, job.ring.width)
             if len(self.ring_pool.setdefault(shape, [])) < RING_POOL:
                 keep = job.ring
@@ -786,15 +832,12 @@ class Pipeline:
             job.plan.drop_pending()
         if job.id in self.decode_queue:
             self.decode_queue.remove(job.id)
-        for w in self.sup.workers:
-            if w.alive and (w.role in ("fetcher", "gpu") or w.job == job.id):
-                self.sup.send_worker(w, EndJob(job.id))
-            w.inflight = {(j, o) for j, o in w.inflight if j != job.id}
-            w.heads.discard(job.id)
-            w.jobs.discard(job.id)
+        for w in self.roster():
+            if w.role in ("fetcher", "gpu") or self.ledger.of(w.name).decoding == job.id:
+                self._send(w, EndJob(job=job.id))
+        self.ledger.drop_job(job.id)
         self.shm_in_use -= job.shm_bytes()
         self.ring_reserved.pop(job.id, None)
-        self.waiting_memory.pop(job.id, None)
         if keep is not None:   # a pooled ring still holds its memory
             self.ring_pool[(keep.slots, keep.height, keep.width)].append(keep)
             self.shm_in_use += keep.block.size

@@ -69,8 +69,8 @@ def snapshot(sup) -> dict:
                     conns[f"{c.raddr.ip}:{c.raddr.port}"] += 1
         except psutil.Error:
             pass
-    jobs = [{"url": j.url, "age_s": round(time.monotonic() - j.submitted, 2),
-             "frames_done": len(j.results), "bytes": j.bytes}
+    jobs = [{"url": j.url, "phase": j.phase.value,
+             "age_s": round(time.monotonic() - j.submitted, 2), "frames_done": len(j.results), "bytes": j.bytes}
             for j in sup.pipeline.live]
     return {"processes": procs, "shared_memory": {"segments": len(blocks), "bytes": shm_bytes},
             "jobs_in_flight": jobs, "connections": dict(conns)}

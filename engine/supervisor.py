@@ -26,6 +26,7 @@ import time
 from multiprocess.connection import wait
 
 from engine.config import Config
+from engine.errors import ErrorKind
 from engine.messages import (CancelJob, Heartbeat, Hello, Prewarm, PrewarmOrigins, Reply, Shutdown,
                              StatusQuery, Submit)
 from engine.pipeline import Pipeline
@@ -36,7 +37,11 @@ from engine.workers.base import Child, child_env
 
 log = logging.getLogger("engine.supervisor")
 
-SAMPLE_EVERY_S = 2.0
+SAMPLE_EVERY_S = 2.0        # psutil sampling for status and RSS recycling
+TICK_FETCHING_S = 0.05      # ranges wait for a free connection: look again soon
+TICK_IDLE_S = 0.25          # deadlines and restarts need no finer clock
+REAP_S = 0.1                # a dead worker's exit status is there by now
+KILL_WAIT_S = 1.0           # after SIGKILL at shutdown
 
 
 class State(enum.Enum):
@@ -49,7 +54,7 @@ class State(enum.Enum):
 
 
 class WorkerHandle:
-    """One child process of a role, and what it is holding right now."""
+    """One child process of a role: its lifecycle. What it holds is the pipeline's ledger."""
 
     def __init__(self, role: str, index: int, target):
         self.role, self.index, self.target = role, index, target
@@ -65,10 +70,6 @@ class WorkerHandle:
         self.quick_deaths = 0
         self.causes: list[str] = []
         self.restart_at: float | None = None
-        self.inflight: set[tuple[int, int]] = set()   # fetcher: (job, offset)
-        self.heads: set[int] = set()                  # fetcher: jobs whose head it fetches
-        self.job: int | None = None                   # decoder: the job it decodes
-        self.jobs: set[int] = set()                   # gpu: jobs with batches in flight
         self.recycling: str | None = None             # why we asked it to exit
         self.busy = False                             # its last heartbeat: holding work
 
@@ -107,7 +108,11 @@ class Supervisor:
         for i in range(config.decoders):
             self.workers.append(WorkerHandle("decoder", i, decoder.main))
         self.workers.append(WorkerHandle("gpu", 0, gpu.main))
-        self.pipeline = Pipeline(self)
+        self.pipeline = Pipeline(config, lambda: [w for w in self.workers if w.alive])
+        self.client_handlers = {Submit: self._on_submit, Prewarm: self._on_prewarm,
+                                StatusQuery: self._on_status_query, CancelJob: self._on_cancel}
+        self.worker_handlers = {Heartbeat: self._on_heartbeat, Reply: self._on_prewarmed,
+                                Hello: self._on_hello}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -162,6 +167,7 @@ class Supervisor:
     def request_stop(self, *_) -> None:
         if self.stopping_since is None:
             self.stopping_since = time.monotonic()
+            self.pipeline.stopping = True
             try:
                 os.write(self.wake_w, b"x")
             except OSError:
@@ -199,15 +205,29 @@ class Supervisor:
             touched = self.touched | (set(self.pipeline.jobs) - before)
             for job in self.pipeline.live:
                 if job.id in touched:
-                    self.pipeline.fail(job, "EngineError",
+                    self.pipeline.fail(job, ErrorKind.ENGINE,
                                        f"{job.url}: internal error in the engine (see its log)")
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send what the pipeline's events asked for, in order."""
+        by_name = {w.name: w for w in self.workers}
+        for out in self.pipeline.take():
+            if out.to_worker:
+                w = by_name[out.to]
+                if w.conn is not None:
+                    self.send_worker(w, out.msg)
+            else:
+                self.send(out.to, out.msg)
 
     def _next_timeout(self) -> float:
-        return 0.05 if self.pipeline.fetching else 0.25
+        return TICK_FETCHING_S if self.pipeline.fetching else TICK_IDLE_S
 
     def shutdown(self) -> None:
         self.running = False
-        self.pipeline.fail_all("EngineError", "engine is shutting down")
+        self.pipeline.fail_all(ErrorKind.ENGINE, "engine is shutting down")
+        self._flush()
+        self.pipeline.close()
         for w in self.workers:
             if w.process is not None and w.process.is_alive():
                 try:
@@ -220,7 +240,7 @@ class Supervisor:
                 w.process.join(max(0.0, deadline - time.monotonic()))
                 if w.process.is_alive():
                     w.process.kill()
-                    w.process.join(1.0)
+                    w.process.join(KILL_WAIT_S)
                 w.process.close()
         for conn in self.clients:
             try:
@@ -286,8 +306,8 @@ class Supervisor:
         that the engine is busy instead of waiting unanswered."""
         if len(self.clients) >= self.config.max_clients:
             try:
-                conn.send(Reply(-1, {}, f"engine busy: {len(self.clients)} clients connected "
-                                f"(ENGINE_MAX_CLIENTS={self.config.max_clients})", "EngineBusy"))
+                conn.send(Reply(token=-1, payload={}, error=f"engine busy: {len(self.clients)} clients connected "
+                                f"(ENGINE_MAX_CLIENTS={self.config.max_clients})", kind=ErrorKind.BUSY))
             except (OSError, EOFError):
                 pass
             conn.close()
@@ -329,7 +349,7 @@ class Supervisor:
         by_pid = {p["pid"]: p for p in self.last_status["processes"] if p["pid"]}
         for w in self.workers:
             rss = (by_pid.get(w.pid) or {}).get("rss_mb") or 0
-            idle = not w.inflight and not w.heads and w.job is None and not w.jobs
+            idle = self.pipeline.ledger.of(w.name).idle
             if w.alive and w.ready and idle and rss > limit:
                 log.warning("%s (pid %s) uses %.0f MB > ENGINE_MAX_RSS_MB=%d: recycling it",
                             w.name, w.pid, rss, limit)
@@ -355,27 +375,36 @@ class Supervisor:
                 client.close()
             except OSError:
                 pass
-        self.pipeline.fail_all("EngineError", "the client went away", client=client)
+        self.pipeline.fail_all(ErrorKind.ENGINE, "the client went away", client=client)
 
     def on_client(self, client, msg) -> None:
-        if isinstance(msg, Submit):
-            self.pipeline.submit(client, msg)
-        elif isinstance(msg, Prewarm):
-            fetchers = [w for w in self.workers if w.role == "fetcher" and w.alive]
-            self.prewarms[msg.token] = (client, len(fetchers), 0)
-            for w in fetchers:
-                self.send_worker(w, PrewarmOrigins(tuple(msg.origins), msg.token))
-            if not fetchers:
-                self.send(client, Reply(msg.token, {"opened": 0}))
-        elif isinstance(msg, StatusQuery):
-            if msg.token == 0:   # "tell me when all workers are up"
-                self.ready_waiters.append(client)
-                self._maybe_ready()
-            else:
-                from engine.status import snapshot
-                self.send(client, Reply(msg.token, snapshot(self)))
-        elif isinstance(msg, CancelJob):
-            self.pipeline.cancel(client, msg.token)
+        handler = self.client_handlers.get(type(msg))
+        if handler is None:
+            log.warning("a client sent an unexpected %s: dropped", type(msg).__name__)
+            return
+        handler(client, msg)
+
+    def _on_submit(self, client, msg: Submit) -> None:
+        self.pipeline.submit(client, msg)
+
+    def _on_cancel(self, client, msg: CancelJob) -> None:
+        self.pipeline.cancel(client, msg.token)
+
+    def _on_prewarm(self, client, msg: Prewarm) -> None:
+        fetchers = [w for w in self.workers if w.role == "fetcher" and w.alive]
+        self.prewarms[msg.token] = (client, len(fetchers), 0)
+        for w in fetchers:
+            self.send_worker(w, PrewarmOrigins(origins=tuple(msg.origins), token=msg.token))
+        if not fetchers:
+            self.send(client, Reply(token=msg.token, payload={"opened": 0}))
+
+    def _on_status_query(self, client, msg: StatusQuery) -> None:
+        if msg.token == 0:   # "tell me when all workers are up"
+            self.ready_waiters.append(client)
+            self._maybe_ready()
+        else:
+            from engine.status import snapshot
+            self.send(client, Reply(token=msg.token, payload=snapshot(self)))
 
     def _maybe_ready(self) -> None:
         if not self.ready_waiters:
@@ -386,13 +415,13 @@ class Supervisor:
             error = w.info.get("error") or (f"{w.name} cannot start ({w.causes[-1]}; "
                                             "see its log above)")
             for client in self.ready_waiters:
-                self.send(client, Reply(0, {}, error, "ProcessorError"))
+                self.send(client, Reply(token=0, payload={}, error=error, kind=ErrorKind.PROCESSOR))
             self.ready_waiters = []
             self.request_stop()
         elif all(w.ready for w in self.workers):
             info = {w.name: w.info for w in self.workers}
             for client in self.ready_waiters:
-                self.send(client, Reply(0, {"ready": True, "workers": info}))
+                self.send(client, Reply(token=0, payload={"ready": True, "workers": info}))
             self.ready_waiters = []
 
     # ------------------------------------------------------------------ workers
@@ -412,36 +441,40 @@ class Supervisor:
             pass   # its death is noticed through the sentinel
 
     def on_worker(self, w: WorkerHandle, msg) -> None:
-        if isinstance(msg, Heartbeat):
-            now = w.last_beat = time.monotonic()
-            w.busy = msg.busy
-            if msg.progress != w.progress[0] or not msg.busy:
-                w.progress = (msg.progress, now)
-        elif isinstance(msg, Reply):    # a fetcher finished a prewarm
-            entry = self.prewarms.get(msg.token)
-            if entry is not None:
-                client, waiting, opened = entry
-                opened += msg.payload.get("opened", 0)
-                if waiting <= 1:
-                    self.prewarms.pop(msg.token)
-                    self.send(client, Reply(msg.token, {"opened": opened}))
-                else:
-                    self.prewarms[msg.token] = (client, waiting - 1, opened)
-        elif isinstance(msg, Hello):
-            w.info, w.last_beat = msg.info, time.monotonic()
-            w.progress = (0, w.last_beat)
-            if w.state is State.STARTING:
-                w.state = State.FAILED if msg.info.get("error") else State.READY
-            if msg.info.get("error"):
-                log.error("%s", msg.info["error"])
-            if w.role in ("decoder", "gpu"):
-                self.pipeline.dispatch()
-            self._maybe_ready()
-        else:
-            self.pipeline.on_message(w, msg)
+        """The worker's own messages are handled here; the rest are about jobs."""
+        self.worker_handlers.get(type(msg), self.pipeline.on_message)(w, msg)
+
+    def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
+        now = w.last_beat = time.monotonic()
+        w.busy = msg.busy
+        if msg.progress != w.progress[0] or not msg.busy:
+            w.progress = (msg.progress, now)
+
+    def _on_prewarmed(self, w: WorkerHandle, msg: Reply) -> None:
+        """A fetcher finished a prewarm: the client hears once all of them have."""
+        entry = self.prewarms.get(msg.token)
+        if entry is not None:
+            client, waiting, opened = entry
+            opened += msg.payload.get("opened", 0)
+            if waiting <= 1:
+                self.prewarms.pop(msg.token)
+                self.send(client, Reply(token=msg.token, payload={"opened": opened}))
+            else:
+                self.prewarms[msg.token] = (client, waiting - 1, opened)
+
+    def _on_hello(self, w: WorkerHandle, msg: Hello) -> None:
+        w.info, w.last_beat = msg.info, time.monotonic()
+        w.progress = (0, w.last_beat)
+        if w.state is State.STARTING:
+            w.state = State.FAILED if msg.info.get("error") else State.READY
+        if msg.info.get("error"):
+            log.error("%s", msg.info["error"])
+        if w.role in ("decoder", "gpu"):
+            self.pipeline.dispatch()
+        self._maybe_ready()
 
     def on_worker_death(self, w: WorkerHandle) -> None:
-        w.process.join(0.1)
+        w.process.join(REAP_S)
         code = w.process.exitcode
         w.process.close()
         cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0

@@ -178,7 +178,7 @@ def wait_all_ready(eng: Engine, timeout: float = 60) -> None:
     """
     token, q = eng._open(0)
     try:
-        eng._send(StatusQuery(token))
+        eng._send(StatusQuery(token=token))
         reply = eng._get(q, timeout)
     finally:
         eng._waiting.pop(token, None)

@@ -297,7 +297,7 @@ def test_a_bug_in_the_loop_fails_only_that_job_and_the_engine_goes_on(cdn, small
     with Engine(processor=NULL, device="cpu", fetchers=1, decoders=1) as eng:
         token, q = eng._open()
         try:
-            eng._send(Submit(token, 12345))
+            eng._send(Submit(token=token, url=12345))
             msg = eng._get(q, 30)
         finally:
             eng._waiting.pop(token, None)

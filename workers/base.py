@@ -92,15 +92,15 @@ class Link:
         return msg
 
     def start(self, **info) -> None:
-        self.send(Hello(self.role, os.getpid(), info))
+        self.send(Hello(role=self.role, pid=os.getpid(), info=info))
 
         def beat():
             while True:
                 time.sleep(HEARTBEAT_S)
                 with self._lock:
                     try:
-                        self.conn.send(Heartbeat(self.role, os.getpid(), self.busy,
-                                                 self.progress))
+                        self.conn.send(Heartbeat(role=self.role, pid=os.getpid(), busy=self.busy,
+                                                 progress=self.progress))
                     except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
                         os._exit(1)
 

@@ -79,8 +79,8 @@ class Batcher:
             return
         run = SlotRun(self.first, len(self.numbers))
         self.ring.publish(run)
-        self.link.send(BatchReady(self.job.job, run.first, run.count, self.numbers,
-                                  time.monotonic()))
+        self.link.send(BatchReady(job=self.job.job, first_slot=run.first, count=run.count, frame_numbers=self.numbers,
+                                  decoded_at=time.monotonic()))
         self.numbers = []
 
 
@@ -124,7 +124,7 @@ class SegmentReader:
             missing = self.amap.first_missing(start, end - start)
             if missing is not None and missing // (1 << 20) != self._asked:
                 self._asked = missing // (1 << 20)
-                self.link.send(NeedBytes(self.job.job, missing))
+                self.link.send(NeedBytes(job=self.job.job, offset=missing))
             while not self.amap.wait(start, end - start, TICK_S):
                 self.link.tick()   # waiting for the network is progress, not a stall
 
@@ -180,21 +180,21 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     try:
         container = av.open(reader, mode="r")
     except av.error.FFmpegError as exc:
-        return DecodeDone(job.job, 0, [], f"not a video FFmpeg can read ({_one_line(exc)})")
+        return DecodeDone(job=job.job, frames=0, missing=[], error=f"not a video FFmpeg can read ({_one_line(exc)})")
     try:
         stream = pick_stream(container, job.stream_index)
         if stream is None:
-            return DecodeDone(job.job, 0, [], "no video track in the file")
+            return DecodeDone(job=job.job, frames=0, missing=[], error="no video track in the file")
         stream.thread_type = "AUTO"
         if ring is None:
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
-                return DecodeDone(job.job, 0, [], f"the {ctx.name} video has no picture size")
+                return DecodeDone(job=job.job, frames=0, missing=[], error=f"the {ctx.name} video has no picture size")
             ring = ask_ring(link, job, StreamInfo(
-                job.job, ctx.name, ctx.width, ctx.height,
-                float(stream.average_rate) if stream.average_rate else None))
+                job=job.job, codec=ctx.name, width=ctx.width, height=ctx.height,
+                fps=float(stream.average_rate) if stream.average_rate else None))
             if ring is None:
-                return DecodeDone(job.job, 0, [], "cancelled")
+                return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
         batcher = Batcher(link, job, ring)
         height, width = ring.height, ring.width
         seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
@@ -247,7 +247,7 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     missing = sorted(set(range(expected)) - done)
     if not done and error is None:
         error = "no frame could be decoded (corrupt or unsupported video)"
-    return DecodeDone(job.job, len(done), missing, error)
+    return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error)
 
 
 def ask_ring(link: Link, job: DecodeJob, info: StreamInfo):
@@ -292,7 +292,7 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     batcher.flush()
     del vr
     expected = min(job.expected or limit, job.frame_limit or limit) if job.expected else limit
-    return DecodeDone(job.job, limit, list(range(limit, expected)), None)
+    return DecodeDone(job=job.job, frames=limit, missing=list(range(limit, expected)), error=None)
 
 
 BACKENDS = {"pyav": decode_pyav, "decord": decode_decord}
@@ -306,11 +306,11 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
     try:
         return BACKENDS[backend](link, job, block, amap, ring)
     except Cancelled:
-        return DecodeDone(job.job, 0, [], "cancelled")
+        return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
     except Exception as exc:
         if isinstance(exc.__context__, Cancelled) or amap.cancelled:
-            return DecodeDone(job.job, 0, [], "cancelled")
-        return DecodeDone(job.job, 0, [], f"{backend} cannot decode the video: {_one_line(exc)}")
+            return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
+        return DecodeDone(job=job.job, frames=0, missing=[], error=f"{backend} cannot decode the video: {_one_line(exc)}")
     finally:
         if ring is not None:
             ring.close()

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from engine.config import Config
+from engine.errors import ErrorKind
 from engine.messages import (EndJob, FetchHead, FetchRange, FetchStats, HeadInfo, PrewarmOrigins,
                              RangeDone, RangeFailed, Reply, SegmentReady, Shutdown)
 from engine.shm import AvailabilityMap, SharedBlock, ShmError
@@ -38,7 +39,7 @@ CONNECT_TIMEOUT_S = 15.0
 
 
 class RangeError(Exception):
-    def __init__(self, message: str, retryable: bool, kind: str = "FetchError"):
+    def __init__(self, message: str, retryable: bool, kind: ErrorKind = ErrorKind.FETCH):
         super().__init__(message)
         self.retryable = retryable
         self.kind = kind
@@ -283,19 +284,21 @@ class Fetcher:
 
     # -- dispatch ----------------------------------------------------------------
     def handle(self, msg) -> None:
-        if isinstance(msg, FetchHead):
-            self._segment_event(msg.job)
-            self.pool.submit(self._run, self.fetch_head, msg)
-        elif isinstance(msg, FetchRange):
-            self.pool.submit(self._run, self.fetch_range, msg)
-        elif isinstance(msg, SegmentReady):
-            event, box = self._segment_event(msg.job)
-            box.append(msg)
-            event.set()
-        elif isinstance(msg, EndJob):
-            self.end_job(msg.job)
-        elif isinstance(msg, PrewarmOrigins):
-            self.pool.submit(self.prewarm, msg)
+        {FetchHead: self._on_head, FetchRange: self._on_range, SegmentReady: self._on_segment,
+         EndJob: lambda m: self.end_job(m.job),
+         PrewarmOrigins: lambda m: self.pool.submit(self.prewarm, m)}[type(msg)](msg)
+
+    def _on_head(self, msg: FetchHead) -> None:
+        self._segment_event(msg.job)
+        self.pool.submit(self._run, self.fetch_head, msg)
+
+    def _on_range(self, msg: FetchRange) -> None:
+        self.pool.submit(self._run, self.fetch_range, msg)
+
+    def _on_segment(self, msg: SegmentReady) -> None:
+        event, box = self._segment_event(msg.job)
+        box.append(msg)
+        event.set()
 
     def prewarm(self, msg: PrewarmOrigins) -> None:
         opened = 0
@@ -305,7 +308,7 @@ class Fetcher:
                                              else origin + "/")
             except Exception as exc:   # a bad origin must not break the fetcher
                 log.warning("prewarm of %s failed: %s", origin, exc)
-        self.link.send(Reply(msg.token, {"opened": opened}))
+        self.link.send(Reply(token=msg.token, payload={"opened": opened}))
 
     def _segment_event(self, job: int) -> tuple[threading.Event, list]:
         """Set when the supervisor has made (or refused) the job's segment."""
@@ -327,17 +330,17 @@ class Fetcher:
         try:
             fn(msg)
         except RangeError as exc:
-            self.link.send(RangeFailed(msg.job, getattr(msg, "offset", 0), getattr(msg, "end", 0),
-                                       getattr(msg, "offset", 0), f"{msg.url}: {exc}", exc.kind,
-                                       exc.retryable, attempt=msg.attempt,
+            self.link.send(RangeFailed(job=msg.job, offset=getattr(msg, "offset", 0), end=getattr(msg, "end", 0),
+                                       written=getattr(msg, "offset", 0), error=f"{msg.url}: {exc}", kind=exc.kind,
+                                       retryable=exc.retryable, attempt=msg.attempt,
                                        head=isinstance(msg, FetchHead)))
         except Exception as exc:  # a bug must fail the job, not kill the fetcher silently
             if msg.job in self._ended:
                 return   # the job ended under a range still writing (segment unmapped)
             log.exception("fetch failed")
-            self.link.send(RangeFailed(msg.job, getattr(msg, "offset", 0), getattr(msg, "end", 0),
-                                       getattr(msg, "offset", 0), f"{msg.url}: internal error: {exc}",
-                                       "FetchError", False, head=isinstance(msg, FetchHead)))
+            self.link.send(RangeFailed(job=msg.job, offset=getattr(msg, "offset", 0), end=getattr(msg, "end", 0),
+                                       written=getattr(msg, "offset", 0), error=f"{msg.url}: internal error: {exc}",
+                                       kind=ErrorKind.FETCH, retryable=False, head=isinstance(msg, FetchHead)))
 
     def end_job(self, job: int) -> None:
         with self._lock:
@@ -446,12 +449,12 @@ class Fetcher:
                 buffered += chunk
                 if len(buffered) >= min(expect, PREFIX_BYTES):
                     break
-            self.link.send(HeadInfo(msg.job, size, ranged, str(response.url), content_type, stats,
-                                    bytes(buffered[:PREFIX_BYTES])))
+            self.link.send(HeadInfo(job=msg.job, size=size, ranged=ranged, url=str(response.url), content_type=content_type, stats=stats,
+                                    prefix=bytes(buffered[:PREFIX_BYTES])))
             block, amap = self._await_segment(msg.job)
             written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
             stats.bytes = written
-            self.link.send(RangeDone(msg.job, 0, expect, stats, head=True))
+            self.link.send(RangeDone(job=msg.job, offset=0, end=expect, stats=stats, head=True))
         except httpx.HTTPError as exc:
             message, retryable = describe(exc)
             raise RangeError(message, retryable) from None
@@ -491,13 +494,13 @@ class Fetcher:
                 self._close(response)
         except httpx.HTTPError as exc:
             message, retryable = describe(exc)
-            self.link.send(RangeFailed(msg.job, msg.offset, end, written, f"{msg.url}: {message}",
-                                       "FetchError", retryable, stats, msg.attempt,
+            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end, written=written, error=f"{msg.url}: {message}",
+                                       kind=ErrorKind.FETCH, retryable=retryable, stats=stats, attempt=msg.attempt,
                                        speculative=msg.segment is None))
             return
         except RangeError as exc:
-            self.link.send(RangeFailed(msg.job, msg.offset, end, written, f"{msg.url}: {exc}",
-                                       exc.kind, exc.retryable, stats, msg.attempt,
+            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end, written=written, error=f"{msg.url}: {exc}",
+                                       kind=exc.kind, retryable=exc.retryable, stats=stats, attempt=msg.attempt,
                                        speculative=msg.segment is None))
             return
         except ValueError:
@@ -505,7 +508,7 @@ class Fetcher:
                 return   # the job ended under us: its segment was unmapped mid-write
             raise
         stats.bytes = end - msg.offset
-        self.link.send(RangeDone(msg.job, msg.offset, end, stats))
+        self.link.send(RangeDone(job=msg.job, offset=msg.offset, end=end, stats=stats))
 
     def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
         """Copy the body into the segment as it arrives; mark chunks as they complete."""

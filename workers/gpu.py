@@ -117,25 +117,23 @@ class GpuWorker:
         return proc
 
     def handle(self, msg) -> None:
-        if isinstance(msg, GpuJob):
-            self.start_job(msg)
-        elif isinstance(msg, EndVideo):
-            self.end_video(msg.job)
-        elif isinstance(msg, EndJob):
-            state = self.jobs.pop(msg.job, None)
-            if state is None:
-                return
-            if state.handler is not None:   # the job failed or was cancelled
-                close = getattr(state.handler, "close", None)
-                state.handler = None
-                if callable(close):
-                    try:
-                        close()
-                    except Exception:
-                        log.warning("processor %s: close() failed: %s", state.spec,
-                                    traceback.format_exc())
-            if state.ring is not None:
-                state.ring.close()
+        {GpuJob: self.start_job, EndVideo: self.end_video, EndJob: self.end_job}[type(msg)](msg)
+
+    def end_job(self, msg: EndJob) -> None:
+        state = self.jobs.pop(msg.job, None)
+        if state is None:
+            return
+        if state.handler is not None:   # the job failed or was cancelled
+            close = getattr(state.handler, "close", None)
+            state.handler = None
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    log.warning("processor %s: close() failed: %s", state.spec,
+                                traceback.format_exc())
+        if state.ring is not None:
+            state.ring.close()
 
     def start_job(self, msg: GpuJob) -> None:
         state = self.jobs[msg.job] = JobState(msg.processor or self.default)
@@ -152,23 +150,22 @@ class GpuWorker:
         except Exception as exc:
             state.error = self._failed(state.spec, exc)
 
-    def end_video(self, job: int) -> None:
-        state = self.jobs.get(job)
-        reply = VideoResult(job)
+    def end_video(self, msg: EndVideo) -> None:
+        state = self.jobs.get(msg.job)
+        value = error = None
         if state is None:
-            reply.error = "the GPU worker has no such job (restarted?)"
+            error = "the GPU worker has no such job (restarted?)"
         elif state.error:
-            reply.error = state.error
+            error = state.error
         elif state.handler is not None:
             handler, state.handler = state.handler, None
             try:
                 with self.torch.inference_mode():
                     value = handler.end()
                 json.dumps(value)     # fail here, clearly, rather than in the report's writer
-                reply.value = value
             except Exception as exc:
-                reply.error = self._failed(state.spec, exc, "end()")
-        self.link.send(reply)
+                value, error = None, self._failed(state.spec, exc, "end()")
+        self.link.send(VideoResult(job=msg.job, value=value, error=error))
 
     @staticmethod
     def _failed(spec: str, exc: Exception, where: str = "") -> str:
@@ -201,10 +198,10 @@ class GpuWorker:
         """Second half: run the processor (the job's handler, if per-video) and send the
         results."""
         msg, run, state = staged.msg, staged.run, staged.state
-        reply = BatchResults(msg.job, run.first, run.count, msg.frame_numbers, [])
+        results, error = [], None
         try:
             if state.error:
-                reply.error = state.error
+                error = state.error
                 return
             if staged.error:
                 raise RuntimeError(staged.error)
@@ -218,15 +215,16 @@ class GpuWorker:
                 results = list(proc(frames, list(msg.frame_numbers)))
             if len(results) != run.count:
                 raise ValueError(f"returned {len(results)} results for {run.count} frames")
-            reply.results = results
         except Exception as exc:
-            reply.error = self._failed(state.spec, exc)
+            results, error = [], self._failed(state.spec, exc)
             if state.handler is not None:
-                state.error = reply.error   # a failed handler is not called again
+                state.error = error   # a failed handler is not called again
         finally:
             if not staged.released:
                 staged.ring.release(run)
-            self.link.send(reply)
+            self.link.send(BatchResults(job=msg.job, first_slot=run.first, count=run.count,
+                                        frame_numbers=msg.frame_numbers, results=results,
+                                        error=error))
 
 
 def _one_line(exc: Exception) -> str:

@@ -1,0 +1,481 @@
+"""The pipeline's specification: a job's phases, driven by events, with no processes.
+
+A ``Pipeline`` takes one event at a time (a worker's message, a client's request, a tick,
+a worker's death) and leaves what must be sent in its outbox. These tests play the
+workers' parts: the "fetchers" write the file's real bytes into the job's real segment
+and answer ``RangeDone``; the "decoder" and "GPU worker" answer with their messages. Each
+test reads the outbox and the job's phase after every step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from engine.config import Config
+from engine.errors import ErrorKind
+from engine.job import TERMINAL, TRANSITIONS, BadTransition, Job, Phase
+from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
+                             FetchHead, FetchRange, FetchStats, GpuJob, HeadInfo, JobDone,
+                             NeedBytes, RangeDone, RangeFailed, RingReady, SegmentReady,
+                             StreamInfo, Submit, VideoResult)
+from engine.pipeline import Pipeline
+from engine.plan import RangePlan
+from engine.shm import AvailabilityMap, SharedBlock
+from engine.shm.block import PREFIX, SHM_DIR
+
+URL = "https://cdn.test/clip.mp4"
+PREFIX_BYTES = 16 * 1024        # what a fetcher sends with HeadInfo
+
+
+@dataclass
+class FakeWorker:
+    name: str
+    role: str
+    ready: bool = True
+    alive: bool = True
+
+
+class Harness:
+    """A pipeline and the workers' side of it. ``data`` is the file the fetchers serve."""
+
+    made: list["Harness"] = []
+
+    def __init__(self, data: bytes, **config):
+        Harness.made.append(self)
+        self.data = data
+        self.workers = {name: FakeWorker(name, role) for name, role in (
+            ("fetcher0", "fetcher"), ("fetcher1", "fetcher"), ("decoder0", "decoder"),
+            ("gpu", "gpu"))}
+        cfg = Config.from_env({}).with_(**config)
+        self.p = Pipeline(cfg, lambda: [w for w in self.workers.values() if w.alive])
+        self.client = object()
+        self.sent: list = []             # every Send so far
+        self.pending: dict[tuple[int, int], tuple] = {}   # (job, offset) -> (worker, msg)
+        self.segments: dict[int, tuple] = {}
+
+    # -- events in, outbox out
+    def step(self, fn, *args) -> list:
+        fn(*args)
+        out = self.p.take()
+        self.sent += out
+        for s in out:
+            if isinstance(s.msg, (FetchHead, FetchRange)):
+                self.pending[(s.msg.job, getattr(s.msg, "offset", 0))] = (s.to, s.msg)
+            elif isinstance(s.msg, SegmentReady) and s.msg.segment:
+                self.segments.setdefault(s.msg.job, (SharedBlock.attach(s.msg.segment),
+                                                     AvailabilityMap.attach(s.msg.amap)))
+            elif isinstance(s.msg, EndJob):
+                self.pending = {k: v for k, v in self.pending.items() if k[0] != s.msg.job}
+        return out
+
+    def submit(self, **kw) -> Job:
+        self.step(self.p.submit, self.client, Submit(token=1, url=URL, **kw))
+        return next(iter(self.p.jobs.values()))
+
+    def msg(self, worker: str, msg) -> list:
+        return self.step(self.p.on_message, self.workers[worker], msg)
+
+    def head(self, job: Job, size: int | None = None, ranged: bool = True, prefix=None,
+             content_type: str = "video/mp4") -> list:
+        worker, _ = self.pending[(job.id, 0)]
+        size = len(self.data) if size is None else size
+        return self.msg(worker, HeadInfo(
+            job=job.id, size=size, ranged=ranged, url=URL, content_type=content_type,
+            stats=FetchStats(new_connection=True, started=time.monotonic()),
+            prefix=self.data[:PREFIX_BYTES] if prefix is None else prefix))
+
+    def deliver(self, job_id: int, offset: int) -> list:
+        """A fetcher writes its range's real bytes into the segment and says so."""
+        worker, msg = self.pending.pop((job_id, offset))
+        block, amap = self.segments[job_id]
+        head = isinstance(msg, FetchHead)
+        if offset >= len(self.data):     # asked with the head, past the end: the server's 416
+            return self.msg(worker, RangeFailed(
+                job=job_id, offset=offset, end=msg.end, written=offset, error="HTTP 416",
+                kind=ErrorKind.FETCH, retryable=False, speculative=msg.segment is None))
+        end = min(len(self.data), msg.length if head else msg.end)
+        block.mm[offset:end] = self.data[offset:end]
+        amap.mark(offset, end)
+        return self.msg(worker, RangeDone(job=job_id, offset=offset, end=end, head=head,
+                                          stats=FetchStats(bytes=end - offset)))
+
+    def fetch_all(self, job: Job) -> None:
+        """Serve every range asked for, new ones included, until none is left."""
+        while True:
+            mine = sorted(k for k in self.pending if k[0] == job.id)
+            if not mine:
+                return
+            self.deliver(*mine[0])
+            self.step(self.p.dispatch)
+
+    def to_worker(self, name: str, kind) -> list:
+        return [s.msg for s in self.sent if s.to == name and isinstance(s.msg, kind)]
+
+    def report(self) -> dict:
+        done = [s.msg for s in self.sent if s.to is self.client and isinstance(s.msg, JobDone)]
+        assert len(done) == 1, done
+        return done[0].report
+
+
+def _segments_of_this_process() -> list[str]:
+    import os
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX) and f"-{os.getpid()}-" in n]
+
+
+@pytest.fixture(scope="module")
+def clip(small_clips) -> bytes:
+    return small_clips["small"].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def clip_moov_end(small_clips) -> bytes:
+    return small_clips["small-moov-end"].read_bytes()
+
+
+def _longer(tmp_path_factory, faststart: bool) -> bytes:
+    """200 frames, about 1 MB: longer than the head and the ranges sent with it."""
+    from engine.demo.clips import make_clip
+    return make_clip(tmp_path_factory.mktemp("clip") / "longer.mp4", frames=200, width=640,
+                     height=360, faststart=faststart).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def longer_clip(tmp_path_factory) -> bytes:
+    return _longer(tmp_path_factory, True)
+
+
+@pytest.fixture(scope="module")
+def longer_moov_end(tmp_path_factory) -> bytes:
+    return _longer(tmp_path_factory, False)
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left():
+    yield
+    for h in Harness.made:
+        for block, amap in h.segments.values():
+            block.close()
+            amap.close()
+        h.p.fail_all(ErrorKind.ENGINE, "test over")
+        h.p.close()
+    Harness.made.clear()
+    assert _segments_of_this_process() == []
+
+
+# ---------------------------------------------------------------- the transition table
+
+
+def test_every_phase_but_the_ends_can_fail_and_the_ends_are_final():
+    for phase, nxt in TRANSITIONS.items():
+        if phase in TERMINAL:
+            assert nxt == frozenset()
+        else:
+            assert Phase.FAILED in nxt
+    assert set(TRANSITIONS) == set(Phase)
+
+
+def test_a_move_the_table_does_not_allow_is_refused():
+    job = Job(1, 1, None, URL, "p", None, None, False)
+    assert job.phase is Phase.HEAD
+    with pytest.raises(BadTransition, match="HEAD -> DECODING"):
+        job.to(Phase.DECODING)
+    job.to(Phase.FAILED)
+    assert job.finished
+    with pytest.raises(BadTransition):
+        job.to(Phase.DONE)
+
+
+# ---------------------------------------------------------------- the planned way
+
+
+def _run_planned(h: Harness, job: Job, frames: int) -> None:
+    decode = h.to_worker("decoder0", DecodeJob)
+    assert len(decode) == 1 and decode[0].ring and decode[0].expected == frames
+    assert job.phase is Phase.DECODING
+    gpu_job, = h.to_worker("gpu", GpuJob)
+    assert gpu_job.ring == decode[0].ring and gpu_job.video["frames"] == frames
+    # the decoder's batches go on to the GPU worker as they are
+    batch = BatchReady(job=job.id, first_slot=0, count=frames, frame_numbers=list(range(frames)),
+                       decoded_at=time.monotonic())
+    h.msg("decoder0", batch)
+    assert h.to_worker("gpu", BatchReady) == [batch]
+    h.msg("gpu", BatchResults(job=job.id, first_slot=0, count=frames,
+                              frame_numbers=list(range(frames)), results=[{}] * frames))
+    assert job.phase is Phase.DECODING       # results in, but the decoder has not finished
+    h.msg("decoder0", DecodeDone(job=job.id, frames=frames, missing=[]))
+    assert job.phase is Phase.ENDING and h.to_worker("gpu", EndVideo) == [EndVideo(job=job.id)]
+    h.msg("gpu", VideoResult(job=job.id, value={"events": []}))
+    assert job.phase is Phase.DONE
+
+
+def test_planned_job_from_submit_to_report(clip):
+    h = Harness(clip)
+    job = h.submit()
+    assert job.phase is Phase.HEAD
+    heads = [s for s in h.sent if isinstance(s.msg, FetchHead)]
+    speculative = [s for s in h.sent if isinstance(s.msg, FetchRange)]
+    assert len(heads) == 1
+    # every other connection asks for the bytes after the head before the size is known
+    assert len(speculative) == 2 * 4 - 1 and all(s.msg.segment is None for s in speculative)
+    assert h.p.ledger.of("fetcher0").load + h.p.ledger.of("fetcher1").load == 8
+
+    h.head(job)
+    ready = [s for s in h.sent if isinstance(s.msg, SegmentReady)]
+    assert {s.to for s in ready} == {"fetcher0", "fetcher1"}   # every holder hears of it
+    assert job.phase is Phase.LOCATING and job.moov_layout == "front"
+
+    h.fetch_all(job)
+    assert job.fetched and job.plan.finished
+    _run_planned(h, job, 50)
+    report = h.report()
+    assert report["ok"] and report["plan"] == "planned" and report["frames_processed"] == 50
+    assert report["video"]["frames"] == 50 and report["video"]["moov"] == "front"
+    assert report["video_result"] == {"events": []}
+    assert report["fetch"]["bytes"] == len(clip)
+    assert [k for k, v in report["timings_s"].items() if v is None] == []
+    assert h.p.jobs == {} and all(h.p.ledger.of(w).idle for w in h.workers)
+
+
+def test_moov_at_the_end_is_fetched_first(longer_moov_end):
+    data = longer_moov_end
+    h = Harness(data, connections=1)     # one range goes with the head: the rest is planned
+    job = h.submit()
+    h.head(job)
+    assert job.phase is Phase.HEAD     # its first bytes show no moov: wait for the whole head
+    h.deliver(job.id, 0)
+    # the head shows ftyp, free and the mdat's header: the next header is where the mdat
+    # ends; it is fetched before anything else, and never guessed to be the moov
+    assert job.phase is Phase.LOCATING and job.moov_layout == "end" and job.moov is None
+    mdat_end = data.index(b"moov") - 4
+    start, end = job.plan.extra[0]           # planned ahead of everything (chunk-aligned)
+    assert start <= mdat_end < end
+    h.step(h.p.dispatch)
+    planned = [s.msg for s in h.sent if isinstance(s.msg, FetchRange) and s.msg.segment]
+    assert planned[0].offset <= mdat_end < planned[0].end
+    h.fetch_all(job)
+    assert job.moov[0] == mdat_end
+    _run_planned(h, job, 200)
+    assert h.report()["ok"] and h.report()["video"]["moov"] == "end"
+
+
+def test_max_frames_fetches_only_the_bytes_those_frames_need(clip_moov_end):
+    h = Harness(clip_moov_end)
+    job = h.submit(max_frames=5)
+    h.head(job)
+    h.fetch_all(job)
+    decode, = h.to_worker("decoder0", DecodeJob)
+    assert decode.frame_limit == 5 and decode.readable_end < len(clip_moov_end)
+    h.p.fail(job, ErrorKind.ENGINE, "stop")
+    h.p.take()
+
+
+# ---------------------------------------------------------------- the streamed way
+
+
+def test_what_cannot_be_planned_is_streamed_front_to_back():
+    data = b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 2000      # an EBML (Matroska) header
+    h = Harness(data)
+    job = h.submit()
+    h.head(job)
+    # its first bytes are no MP4: decoding starts now, reading as the bytes arrive
+    assert job.phase is Phase.DECODING and job.way == "streamed"
+    assert job.plan.regions() == [(0, len(data))]
+    h.fetch_all(job)
+    decode, = h.to_worker("decoder0", DecodeJob)
+    assert decode.ring is None and decode.expected is None and decode.backend == "pyav"
+    assert h.to_worker("gpu", GpuJob) == []          # the picture is not known yet
+    h.msg("decoder0", StreamInfo(job=job.id, codec="h264", width=64, height=48, fps=25.0))
+    ring, = h.to_worker("decoder0", RingReady)
+    gpu_job, = h.to_worker("gpu", GpuJob)
+    assert ring.ring == gpu_job.ring and gpu_job.video["width"] == 64
+    h.msg("decoder0", DecodeDone(job=job.id, frames=0, missing=[], error="not a video"))
+    report = h.report()
+    assert not report["ok"] and report["error_kind"] == ErrorKind.DECODE
+    assert report["plan"] == "streamed" and job.phase is Phase.FAILED
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_a_range_that_fails_is_retried_from_where_it_stopped(longer_clip):
+    h = Harness(longer_clip)
+    job = h.submit()
+    h.head(job)
+    h.deliver(job.id, 0)
+    (offset, end, worker), *_ = h.p.ledger.ranges_of(job.id)
+    h.pending.pop((job.id, offset))
+    h.msg(worker, RangeFailed(job=job.id, offset=offset, end=end, written=offset + 70_000,
+                              error="reset", kind=ErrorKind.FETCH, retryable=True, attempt=0))
+    assert job.retries == 1 and job.phase is not Phase.FAILED
+    time.sleep(0.06)                 # the retry's back-off
+    h.step(h.p.dispatch)
+    retry = [m for _, m in h.pending.values() if isinstance(m, FetchRange) and m.attempt == 1]
+    assert len(retry) == 1 and retry[0].offset == offset + 65536   # the chunk it was in
+    h.fetch_all(job)
+    _run_planned(h, job, 200)
+    assert h.report()["ok"] and h.report()["fetch"]["retries"] == 1
+
+
+def test_a_range_that_cannot_be_retried_fails_the_job(clip):
+    h = Harness(clip)
+    job = h.submit()
+    h.head(job)
+    (offset, end, worker), *_ = h.p.ledger.ranges_of(job.id)
+    h.msg(worker, RangeFailed(job=job.id, offset=offset, end=end, written=offset,
+                              error=f"{URL}: HTTP 403 Forbidden", kind=ErrorKind.FETCH,
+                              retryable=False))
+    report = h.report()
+    assert report["error"] == f"{URL}: HTTP 403 Forbidden" and report["error_kind"] == "FetchError"
+    assert job.phase is Phase.FAILED
+    ends = {s.to for s in h.sent if isinstance(s.msg, EndJob)}
+    assert {"fetcher0", "fetcher1", "gpu"} <= ends
+
+
+def test_a_lost_fetcher_s_ranges_go_to_the_other_one(longer_clip):
+    h = Harness(longer_clip)
+    job = h.submit()
+    h.head(job)
+    lost = h.workers["fetcher1"]
+    held = set(h.p.ledger.of("fetcher1").ranges) | {(j, 0) for j in h.p.ledger.of("fetcher1").heads}
+    assert held
+    lost.alive = False
+    h.pending = {k: v for k, v in h.pending.items() if v[0] != "fetcher1"}
+    h.step(h.p.worker_lost, lost, "killed by signal SIGKILL")
+    h.step(h.p.dispatch)
+    assert all(worker == "fetcher0" for worker, _ in h.pending.values())
+    # every range it held within the file is asked for again, or waits for a connection
+    again = set(h.pending) | {(job.id, p.offset) for p in job.plan.pending}
+    assert {(j, o) for j, o in held if o < len(longer_clip)} <= again
+    h.fetch_all(job)
+    _run_planned(h, job, 200)
+    assert h.report()["ok"]
+
+
+def test_a_lost_decoder_fails_its_job_with_a_decode_error(clip):
+    h = Harness(clip)
+    job = h.submit()
+    h.head(job)
+    h.fetch_all(job)
+    assert job.phase is Phase.DECODING
+    h.step(h.p.worker_lost, h.workers["decoder0"], "killed by signal SIGSEGV")
+    report = h.report()
+    assert report["error_kind"] == "DecodeError" and "SIGSEGV" in report["error"]
+
+
+def test_a_lost_gpu_worker_fails_the_jobs_it_served(clip):
+    h = Harness(clip)
+    job = h.submit()
+    h.head(job)
+    h.fetch_all(job)
+    h.step(h.p.worker_lost, h.workers["gpu"], "killed by signal SIGKILL")
+    report = h.report()
+    assert report["error_kind"] == "ProcessorError" and "GPU worker crashed" in report["error"]
+
+
+def test_the_deadline_fails_a_job_in_any_phase(clip):
+    h = Harness(clip, job_timeout_s=5.0)
+    job = h.submit()
+    h.head(job)
+    h.step(h.p.tick, time.monotonic())
+    assert job.phase is Phase.LOCATING
+    h.step(h.p.tick, time.monotonic() + 6)
+    report = h.report()
+    assert report["error_kind"] == "JobTimeout" and "5 s" in report["error"]
+
+
+def test_a_job_waits_for_a_fetcher_while_all_restart(clip):
+    h = Harness(clip)
+    for name in ("fetcher0", "fetcher1"):
+        h.workers[name].alive = False
+    job = h.submit()
+    assert job.phase is Phase.WAITING_FETCHER and h.sent == []
+    h.workers["fetcher0"].alive = True
+    h.step(h.p.tick, time.monotonic())
+    assert job.phase is Phase.HEAD and [s.to for s in h.sent] == ["fetcher0"]
+    h.step(h.p.fail, job, ErrorKind.ENGINE, "stop")
+
+
+def test_a_decoder_blocked_on_bytes_moves_them_to_the_front(longer_clip):
+    h = Harness(longer_clip, connections=1)     # one range with the head: the rest is pending
+    job = h.submit()
+    h.head(job)
+    far = len(longer_clip) - 100_000
+    assert job.plan.pending[0].offset < far - 65536
+    h.msg("decoder0", NeedBytes(job=job.id, offset=far))
+    assert job.plan.pending[0].offset == far - far % 65536
+    h.step(h.p.fail, job, ErrorKind.ENGINE, "stop")
+
+
+@pytest.mark.parametrize("size, content_type, prefix, error", [
+    (0, "video/mp4", b"", "empty file"),
+    (600 << 20, "video/mp4", None, "over the limit"),
+    (2000, "text/html", b"<html>", "not a video"),
+    (2000, "application/octet-stream", b"<!DOCTYPE html><html>", "not a video"),
+])
+def test_what_the_head_refuses(clip, size, content_type, prefix, error):
+    h = Harness(clip)
+    job = h.submit()
+    h.head(job, size=size, content_type=content_type, prefix=prefix)
+    report = h.report()
+    assert not report["ok"] and error in report["error"] and "\n" not in report["error"]
+
+
+def test_a_url_that_is_not_http_fails_at_submit():
+    h = Harness(b"")
+    h.submit_url = h.step(h.p.submit, h.client, Submit(token=1, url="ftp://x/y.mp4"))
+    assert "unsupported URL scheme 'ftp'" in h.report()["error"]
+
+
+def test_a_cancelled_job_ends_every_worker_s_part(clip):
+    h = Harness(clip)
+    job = h.submit()
+    h.head(job)
+    h.fetch_all(job)
+    h.step(h.p.cancel, h.client, 1)
+    assert h.report()["error"] == f"{URL}: cancelled" and job.phase is Phase.FAILED
+    assert {s.to for s in h.sent if isinstance(s.msg, EndJob)} == set(h.workers)
+    assert all(h.p.ledger.of(w).idle for w in h.workers)
+
+
+# ---------------------------------------------------------------- the range plan
+
+
+def test_range_plan_orders_urgent_first_then_ascending_and_ramps():
+    plan = RangePlan(size=8 << 20, range_bytes=2 << 20)
+    plan.extend(6 << 20)
+    plan.urgent(7 << 20, 8 << 20)
+    first = plan.next(slots=8)
+    assert (first.offset, first.end) == (7 << 20, 8 << 20)
+    second = plan.next(slots=8)
+    assert second.offset == 0 and second.end == 128 * 1024          # the ramp's first step
+    third = plan.next(slots=8)
+    assert third.offset == second.end and third.end - third.offset == 128 * 1024
+    plan.done(first.offset)
+    assert plan.regions() == [(0, 6 << 20), (7 << 20, 8 << 20)]
+
+
+def test_range_plan_retry_resumes_on_a_chunk_boundary_and_requeue_goes_first():
+    plan = RangePlan(size=4 << 20, range_bytes=2 << 20)
+    plan.extend(4 << 20)
+    a = plan.next(slots=1)
+    b = plan.next(slots=1)
+    rest = plan.retry(a.offset, a.offset + 100_000, backoff=10.0)
+    assert rest.offset == a.offset + 65536 and rest.attempt == 1
+    assert plan.next(slots=1).offset > b.offset     # in back-off: skipped for now
+    plan.requeue(b.offset)
+    assert plan.pending[0].offset == b.offset
+    assert not plan.finished
+
+
+def test_range_plan_extend_never_plans_a_region_twice():
+    plan = RangePlan(size=10 << 20, range_bytes=2 << 20)
+    plan.urgent(8 << 20, 9 << 20)
+    plan.extend(10 << 20)
+    pieces = []
+    while (p := plan.next(slots=1)) is not None:
+        pieces.append((p.offset, p.end))
+    covered = sorted(pieces)
+    assert covered[0][0] == 0 and covered[-1][1] == 10 << 20
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))     # no gap, no overlap
