@@ -152,7 +152,7 @@ class EngineClient:
         return self._call(lambda t: Prewarm(token=t, origins=tuple(origins)), timeout=120.0)["opened"]
 
     def status(self) -> dict:
-        return self._call(StatusQuery)
+        return self._call(lambda t: StatusQuery(token=t))
 
     def submit(self, url: str, *, processor: str | None = None, max_frames: int | None = None,
                stream: bool = False):

@@ -75,6 +75,8 @@ class Job:
     final_url: str = ""
     size: int = 0
     ranged: bool = True
+    unknown_length: bool = False    # no Content-Length: ``size`` is a bound until the end
+    segment_bytes: int = 0          # the video segment's shared memory, as counted
     plan: RangePlan | None = None
     segment: object = None          # shm.SharedBlock (the supervisor owns it)
     amap: object = None             # shm.AvailabilityMap
@@ -148,16 +150,18 @@ class Job:
             self.http_version = stats.http_version
             self.versions[stats.http_version] = self.versions.get(stats.http_version, 0) + 1
 
+    def video_bytes(self) -> int:
+        """Shared memory its video takes: the segment (as reserved) and its map."""
+        if self.segment is None or self.amap is None:
+            return 0
+        return self.segment_bytes + self.amap.block.size
+
     def shm_bytes(self) -> int:
-        total = 0
-        for block in (self.segment, self.amap and self.amap.block, self.ring and self.ring.block):
-            if block is not None:
-                total += block.size
-        return total
+        return self.video_bytes() + (self.ring.block.size if self.ring is not None else 0)
 
     def report(self) -> dict:
         track = self.track
-        video = {"bytes": self.size, "codec": getattr(track, "codec", None),
+        video = {"bytes": self.bytes if self.unknown_length and not self.head_done else self.size, "codec": getattr(track, "codec", None),
                  "width": getattr(track, "width", None), "height": getattr(track, "height", None),
                  "fps": getattr(track, "fps", None),
                  "frames": (getattr(track, "frame_count", None) or self.decoded or None)

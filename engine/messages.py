@@ -190,7 +190,7 @@ class FetchStats:
 @dataclass(frozen=True, kw_only=True)
 class HeadInfo:
     job: int
-    size: int
+    size: int | None             # None: no Content-Length (chunked): known at its end
     ranged: bool                 # False: the server ignored Range, the body is the whole file
     url: str                     # after redirects: later ranges go straight there
     content_type: str

@@ -42,6 +42,7 @@ RING_POOL = 2          # finished rings kept per frame size
 SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.05   # doubled at each attempt of a range
+UNKNOWN_LENGTH_RESERVE = 4 << 20   # counted for a body of unknown length (it reserves as it grows)
 
 
 def looks_like_html(head: bytes) -> bool:
@@ -170,7 +171,7 @@ class Pipeline:
                 self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: job exceeded its deadline of "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
             elif job.phase is Phase.WAITING_MEMORY:
-                if self._memory_back(job.size):
+                if self._memory_back(job.segment_bytes):
                     # a new id: the fetchers have ended the old one (EndJob at _admit)
                     del self.jobs[job.id]
                     job.id = next(self.job_ids)
@@ -293,9 +294,11 @@ class Pipeline:
         else:
             job.mark("connect", msg.stats.started)
         job.mark("first_byte", msg.stats.first_byte)
-        job.final_url, job.size, job.ranged = msg.url, msg.size, msg.ranged
         cfg = self.config
-        if msg.size > cfg.max_bytes:
+        unknown = msg.size is None    # no Content-Length: a segment of ENGINE_MAX_BYTES grows
+        job.final_url, job.ranged, job.unknown_length = msg.url, msg.ranged, unknown
+        job.size = cfg.max_bytes if unknown else msg.size
+        if not unknown and msg.size > cfg.max_bytes:
             self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
             self.fail(job, ErrorKind.FETCH, f"{job.url}: file is {msg.size} bytes, over the "
                       f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
@@ -312,12 +315,13 @@ class Pipeline:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent "
                       f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
             return
-        if not self._admit(job, w, msg.size):
+        job.segment_bytes = UNKNOWN_LENGTH_RESERVE if unknown else job.size
+        if not self._admit(job, w, job.segment_bytes):
             return
         try:
             name = segment_name(os.getpid(), job.id)
-            job.segment = SharedBlock.create(name, msg.size)
-            job.amap = AvailabilityMap.create(name + ".map", msg.size)
+            job.segment = SharedBlock.create(name, job.size, reserve=job.segment_bytes)
+            job.amap = AvailabilityMap.create(name + ".map", job.size, length_known=not unknown)
         except ShmError as exc:
             self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
             self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
@@ -326,8 +330,8 @@ class Pipeline:
         ready = SegmentReady(job=job.id, segment=job.segment.name, amap=job.amap.name)
         for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
             self._send(f, ready)
-        job.plan = RangePlan(msg.size, cfg.range_bytes)
-        job.head_len = min(cfg.head_bytes, msg.size) if msg.ranged else msg.size
+        job.plan = RangePlan(job.size, cfg.range_bytes)
+        job.head_len = min(cfg.head_bytes, job.size) if msg.ranged else job.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
         for offset, end, _ in self.ledger.ranges_of(job.id):
@@ -339,6 +343,8 @@ class Pipeline:
             job.plan.planned_until = min(end, msg.size)
         if msg.prefix and msg.ranged:
             self._plan_after_head(job, msg.prefix)
+        elif unknown:
+            self._stream(job, "no Content-Length: read front to back as it arrives")
 
     # ------------------------------------------------------------------ shared memory
     def _room(self, need: int = 0) -> int:
@@ -355,8 +361,7 @@ class Pipeline:
         when memory is back -- while other jobs hold memory, bounded by its deadline;
         alone and still too big, it fails at once."""
         ring = self.config.ring_bytes
-        videos = sum(j.segment.size + j.amap.block.size for j in self.live
-                     if j.segment is not None and j.amap is not None)
+        videos = sum(j.video_bytes() for j in self.live)
         room = self._room(size + ring)
         busy = bool(videos or self.ring_reserved or self.shm_in_use)
         small_ring = 4 << 20   # a few frames: the ring shrinks to fit at the moov
@@ -380,8 +385,7 @@ class Pipeline:
 
     def _memory_back(self, size: int) -> bool:
         """Worth fetching a waiting job's head again: its video would be admitted now."""
-        videos = sum(j.segment.size + j.amap.block.size for j in self.live
-                     if j.segment is not None and j.amap is not None)
+        videos = sum(j.video_bytes() for j in self.live)
         if not (videos or self.ring_reserved or self.shm_in_use):
             return True    # alone: admitted with what there is, or failed clearly
         return videos + size <= self.config.max_bytes and \
@@ -491,7 +495,7 @@ class Pipeline:
         job.plan.extend(job.size)
         # A seekable fragmented MP4 makes FFmpeg visit every fragment's header before
         # the first frame, i.e. wait for nearly the whole file: it is read front to back.
-        job.linear = "fragmented" in why
+        job.linear = "fragmented" in why or job.unknown_length
         job.frame_limit = job.max_frames
         job.readable_end = job.size
         self.decode_queue.append(job.id)
@@ -503,6 +507,9 @@ class Pipeline:
         if job is None:
             return
         job.bytes += msg.stats.bytes
+        if msg.head and job.unknown_length:    # the body's end: now its length is known
+            job.size = job.head_len = msg.end
+            job.plan.truncate(msg.end)
         if msg.head:
             self.ledger.of(w.name).heads.discard(job.id)   # its request was counted at HeadInfo
         else:

@@ -126,6 +126,14 @@ class RangePlan:
         if piece is not None:
             self.pending.appendleft(piece)
 
+    def truncate(self, size: int) -> None:
+        """A body of unknown length ended at ``size``: nothing past it exists."""
+        self.size = size
+        self.planned_until = min(self.planned_until, size)
+        self.extra = [(lo, min(hi, size)) for lo, hi in self.extra if lo < size]
+        for piece in self.inflight.values():
+            piece.end = min(piece.end, size)
+
     def drop_pending(self) -> None:
         self.pending.clear()
 

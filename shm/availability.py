@@ -7,6 +7,10 @@ blocked readers within microseconds of a write.
 
 Ranges handed to writers start on chunk boundaries, so a chunk is complete exactly
 when a writer has passed its end (or the end of the file).
+
+A body whose length the server did not say (chunked transfer, no Content-Length) gets a
+map of ``ENGINE_MAX_BYTES`` whose ``length`` is unknown until its writer calls ``end``;
+readers then see end of file there.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from engine.shm.futex import Cancelled, FutexWord, wait_until
 CHUNK = 64 * 1024
 _HEADER = 64
 _LIVE, _CANCELLED = 0, 1
+UNKNOWN = (1 << 64) - 1     # the length, until the writer has seen the end of the body
 
 
 class AvailabilityMap:
@@ -29,13 +34,31 @@ class AvailabilityMap:
         self.n_chunks = -(-self.size // self.chunk)
         self._flags = np.frombuffer(block.mm, np.uint8, self.n_chunks, _HEADER)
         self._state = np.frombuffer(block.mm, np.uint32, 1, 4)
+        self._length = np.frombuffer(block.mm, np.uint64, 1, 24)
         self._word = FutexWord(block.mm, 0)
 
     @classmethod
-    def create(cls, name: str, size: int, chunk: int = CHUNK) -> "AvailabilityMap":
+    def create(cls, name: str, size: int, chunk: int = CHUNK,
+               length_known: bool = True) -> "AvailabilityMap":
+        """``size`` bytes; with ``length_known=False`` that is only the most the body
+        may have (see ``end``)."""
         block = SharedBlock.create(name, _HEADER + -(-size // chunk))
-        struct.pack_into("<QQ", block.mm, 8, size, chunk)
+        struct.pack_into("<QQQ", block.mm, 8, size, chunk, size if length_known else UNKNOWN)
         return cls(block)
+
+    @property
+    def length(self) -> int | None:
+        """The body's length: ``size``, or None while a body of unknown length arrives."""
+        n = int(self._length[0])
+        return None if n == UNKNOWN else n
+
+    def end(self, length: int) -> None:
+        """A body of unknown length ended after ``length`` bytes (all of them marked):
+        readers see end of file there."""
+        if length % self.chunk:
+            self._flags[length // self.chunk] = 1
+        self._length[0] = length
+        self._word.bump()
 
     @classmethod
     def attach(cls, name: str) -> "AvailabilityMap":
@@ -94,15 +117,16 @@ class AvailabilityMap:
         return bool(self._flags.all())
 
     def wait(self, offset: int, length: int, timeout: float | None = None) -> bool:
-        """Block until bytes [offset, offset+length) are in. False on timeout;
-        raises ``Cancelled`` if the map is cancelled meanwhile."""
+        """Block until bytes [offset, offset+length) are in, or the body is known to end
+        before them (the caller reads ``length`` again). False on timeout; raises
+        ``Cancelled`` if the map is cancelled meanwhile."""
         first, last = self._chunks(offset, length)
-        flags = self._flags
-        return wait_until(self._word, lambda: flags[first:last].all(),
+        flags, known, end = self._flags, self._length, min(offset + length, self.size)
+        return wait_until(self._word, lambda: flags[first:last].all() or known[0] < end,
                           lambda: self._state[0] == _CANCELLED, timeout)
 
     def close(self) -> None:
-        self._flags = self._state = None
+        self._flags = self._state = self._length = None
         self._word.release()
         self.block.close()
 

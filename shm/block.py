@@ -52,7 +52,10 @@ class SharedBlock:
         return len(self.mm)
 
     @classmethod
-    def create(cls, name: str, size: int) -> "SharedBlock":
+    def create(cls, name: str, size: int, reserve: int | None = None) -> "SharedBlock":
+        """A new block of ``size`` bytes, all reserved in /dev/shm (``posix_fallocate``)
+        unless ``reserve`` says how much: the rest is reserved by its writer as it grows
+        (``grow``), so a body of unknown length takes only the memory it fills."""
         if size <= 0:
             raise ShmError(f"cannot create an empty shared block {name!r}")
         path = os.path.join(SHM_DIR, name)
@@ -64,7 +67,8 @@ class SharedBlock:
             raise ShmError(f"cannot create shared block {name}: {exc.strerror}") from None
         try:
             try:
-                os.posix_fallocate(fd, 0, size)
+                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size if reserve is None else min(reserve, size))
             except OSError as exc:
                 os.unlink(path)
                 if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -93,6 +97,23 @@ class SharedBlock:
         finally:
             os.close(fd)
         return cls(name, mm, owner=False)
+
+    def grow(self, end: int) -> None:
+        """Reserve the block's bytes up to ``end`` before writing them: /dev/shm full is
+        then a ``ShmFullError`` here, not a SIGBUS at the write."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            raise ShmError(f"cannot open shared block {self.name}: {exc.strerror}") from None
+        try:
+            os.posix_fallocate(fd, 0, min(end, self.size))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise ShmFullError(f"/dev/shm has no room for {end / 1e6:.1f} MB "
+                                   f"({self.name})") from None
+            raise ShmError(f"cannot reserve {end} bytes for {self.name}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Unmap; a view still exported (a numpy array in use) keeps the mapping alive

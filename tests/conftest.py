@@ -79,8 +79,9 @@ def faulty_server(cdn):
     """Factory: ``faulty_server(data, mode='ok') -> started FaultyServer``, stopped after the test."""
     servers: list[FaultyServer] = []
 
-    def make(data: bytes, mode: str = "ok") -> FaultyServer:
-        server = FaultyServer(data, certfile=cdn.cert_file, keyfile=cdn.key_file, mode=mode)
+    def make(data: bytes, mode: str = "ok", content_type: str | None = "video/mp4") -> FaultyServer:
+        server = FaultyServer(data, certfile=cdn.cert_file, keyfile=cdn.key_file, mode=mode,
+                              content_type=content_type)
         servers.append(server.start())
         return server
 

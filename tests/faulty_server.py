@@ -28,6 +28,12 @@ Modes and what httpx (0.28, HTTP/1.1) surfaces:
                the next request on that connection with RemoteProtocolError
                "illegal status line" -- an error pinned on the wrong request,
                which is why this mode lies in Content-Length instead.)
+  'chunked'    every GET is answered 200 with the whole body in
+               ``Transfer-Encoding: chunked`` (Range ignored, no Content-Length),
+               16 KiB a chunk.
+  'eof'        every GET is answered 200 with the whole body, no Content-Length
+               and no chunking: the body ends where the server closes (HTTP/1.0
+               style).
   'stall'      every GET sends headers and the first 64 KiB of its body
                (less one byte if the body is smaller), then holds the
                connection open, sending nothing, until stop() or until the
@@ -42,16 +48,17 @@ import socket
 import ssl
 import threading
 
-MODES = ("ok", "drop-once", "short", "long", "stall")
+MODES = ("ok", "drop-once", "short", "long", "stall", "chunked", "eof")
 STALL_PREFIX = 64 * 1024
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
 class FaultyServer:
-    def __init__(self, data: bytes, *, certfile, keyfile, mode: str = "ok"):
+    def __init__(self, data: bytes, *, certfile, keyfile, mode: str = "ok",
+                 content_type: str | None = "video/mp4"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        self.data, self.mode = data, mode
+        self.data, self.mode, self.content_type = data, mode, content_type
         self.requests = 0  # requests whose response we started to send
         self.stalled = 0   # 'stall': responses held open
         self.hung_up = 0   # 'stall': of those, the ones the client closed
@@ -145,6 +152,8 @@ class FaultyServer:
             self.requests += 1
         total = len(self.data)
         match = _RANGE.match(headers.get("range", "").replace(" ", ""))
+        if self.mode in ("chunked", "eof"):
+            return self._respond_unframed(conn, method)
         if match and int(match.group(1)) < total:
             start = int(match.group(1))
             end = min(int(match.group(2) or total - 1), total - 1)
@@ -166,7 +175,7 @@ class FaultyServer:
         elif method == "GET" and self.mode == "stall":
             send = body[: min(STALL_PREFIX, max(len(body) - 1, 0))]
         close = headers.get("connection", "").lower() == "close"
-        head = [f"HTTP/1.1 {status}", "Content-Type: video/mp4", "Accept-Ranges: bytes",
+        head = [f"HTTP/1.1 {status}", *self._type(), "Accept-Ranges: bytes",
                 f"Content-Length: {len(body)}", *extra]
         if close:
             head.append("Connection: close")
@@ -178,6 +187,24 @@ class FaultyServer:
                 return False
         return keep and not close
 
+
+    def _type(self) -> list[str]:
+        return [f"Content-Type: {self.content_type}"] if self.content_type else []
+
+    def _respond_unframed(self, conn, method: str) -> bool:
+        """The whole body with no Content-Length: chunked, or ended by closing."""
+        chunked = self.mode == "chunked"
+        head = ["HTTP/1.1 200 OK", *self._type(),
+                "Transfer-Encoding: chunked" if chunked else "Connection: close"]
+        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        if method != "GET":
+            return False
+        for i in range(0, len(self.data), 16384):
+            piece = self.data[i:i + 16384]
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            conn.sendall(b"0\r\n\r\n")
+        return chunked
 
     def _hold(self, conn) -> None:
         """Send nothing more until stop(), or until the client closes the connection."""

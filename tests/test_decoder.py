@@ -37,6 +37,33 @@ def test_decord_partial_job(decord_engine, cdn, sn44_clips):
     assert_matches(report, reference(sn44_clips["sn44"], 20), tolerance=1.0)
 
 
+@pytest.fixture(scope="module")
+def rotated_clip(cdn, small_clips):
+    """The small clip with 90-degree rotation metadata (the ffmpeg command line writes it)."""
+    import shutil
+    import subprocess
+    if not shutil.which("ffmpeg"):
+        pytest.skip("ffmpeg (the Debian package tools/setup.sh installs) is not here")
+    path = cdn.root / "rotated.mp4"
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-i", str(small_clips["small"]),
+                    "-c", "copy", "-metadata:s:v:0", "rotate=90", str(path)], check=True)
+    with av.open(str(path)) as c:
+        assert next(c.decode(video=0)).rotation in (90, -90, 270)
+    return path
+
+
+def test_rotation_metadata_decord_refuses_clearly_pyav_gives_the_coded_frames(
+        decord_engine, engine, cdn, rotated_clip):
+    """decord turns the frames by the rotation metadata; a plain decode (PyAV) does not.
+    decord says it cannot take the input, and the default backend gives every frame."""
+    with pytest.raises(DecodeError, match="decord cannot take this input.*ENGINE_DECODER=auto"):
+        decord_engine.process(cdn.url("rotated.mp4"))
+    report = engine.process(cdn.url("rotated.mp4"))
+    assert report.decoder == "pyav"
+    assert_matches(report, reference(rotated_clip))
+    assert decord_engine.process(cdn.url("small.mp4")).frames_processed == 50
+
+
 def test_first_frame_is_decoded_before_the_last_byte_arrives(cdn, sn44_clips):
     """Through an emulated CDN slower than the seed's (so that a loaded test machine
     still decodes faster than bytes arrive): the report's events are in streaming order."""

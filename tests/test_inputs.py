@@ -202,6 +202,49 @@ def test_content_type_is_a_hint(engine, cdn, small_clips, ext):
     assert_matches(report, reference(small_clips["small"]))
 
 
+@pytest.mark.parametrize("content_type", ["binary/octet-stream", None])
+def test_odd_or_missing_content_type_is_a_hint(engine, faulty_server, small_clips, content_type):
+    server = faulty_server(small_clips["small"].read_bytes(), content_type=content_type)
+    report = engine.report(server.url("clip"))
+    assert report.ok, report.error
+    assert_matches(report, reference(small_clips["small"]))
+
+
+@pytest.mark.parametrize("mode", ["chunked", "eof"])
+@pytest.mark.parametrize("name", ["small", "small-moov-end"])
+def test_no_content_length_streams_into_a_growing_segment(engine, faulty_server, small_clips,
+                                                          mode, name):
+    """No Content-Length and no Range (chunked, or ended by closing): the body streams
+    into a segment that grows, decoded as it arrives; every frame, the size learned at
+    the end."""
+    data = small_clips[name].read_bytes()
+    report = engine.report(faulty_server(data, mode=mode).url("clip.mp4"))
+    assert report.ok, report.error
+    assert report.plan == "streamed" and report.video["bytes"] == len(data)
+    assert report.fetch["bytes"] == len(data)
+    assert_matches(report, reference(small_clips[name]))
+
+
+def test_no_content_length_streams_other_containers_too(engine, faulty_server, clips):
+    path, _ = clips["matroska-h264"]
+    report = engine.report(faulty_server(path.read_bytes(), mode="chunked").url("clip.mkv"))
+    assert report.ok, report.error
+    assert_matches(report, reference(path))
+
+
+def test_no_content_length_larger_than_the_limit_is_one_clear_error(faulty_server, small_clips):
+    from engine import Engine
+    data = small_clips["small"].read_bytes()
+    with Engine(processor="engine.processors:null", device="cpu", max_bytes=len(data) // 2,
+                fetchers=1, decoders=1) as eng:
+        report = eng.report(faulty_server(data, mode="chunked").url("clip.mp4"))
+        assert not report.ok and report.error_kind == "FetchError"
+        assert "ENGINE_MAX_BYTES" in report.error and "\n" not in report.error
+        # the engine goes on; with a Content-Length the same file is refused at its head
+        known = eng.report(faulty_server(data).url("clip.mp4"))
+        assert not known.ok and "over the limit" in known.error
+
+
 def test_an_html_page_is_refused_whatever_its_type(engine, cdn):
     (cdn.root / "page-as.mp4").write_text("<!DOCTYPE html><html><body>404</body></html>")
     with pytest.raises(DecodeError, match="not a video"):

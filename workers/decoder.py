@@ -109,16 +109,22 @@ class SegmentReader:
     def read(self, n: int = -1) -> bytes:
         limit = self._limit(self.pos)
         end = limit if n < 0 else min(self.pos + n, limit)
-        if end <= self.pos:
-            return b""
-        self.wait(self.pos, end)
+        while True:
+            length = self.amap.length      # None until a body of unknown length ends
+            if length is not None:
+                end = min(end, length)
+            if end <= self.pos:
+                return b""
+            if self.wait(self.pos, end):
+                break
         data = self.mm[self.pos:end]
         self.pos = end
         return data
 
-    def wait(self, start: int, end: int) -> None:
+    def wait(self, start: int, end: int) -> bool:
+        """Until [start, end) is in: True; False when the body ended before ``end``."""
         if self.amap.present(start, end - start):
-            return
+            return True
         if not self.amap.wait(start, end - start, STALL_WAIT_S):
             self.on_stall()
             missing = self.amap.first_missing(start, end - start)
@@ -127,6 +133,7 @@ class SegmentReader:
                 self.link.send(NeedBytes(job=self.job.job, offset=missing))
             while not self.amap.wait(start, end - start, TICK_S):
                 self.link.tick()   # waiting for the network is progress, not a stall
+        return self.amap.present(start, end - start)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_SET:
@@ -279,6 +286,14 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     for lo, hi in job.regions:
         reader.wait(lo, hi)
     vr = decord.VideoReader(block.path, ctx=decord.cpu(0))
+    shape = vr[0].shape[:2] if len(vr) else (ring.height, ring.width)
+    if shape != (ring.height, ring.width):
+        # decord applies the rotation metadata; the frames of the file (a plain decode,
+        # PyAV) are as coded. Refuse rather than give other pixels than PyAV would.
+        return DecodeDone(job=job.job, frames=0, missing=[], error=(
+            f"decord cannot take this input: it gives {shape[1]}x{shape[0]} frames for a "
+            f"{ring.width}x{ring.height} video (rotation metadata); ENGINE_DECODER=auto "
+            "or pyav decodes it"))
     limit = min(len(vr), job.frame_limit or len(vr))
     i = 0
     while i < limit:

@@ -32,6 +32,7 @@ log = logging.getLogger("engine.fetcher")
 
 KEEP_WARM_EVERY_S = 20.0
 PREFIX_BYTES = 16 * 1024
+GROW_BYTES = 4 << 20    # a body of unknown length reserves shared memory in these steps
 AUTO_SAMPLES = 4               # ENGINE_HTTP2=auto: ranges timed on each protocol
 AUTO_MIN_BYTES = 256 * 1024    # smaller ranges time the round trip, not the protocol   # ftyp and the moov or mdat header are in the first bytes
 READ_TIMEOUT_S = 15.0
@@ -431,15 +432,14 @@ class Fetcher:
                 ranged = True
             elif status == 200:
                 length = response.headers.get("content-length")
-                if length is None or not length.isdigit():
-                    raise RangeError("server ignores Range and sends no Content-Length", False)
-                size, ranged = int(length), False
+                # no length (chunked transfer): streamed into a segment that grows
+                size, ranged = (int(length) if length and length.isdigit() else None), False
             elif status == 416:
                 raise RangeError("empty file (416 Range Not Satisfiable)", False)
             else:
                 raise RangeError(f"HTTP {status} {response.reason_phrase}".rstrip(), False)
             content_type = response.headers.get("content-type", "")
-            expect = min(msg.length, size) if ranged else size
+            expect = min(msg.length, size) if ranged else size   # None: to the end of the body
             # The first bytes go with HeadInfo, so the supervisor can locate the moov and
             # start the other ranges while the head still downloads; then the rest streams
             # into the segment, which the supervisor makes on HeadInfo.
@@ -447,14 +447,17 @@ class Fetcher:
             chunks = response.iter_raw()
             for chunk in chunks:
                 buffered += chunk
-                if len(buffered) >= min(expect, PREFIX_BYTES):
+                if len(buffered) >= (PREFIX_BYTES if expect is None else min(expect, PREFIX_BYTES)):
                     break
             self.link.send(HeadInfo(job=msg.job, size=size, ranged=ranged, url=str(response.url), content_type=content_type, stats=stats,
                                     prefix=bytes(buffered[:PREFIX_BYTES])))
             block, amap = self._await_segment(msg.job)
-            written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
+            if expect is None:
+                written = self._write_unknown(msg.job, block, amap, buffered, chunks)
+            else:
+                written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
             stats.bytes = written
-            self.link.send(RangeDone(job=msg.job, offset=0, end=expect, stats=stats, head=True))
+            self.link.send(RangeDone(job=msg.job, offset=0, end=written, stats=stats, head=True))
         except httpx.HTTPError as exc:
             message, retryable = describe(exc)
             raise RangeError(message, retryable) from None
@@ -509,6 +512,35 @@ class Fetcher:
             raise
         stats.bytes = end - msg.offset
         self.link.send(RangeDone(job=msg.job, offset=msg.offset, end=end, stats=stats))
+
+    def _write_unknown(self, job, block, amap, first: bytes, chunks) -> int:
+        """A body of unknown length: reserve the segment ahead of the bytes as they come,
+        up to its size (ENGINE_MAX_BYTES), then tell the readers where it ended."""
+        mm, step = block.mm, amap.chunk
+        pos = marked = reserved = 0
+        for data in ([first] if first else []), chunks:
+            for piece in data:
+                n = len(piece)
+                if pos + n > block.size:
+                    raise RangeError(f"the body (no Content-Length) is larger than "
+                                     f"{block.size} bytes (ENGINE_MAX_BYTES)", False)
+                if pos + n > reserved:
+                    reserved = min(block.size, max(pos + n, reserved + GROW_BYTES))
+                    try:
+                        block.grow(reserved)
+                    except ShmError as exc:
+                        raise RangeError(str(exc), False) from None
+                mm[pos:pos + n] = piece
+                pos += n
+                if pos - marked >= step:
+                    if job in self._ended:
+                        raise RangeError("job ended", False)
+                    amap.mark(marked, pos)
+                    marked = pos - pos % step
+        if pos == 0:
+            raise RangeError("empty file (the server sent 0 bytes)", False)
+        amap.end(pos)
+        return pos
 
     def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
         """Copy the body into the segment as it arrives; mark chunks as they complete."""
