@@ -273,7 +273,8 @@ class Pipeline:
     def _start_head(self, job: Job, attempt: int = 0) -> None:
         fetchers = self._fetchers() or self._workers("fetcher", ready=False)
         if not fetchers:   # all restarting: the tick starts it when one is back
-            job.to(Phase.WAITING_FETCHER)
+            if job.phase is not Phase.WAITING_FETCHER:
+                job.to(Phase.WAITING_FETCHER)
             job.head_attempt = attempt
             return
         job.to(Phase.HEAD)
@@ -315,7 +316,7 @@ class Pipeline:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent "
                       f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
             return
-        job.segment_bytes = UNKNOWN_LENGTH_RESERVE if unknown else job.size
+        job.segment_bytes = min(UNKNOWN_LENGTH_RESERVE, job.size) if unknown else job.size
         if not self._admit(job, w, job.segment_bytes):
             return
         try:
@@ -344,7 +345,7 @@ class Pipeline:
         if msg.prefix and msg.ranged:
             self._plan_after_head(job, msg.prefix)
         elif unknown:
-            self._stream(job, "no Content-Length: read front to back as it arrives")
+            self._stream(job, "no Content-Length", self._needs_seeking(msg.prefix))
 
     # ------------------------------------------------------------------ shared memory
     def _room(self, need: int = 0) -> int:
@@ -478,7 +479,17 @@ class Pipeline:
             job.plan.extend(job.moov[1] if job.partial else job.size)
         self._check_moov(job)
 
-    def _stream(self, job: Job, why: str) -> None:
+    @staticmethod
+    def _needs_seeking(prefix: bytes) -> bool:
+        """An MP4 whose mdat comes before its moov cannot be read front to back (FFmpeg
+        needs the moov before the samples): its decoder may seek, and waits for the end
+        of a body of unknown length where it seeks there."""
+        try:
+            return mp4.walk(mp4.reader_of(prefix), 1 << 62).layout == "end"
+        except mp4.NotMP4:
+            return False
+
+    def _stream(self, job: Job, why: str, seekable: bool = True) -> None:
         """The second way through a job: fetch front to back, let FFmpeg probe and decode
         while the bytes arrive; the frame count is learned by decoding."""
         if job.phase not in (Phase.HEAD, Phase.LOCATING):
@@ -495,7 +506,7 @@ class Pipeline:
         job.plan.extend(job.size)
         # A seekable fragmented MP4 makes FFmpeg visit every fragment's header before
         # the first frame, i.e. wait for nearly the whole file: it is read front to back.
-        job.linear = "fragmented" in why or job.unknown_length
+        job.linear = "fragmented" in why or not seekable
         job.frame_limit = job.max_frames
         job.readable_end = job.size
         self.decode_queue.append(job.id)

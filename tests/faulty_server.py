@@ -60,6 +60,7 @@ class FaultyServer:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.data, self.mode, self.content_type = data, mode, content_type
         self.requests = 0  # requests whose response we started to send
+        self.targets: list[str] = []   # the request target (path and query) of each
         self.stalled = 0   # 'stall': responses held open
         self.hung_up = 0   # 'stall': of those, the ones the client closed
         self.port: int | None = None
@@ -150,6 +151,7 @@ class FaultyServer:
         """Send one response; return False when the connection must end."""
         with self._lock:
             self.requests += 1
+            self.targets.append(headers.get("", ""))
         total = len(self.data)
         match = _RANGE.match(headers.get("range", "").replace(" ", ""))
         if self.mode in ("chunked", "eof"):
@@ -230,8 +232,9 @@ def _read_request(reader) -> tuple[str, dict[str, str]] | None:
     line = reader.readline(65536)
     if not line:
         return None
-    method = line.decode("latin-1").split(" ", 1)[0].upper()
-    headers = {}
+    method, _, rest = line.decode("latin-1").partition(" ")
+    method = method.upper()
+    headers = {"": rest.rsplit(" ", 1)[0]}    # the request target, under an empty name
     while True:
         line = reader.readline(65536)
         if line in (b"\r\n", b"\n", b""):

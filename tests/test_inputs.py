@@ -245,6 +245,26 @@ def test_no_content_length_larger_than_the_limit_is_one_clear_error(faulty_serve
         assert not known.ok and "over the limit" in known.error
 
 
+def test_a_redirect_to_another_origin_is_followed_for_every_range(engine, cdn, sn44_clips):
+    """127.0.0.1 on the HTTP/2 port sends the client to localhost on the HTTP/1.1 port:
+    the ranges go straight to where the redirect pointed."""
+    report = engine.report(cdn.url("other-origin/sn44.mp4"))
+    assert report.ok, report.error
+    assert report.frames_processed == 750 and report.fetch["ranges"] > 3
+    assert report.fetch["http_version"] == "HTTP/1.1"
+
+
+def test_a_signed_query_string_goes_with_every_request(engine, faulty_server, small_clips):
+    data = small_clips["small-moov-end"].read_bytes()
+    server = faulty_server(data)
+    query = "X-Amz-Signature=ab%2Fcd&Expires=1999999999&token=a=b"
+    report = engine.report(server.url(f"clip.mp4?{query}"))
+    assert report.ok, report.error
+    assert_matches(report, reference(small_clips["small-moov-end"]))
+    gets = [t for t in server.targets if t.startswith("/clip.mp4")]
+    assert gets and all(t == f"/clip.mp4?{query}" for t in gets)
+
+
 def test_an_html_page_is_refused_whatever_its_type(engine, cdn):
     (cdn.root / "page-as.mp4").write_text("<!DOCTYPE html><html><body>404</body></html>")
     with pytest.raises(DecodeError, match="not a video"):

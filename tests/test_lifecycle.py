@@ -391,6 +391,8 @@ def test_a_job_waits_for_a_fetcher_while_all_restart(clip):
         h.workers[name].alive = False
     job = h.submit()
     assert job.phase is Phase.WAITING_FETCHER and h.sent == []
+    h.step(h.p.tick, time.monotonic())          # still none: it goes on waiting
+    assert job.phase is Phase.WAITING_FETCHER and h.sent == []
     h.workers["fetcher0"].alive = True
     h.step(h.p.tick, time.monotonic())
     assert job.phase is Phase.HEAD and [s.to for s in h.sent] == ["fetcher0"]

@@ -141,10 +141,17 @@ class SegmentReader:
         elif whence == os.SEEK_CUR:
             self.pos += offset
         elif whence == os.SEEK_END:
-            self.pos = self.size + offset
+            self.pos = self._length() + offset
         else:
             return -1
         return self.pos
+
+    def _length(self) -> int:
+        """The file's length; a body of unknown length has one once it has all arrived."""
+        while self.amap.length is None:
+            if not self.amap.wait(self.size - 1, 1, TICK_S):
+                self.link.tick()   # waiting for the network is progress, not a stall
+        return self.amap.length
 
     def tell(self) -> int:
         return self.pos

@@ -237,6 +237,7 @@ location /slow/ {{ alias {root}/; limit_rate 2m; }}
 location = /status/404 {{ return 404; }}
 location = /status/500 {{ return 500; }}
 location /redirect/ {{ rewrite ^/redirect/(.*)$ /$1 redirect; }}
+location /other-origin/ {{ rewrite ^/other-origin/(.*)$ https://localhost:{self.port_h1}/$1 redirect; }}
 location = /loop {{ return 302 /loop; }}
 location = /html {{ default_type text/html; return 200 "{HTML_PAGE}"; }}
 """)
