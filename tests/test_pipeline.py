@@ -166,7 +166,7 @@ def test_dropped_connection_is_retried(engine, faulty_server, small_clips):
     assert_matches(report, reference(small_clips["small-moov-end"]))
 
 
-@pytest.mark.parametrize("mode, text", [("short", "fewer bytes|connection dropped"),
+@pytest.mark.parametrize("mode, text", [("short", r"server sent \d+ of \d+ announced bytes"),
                                         ("long", "more bytes")])
 def test_lying_servers_fail_cleanly(engine, faulty_server, small_clips, mode, text):
     server = faulty_server(small_clips["small"].read_bytes(), mode=mode)

@@ -452,10 +452,16 @@ class Fetcher:
             self.link.send(HeadInfo(job=msg.job, size=size, ranged=ranged, url=str(response.url), content_type=content_type, stats=stats,
                                     prefix=bytes(buffered[:PREFIX_BYTES])))
             block, amap = self._await_segment(msg.job)
+            progress = [0]
             if expect is None:
                 written = self._write_unknown(msg.job, block, amap, buffered, chunks)
             else:
-                written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
+                try:
+                    written = self._write(msg.job, block, amap, 0, expect, buffered, chunks,
+                                          progress)
+                except httpx.RemoteProtocolError:   # closed before its Content-Length
+                    raise RangeError(f"server sent {progress[0]} of {expect} announced bytes",
+                                     True) from None
             stats.bytes = written
             self.link.send(RangeDone(job=msg.job, offset=0, end=written, stats=stats, head=True))
         except httpx.HTTPError as exc:
@@ -489,6 +495,9 @@ class Fetcher:
                 try:
                     self._write(msg.job, block, amap, msg.offset, end, b"",
                                 response.iter_raw(), progress)
+                except httpx.RemoteProtocolError:   # closed before its Content-Length
+                    raise RangeError(f"server sent {progress[0] - msg.offset} of "
+                                     f"{end - msg.offset} announced bytes", True) from None
                 finally:
                     written = progress[0]
                 self.pools.record(msg.url, response.extensions["engine_http2"], stats,
