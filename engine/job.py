@@ -59,6 +59,38 @@ TIMING_KEYS = ("connect", "first_byte", "moov_ready", "first_frame", "first_resu
 
 
 @dataclass
+class FetchTally:
+    """What a job's requests cost and brought: the report's ``fetch``."""
+    http_version: str = ""
+    connections_new: int = 0
+    connections_reused: int = 0
+    ranges: int = 0
+    retries: int = 0
+    bytes: int = 0
+    sha256: str | None = None
+    versions: dict = field(default_factory=dict)    # requests per HTTP version
+
+    def count_request(self, stats) -> None:
+        if stats is None:
+            return
+        if stats.new_connection:
+            self.connections_new += 1
+        else:
+            self.connections_reused += 1
+        if stats.http_version:
+            self.http_version = stats.http_version
+            self.versions[stats.http_version] = self.versions.get(stats.http_version, 0) + 1
+
+    def report(self) -> dict:
+        return {"http_version": self.http_version or None,
+                "connections_new": self.connections_new,
+                "connections_reused": self.connections_reused,
+                "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes,
+                "requests_by_version": dict(self.versions),
+                **({"sha256": self.sha256} if self.sha256 else {})}
+
+
+@dataclass
 class Job:
     id: int
     token: int
@@ -93,14 +125,7 @@ class Job:
     decoded: int = 0
     linear: bool = False            # streamed front to back without seeking
     probed_until: int = 0           # a partial job fetched the box headers up to here
-    http_version: str = ""
-    connections_new: int = 0
-    connections_reused: int = 0
-    ranges: int = 0
-    retries: int = 0
-    bytes: int = 0
-    sha256: str | None = None
-    versions: dict = field(default_factory=dict)    # requests per HTTP version
+    fetch: FetchTally = field(default_factory=FetchTally)
     # decode and process
     frame_limit: int | None = None
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)
@@ -139,16 +164,6 @@ class Job:
         if key not in self.timings:
             self.timings[key] = round(((at or time.monotonic()) - self.submitted), 4)
 
-    def count_request(self, stats) -> None:
-        if stats is None:
-            return
-        if stats.new_connection:
-            self.connections_new += 1
-        else:
-            self.connections_reused += 1
-        if stats.http_version:
-            self.http_version = stats.http_version
-            self.versions[stats.http_version] = self.versions.get(stats.http_version, 0) + 1
 
     def video_bytes(self) -> int:
         """Shared memory its video takes: the segment (as reserved) and its map."""
@@ -161,12 +176,19 @@ class Job:
 
     def report(self) -> dict:
         track = self.track
-        video = {"bytes": self.bytes if self.unknown_length and not self.head_done else self.size, "codec": getattr(track, "codec", None),
-                 "width": getattr(track, "width", None), "height": getattr(track, "height", None),
-                 "fps": getattr(track, "fps", None),
-                 "frames": (getattr(track, "frame_count", None) or self.decoded or None)
-                 if track is not None else None,
-                 "moov": self.moov_layout}
+        video = {
+            "bytes": self.fetch.bytes if self.unknown_length and not self.head_done else self.size,
+            "codec": getattr(track, "codec", None),
+            "width": getattr(track, "width", None),
+            "height": getattr(track, "height", None),
+            "fps": getattr(track, "fps", None),
+            "frames": (
+                (getattr(track, "frame_count", None) or self.decoded or None)
+                if track is not None
+                else None
+            ),
+            "moov": self.moov_layout,
+        }
         timings = {key: self.timings.get(key) for key in TIMING_KEYS}
         results = [{"frame_number": n, "result": self.results[n]} for n in sorted(self.results)]
         return {
@@ -174,12 +196,7 @@ class Job:
             "video": video,
             "frames_processed": len(self.results),
             "timings_s": timings,
-            "fetch": {"http_version": self.http_version or None,
-                      "connections_new": self.connections_new,
-                      "connections_reused": self.connections_reused,
-                      "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes,
-                      "requests_by_version": dict(self.versions),
-                      **({"sha256": self.sha256} if self.sha256 else {})},
+            "fetch": self.fetch.report(),
             "decoder": self.decoder_backend or None,
             "plan": self.way,
             "missing_frames": list(self.missing),

@@ -288,8 +288,8 @@ class Pipeline:
         if job is None:
             self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
             return
-        job.count_request(msg.stats)
-        job.ranges += 1
+        job.fetch.count_request(msg.stats)
+        job.fetch.ranges += 1
         if msg.stats.connected is not None:
             job.mark("connect", msg.stats.connected)
         else:
@@ -379,9 +379,13 @@ class Pipeline:
                      job.url, self.shm_in_use / 1e6)
             job.to(Phase.WAITING_MEMORY)
             return False
-        self.fail(job, ErrorKind.FETCH, f"{job.url}: the video ({size / 1e6:.0f} MB) and its frames "
-                  f"do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
-                  "(/dev/shm; a container needs a larger --shm-size)")
+        self.fail(
+            job,
+            ErrorKind.FETCH,
+            f"{job.url}: the video ({size / 1e6:.0f} MB) and its frames "
+            f"do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
+            "(/dev/shm; a container needs a larger --shm-size)",
+        )
         return False
 
     def _memory_back(self, size: int) -> bool:
@@ -494,7 +498,11 @@ class Pipeline:
         while the bytes arrive; the frame count is learned by decoding."""
         if job.phase not in (Phase.HEAD, Phase.LOCATING):
             return
-        head = bytes(job.segment.mm[:min(512, job.size)]) if job.amap.present(0, min(512, job.size)) else b""
+        head = (
+            bytes(job.segment.mm[: min(512, job.size)])
+            if job.amap.present(0, min(512, job.size))
+            else b""
+        )
         if looks_like_html(head):
             self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent an HTML page, not a video")
             return
@@ -517,15 +525,15 @@ class Pipeline:
         job = self._live(msg.job)
         if job is None:
             return
-        job.bytes += msg.stats.bytes
+        job.fetch.bytes += msg.stats.bytes
         if msg.head and job.unknown_length:    # the body's end: now its length is known
             job.size = job.head_len = msg.end
             job.plan.truncate(msg.end)
         if msg.head:
             self.ledger.of(w.name).heads.discard(job.id)   # its request was counted at HeadInfo
         else:
-            job.count_request(msg.stats)
-            job.ranges += 1
+            job.fetch.count_request(msg.stats)
+            job.fetch.ranges += 1
         job.plan.done(msg.offset)
         self._after_bytes(job)
 
@@ -543,14 +551,14 @@ class Pipeline:
         job = self._live(msg.job)
         if job is None:
             return
-        job.count_request(msg.stats)
+        job.fetch.count_request(msg.stats)
         if msg.head:
             self.ledger.of(w.name).heads.discard(job.id)
             if job.phase is Phase.WAITING_MEMORY:
                 return   # its head was dropped on purpose: it waits for memory
             if job.segment is None:
                 if msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
-                    job.retries += 1
+                    job.fetch.retries += 1
                     self._start_head(job, msg.attempt + 1)
                 else:
                     self.fail(job, msg.kind, msg.error)
@@ -560,11 +568,11 @@ class Pipeline:
                 return
         if msg.speculative and (job.plan is None or msg.offset not in job.plan.inflight):
             if msg.retryable:
-                job.retries += 1    # its bytes are planned (again) like any others
+                job.fetch.retries += 1    # its bytes are planned (again) like any others
             return
         if msg.retryable and job.plan and msg.offset in job.plan.inflight \
                 and job.plan.inflight[msg.offset].attempt + 1 < MAX_RANGE_ATTEMPTS:
-            job.retries += 1
+            job.fetch.retries += 1
             job.plan.retry(msg.offset, msg.written,
                            RETRY_BACKOFF_S * 2 ** job.plan.inflight[msg.offset].attempt)
             return
@@ -588,8 +596,18 @@ class Pipeline:
                 jobs.remove(job)
                 continue
             self.ledger.hold_range(w.name, job.id, piece.offset, piece.end)
-            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=job.segment.name, amap=job.amap.name,
-                                            offset=piece.offset, end=piece.end, attempt=piece.attempt))
+            self._send(
+                w,
+                FetchRange(
+                    job=job.id,
+                    url=job.final_url,
+                    segment=job.segment.name,
+                    amap=job.amap.name,
+                    offset=piece.offset,
+                    end=piece.end,
+                    attempt=piece.attempt,
+                ),
+            )
 
     def _check_moov(self, job: Job) -> None:
         if job.phase is not Phase.LOCATING:
@@ -683,9 +701,11 @@ class Pipeline:
                     digest = hashlib.sha256()
                     for lo, hi in job.plan.regions():
                         digest.update(job.segment.mm[lo:hi])
-                    job.sha256 = digest.hexdigest()
+                    job.fetch.sha256 = digest.hexdigest()
                 if job.max_frames is not None or job.partial_mb is not None:
-                    log.info("Partial video downloaded successfully (%.1f MB)", job.bytes / 1e6)
+                    log.info(
+                        "Partial video downloaded successfully (%.1f MB)", job.fetch.bytes / 1e6
+                    )
 
     # ------------------------------------------------------------------ decode
     def _dispatch_decodes(self) -> None:
@@ -706,21 +726,48 @@ class Pipeline:
             job.decoder_backend = self.decoder_backend
             if job.way == "streamed":   # the ring and the GPU worker wait for StreamInfo
                 job.decoder_backend = "pyav"
-                self._send(w, DecodeJob(
-                    job=job.id, segment=job.segment.name, amap=job.amap.name, ring=None, size=job.size, backend="pyav",
-                    batch=self.config.batch, need_end=[], frame_limit=job.frame_limit, readable_end=job.readable_end, moov=None,
-                    regions=job.plan.regions(), seekable=not job.linear))
+                self._send(
+                    w,
+                    DecodeJob(
+                        job=job.id,
+                        segment=job.segment.name,
+                        amap=job.amap.name,
+                        ring=None,
+                        size=job.size,
+                        backend="pyav",
+                        batch=self.config.batch,
+                        need_end=[],
+                        frame_limit=job.frame_limit,
+                        readable_end=job.readable_end,
+                        moov=None,
+                        regions=job.plan.regions(),
+                        seekable=not job.linear,
+                    ),
+                )
                 continue
             self.ledger.of(gpu.name).jobs.add(job.id)   # from now on its death fails this job
             self._send(gpu, GpuJob(job=job.id, ring=job.ring.name, processor=job.processor,
                                              video=self._video_info(job)))
             track = job.track
-            self._send(w, DecodeJob(
-                job=job.id, segment=job.segment.name, amap=job.amap.name, ring=job.ring.name, size=job.size,
-                backend=self.decoder_backend, batch=self.config.batch,
-                need_end=[int(x) for x in track.need_end()], frame_limit=job.frame_limit, readable_end=job.readable_end,
-                moov=job.moov, regions=job.plan.regions(), expected=track.frame_count,
-                stream_index=track.index))
+            self._send(
+                w,
+                DecodeJob(
+                    job=job.id,
+                    segment=job.segment.name,
+                    amap=job.amap.name,
+                    ring=job.ring.name,
+                    size=job.size,
+                    backend=self.decoder_backend,
+                    batch=self.config.batch,
+                    need_end=[int(x) for x in track.need_end()],
+                    frame_limit=job.frame_limit,
+                    readable_end=job.readable_end,
+                    moov=job.moov,
+                    regions=job.plan.regions(),
+                    expected=track.frame_count,
+                    stream_index=track.index,
+                ),
+            )
 
     def on_stream_info(self, w, msg: StreamInfo) -> None:
         """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
@@ -772,8 +819,17 @@ class Pipeline:
         for n, result in zip(msg.frame_numbers, msg.results):
             job.results[n] = result
         if job.stream:
-            self._reply(job.client, ResultBatch(token=job.token, frame_numbers=list(msg.frame_numbers), results=msg.results,
-                                                  bytes_done=job.bytes, bytes_total=job.size, frames_total=job.frame_limit))
+            self._reply(
+                job.client,
+                ResultBatch(
+                    token=job.token,
+                    frame_numbers=list(msg.frame_numbers),
+                    results=msg.results,
+                    bytes_done=job.fetch.bytes,
+                    bytes_total=job.size,
+                    frames_total=job.frame_limit,
+                ),
+            )
         self._maybe_finish(job)
 
     def on_decode_done(self, w, msg: DecodeDone) -> None:

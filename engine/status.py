@@ -70,7 +70,8 @@ def snapshot(sup) -> dict:
         except psutil.Error:
             pass
     jobs = [{"url": j.url, "phase": j.phase.value,
-             "age_s": round(time.monotonic() - j.submitted, 2), "frames_done": len(j.results), "bytes": j.bytes}
+             "age_s": round(time.monotonic() - j.submitted, 2), "frames_done": len(j.results),
+             "bytes": j.fetch.bytes}
             for j in sup.pipeline.live]
     return {"processes": procs, "shared_memory": {"segments": len(blocks), "bytes": shm_bytes},
             "jobs_in_flight": jobs, "connections": dict(conns)}

@@ -96,7 +96,7 @@ class Supervisor:
         self.wake_r, self.wake_w = os.pipe()
         self.running = True
         self.stopping_since: float | None = None
-        self.prewarms: dict[int, tuple[object, int, int]] = {}   # token -> (client, waiting, opened)
+        self.prewarms: dict[int, tuple[object, int, int]] = {}  # token -> (client, waiting, opened)
         self.ready_waiters: list = []
         self.workers: list[WorkerHandle] = []
         self.sampled_at = 0.0
@@ -306,8 +306,15 @@ class Supervisor:
         that the engine is busy instead of waiting unanswered."""
         if len(self.clients) >= self.config.max_clients:
             try:
-                conn.send(Reply(token=-1, payload={}, error=f"engine busy: {len(self.clients)} clients connected "
-                                f"(ENGINE_MAX_CLIENTS={self.config.max_clients})", kind=ErrorKind.BUSY))
+                conn.send(
+                    Reply(
+                        token=-1,
+                        payload={},
+                        error=f"engine busy: {len(self.clients)} clients connected "
+                        f"(ENGINE_MAX_CLIENTS={self.config.max_clients})",
+                        kind=ErrorKind.BUSY,
+                    )
+                )
             except (OSError, EOFError):
                 pass
             conn.close()

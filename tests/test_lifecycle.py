@@ -308,7 +308,7 @@ def test_a_range_that_fails_is_retried_from_where_it_stopped(longer_clip):
     h.pending.pop((job.id, offset))
     h.msg(worker, RangeFailed(job=job.id, offset=offset, end=end, written=offset + 70_000,
                               error="reset", kind=ErrorKind.FETCH, retryable=True, attempt=0))
-    assert job.retries == 1 and job.phase is not Phase.FAILED
+    assert job.fetch.retries == 1 and job.phase is not Phase.FAILED
     time.sleep(0.06)                 # the retry's back-off
     h.step(h.p.dispatch)
     retry = [m for _, m in h.pending.values() if isinstance(m, FetchRange) and m.attempt == 1]

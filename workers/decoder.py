@@ -79,8 +79,15 @@ class Batcher:
             return
         run = SlotRun(self.first, len(self.numbers))
         self.ring.publish(run)
-        self.link.send(BatchReady(job=self.job.job, first_slot=run.first, count=run.count, frame_numbers=self.numbers,
-                                  decoded_at=time.monotonic()))
+        self.link.send(
+            BatchReady(
+                job=self.job.job,
+                first_slot=run.first,
+                count=run.count,
+                frame_numbers=self.numbers,
+                decoded_at=time.monotonic(),
+            )
+        )
         self.numbers = []
 
 
@@ -194,7 +201,12 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     try:
         container = av.open(reader, mode="r")
     except av.error.FFmpegError as exc:
-        return DecodeDone(job=job.job, frames=0, missing=[], error=f"not a video FFmpeg can read ({_one_line(exc)})")
+        return DecodeDone(
+            job=job.job,
+            frames=0,
+            missing=[],
+            error=f"not a video FFmpeg can read ({_one_line(exc)})",
+        )
     try:
         stream = pick_stream(container, job.stream_index)
         if stream is None:
@@ -203,7 +215,12 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         if ring is None:
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
-                return DecodeDone(job=job.job, frames=0, missing=[], error=f"the {ctx.name} video has no picture size")
+                return DecodeDone(
+                    job=job.job,
+                    frames=0,
+                    missing=[],
+                    error=f"the {ctx.name} video has no picture size",
+                )
             ring = ask_ring(link, job, StreamInfo(
                 job=job.job, codec=ctx.name, width=ctx.width, height=ctx.height,
                 fps=float(stream.average_rate) if stream.average_rate else None))
@@ -332,7 +349,12 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
     except Exception as exc:
         if isinstance(exc.__context__, Cancelled) or amap.cancelled:
             return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
-        return DecodeDone(job=job.job, frames=0, missing=[], error=f"{backend} cannot decode the video: {_one_line(exc)}")
+        return DecodeDone(
+            job=job.job,
+            frames=0,
+            missing=[],
+            error=f"{backend} cannot decode the video: {_one_line(exc)}",
+        )
     finally:
         if ring is not None:
             ring.close()

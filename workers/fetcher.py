@@ -31,10 +31,10 @@ from engine.workers.base import Link, worker_setup
 log = logging.getLogger("engine.fetcher")
 
 KEEP_WARM_EVERY_S = 20.0
-PREFIX_BYTES = 16 * 1024
+PREFIX_BYTES = 16 * 1024  # ftyp and the moov or mdat header are in the first bytes
 GROW_BYTES = 4 << 20    # a body of unknown length reserves shared memory in these steps
 AUTO_SAMPLES = 4               # ENGINE_HTTP2=auto: ranges timed on each protocol
-AUTO_MIN_BYTES = 256 * 1024    # smaller ranges time the round trip, not the protocol   # ftyp and the moov or mdat header are in the first bytes
+AUTO_MIN_BYTES = 256 * 1024    # smaller ranges time the round trip, not the protocol
 READ_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 15.0
 
@@ -217,8 +217,10 @@ class Pools:
         def one():
             stats = FetchStats()
             try:
-                r = client.send(client.build_request("HEAD", url, extensions={"trace": Tracer(stats)}),
-                                stream=True)
+                r = client.send(
+                    client.build_request("HEAD", url, extensions={"trace": Tracer(stats)}),
+                    stream=True,
+                )
                 with lock:
                     responses.append(r)
                     opened.append(stats.new_connection)
@@ -331,17 +333,19 @@ class Fetcher:
         try:
             fn(msg)
         except RangeError as exc:
-            self.link.send(RangeFailed(job=msg.job, offset=getattr(msg, "offset", 0), end=getattr(msg, "end", 0),
-                                       written=getattr(msg, "offset", 0), error=f"{msg.url}: {exc}", kind=exc.kind,
-                                       retryable=exc.retryable, attempt=msg.attempt,
-                                       head=isinstance(msg, FetchHead)))
+            self._failed(msg, str(exc), exc.kind, exc.retryable)
         except Exception as exc:  # a bug must fail the job, not kill the fetcher silently
             if msg.job in self._ended:
                 return   # the job ended under a range still writing (segment unmapped)
             log.exception("fetch failed")
-            self.link.send(RangeFailed(job=msg.job, offset=getattr(msg, "offset", 0), end=getattr(msg, "end", 0),
-                                       written=getattr(msg, "offset", 0), error=f"{msg.url}: internal error: {exc}",
-                                       kind=ErrorKind.FETCH, retryable=False, head=isinstance(msg, FetchHead)))
+            self._failed(msg, f"internal error: {exc}", ErrorKind.FETCH, False)
+
+    def _failed(self, msg, error: str, kind: ErrorKind, retryable: bool) -> None:
+        offset = getattr(msg, "offset", 0)
+        self.link.send(RangeFailed(job=msg.job, offset=offset, end=getattr(msg, "end", 0),
+                                   written=offset, error=f"{msg.url}: {error}", kind=kind,
+                                   retryable=retryable, attempt=msg.attempt,
+                                   head=isinstance(msg, FetchHead)))
 
     def end_job(self, job: int) -> None:
         with self._lock:
@@ -366,7 +370,10 @@ class Fetcher:
             seg = self._segments.get(job)
             if seg is None:
                 try:
-                    seg = self._segments[job] = (SharedBlock.attach(segment), AvailabilityMap.attach(amap))
+                    seg = self._segments[job] = (
+                        SharedBlock.attach(segment),
+                        AvailabilityMap.attach(amap),
+                    )
                 except ShmError:
                     raise RangeError("job ended", False) from None
             return seg
@@ -449,8 +456,17 @@ class Fetcher:
                 buffered += chunk
                 if len(buffered) >= (PREFIX_BYTES if expect is None else min(expect, PREFIX_BYTES)):
                     break
-            self.link.send(HeadInfo(job=msg.job, size=size, ranged=ranged, url=str(response.url), content_type=content_type, stats=stats,
-                                    prefix=bytes(buffered[:PREFIX_BYTES])))
+            self.link.send(
+                HeadInfo(
+                    job=msg.job,
+                    size=size,
+                    ranged=ranged,
+                    url=str(response.url),
+                    content_type=content_type,
+                    stats=stats,
+                    prefix=bytes(buffered[:PREFIX_BYTES]),
+                )
+            )
             block, amap = self._await_segment(msg.job)
             progress = [0]
             if expect is None:
@@ -504,15 +520,14 @@ class Fetcher:
                                   end - msg.offset)
             finally:
                 self._close(response)
-        except httpx.HTTPError as exc:
-            message, retryable = describe(exc)
-            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end, written=written, error=f"{msg.url}: {message}",
-                                       kind=ErrorKind.FETCH, retryable=retryable, stats=stats, attempt=msg.attempt,
-                                       speculative=msg.segment is None))
-            return
-        except RangeError as exc:
-            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end, written=written, error=f"{msg.url}: {exc}",
-                                       kind=exc.kind, retryable=exc.retryable, stats=stats, attempt=msg.attempt,
+        except (httpx.HTTPError, RangeError) as exc:
+            if isinstance(exc, RangeError):
+                error, kind, retryable = str(exc), exc.kind, exc.retryable
+            else:
+                (error, retryable), kind = describe(exc), ErrorKind.FETCH
+            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end, written=written,
+                                       error=f"{msg.url}: {error}", kind=kind,
+                                       retryable=retryable, stats=stats, attempt=msg.attempt,
                                        speculative=msg.segment is None))
             return
         except ValueError:
@@ -560,7 +575,9 @@ class Fetcher:
             for data in chunk:
                 n = len(data)
                 if pos + n > end:
-                    raise RangeError(f"server sent more bytes than announced ({end - offset})", False)
+                    raise RangeError(
+                        f"server sent more bytes than announced ({end - offset})", False
+                    )
                 mm[pos:pos + n] = data
                 pos += n
                 if progress is not None:
