@@ -201,31 +201,21 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     try:
         container = av.open(reader, mode="r")
     except av.error.FFmpegError as exc:
-        return DecodeDone(
-            job=job.job,
-            frames=0,
-            missing=[],
-            error=f"not a video FFmpeg can read ({_one_line(exc)})",
-        )
+        return _no_frames(job, f"not a video FFmpeg can read ({_one_line(exc)})")
     try:
         stream = pick_stream(container, job.stream_index)
         if stream is None:
-            return DecodeDone(job=job.job, frames=0, missing=[], error="no video track in the file")
+            return _no_frames(job, "no video track in the file")
         stream.thread_type = "AUTO"
         if ring is None:
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
-                return DecodeDone(
-                    job=job.job,
-                    frames=0,
-                    missing=[],
-                    error=f"the {ctx.name} video has no picture size",
-                )
+                return _no_frames(job, f"the {ctx.name} video has no picture size")
             ring = ask_ring(link, job, StreamInfo(
                 job=job.job, codec=ctx.name, width=ctx.width, height=ctx.height,
                 fps=float(stream.average_rate) if stream.average_rate else None))
             if ring is None:
-                return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
+                return _no_frames(job, "cancelled")
         batcher = Batcher(link, job, ring)
         height, width = ring.height, ring.width
         seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
@@ -294,6 +284,10 @@ def ask_ring(link: Link, job: DecodeJob, info: StreamInfo):
             return None
 
 
+def _no_frames(job: DecodeJob, error: str) -> DecodeDone:
+    return DecodeDone(job=job.job, frames=0, missing=[], error=error)
+
+
 def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -314,7 +308,7 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     if shape != (ring.height, ring.width):
         # decord applies the rotation metadata; the frames of the file (a plain decode,
         # PyAV) are as coded. Refuse rather than give other pixels than PyAV would.
-        return DecodeDone(job=job.job, frames=0, missing=[], error=(
+        return _no_frames(job, (
             f"decord cannot take this input: it gives {shape[1]}x{shape[0]} frames for a "
             f"{ring.width}x{ring.height} video (rotation metadata); ENGINE_DECODER=auto "
             "or pyav decodes it"))
@@ -345,16 +339,11 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
     try:
         return BACKENDS[backend](link, job, block, amap, ring)
     except Cancelled:
-        return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
+        return _no_frames(job, "cancelled")
     except Exception as exc:
         if isinstance(exc.__context__, Cancelled) or amap.cancelled:
-            return DecodeDone(job=job.job, frames=0, missing=[], error="cancelled")
-        return DecodeDone(
-            job=job.job,
-            frames=0,
-            missing=[],
-            error=f"{backend} cannot decode the video: {_one_line(exc)}",
-        )
+            return _no_frames(job, "cancelled")
+        return _no_frames(job, f"{backend} cannot decode the video: {_one_line(exc)}")
     finally:
         if ring is not None:
             ring.close()
