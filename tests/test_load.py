@@ -73,6 +73,21 @@ def test_dev_shm_too_small_for_the_video_is_one_clear_error(tmp_path, cdn, sn44_
 
 
 @needs_root
+def test_a_body_without_length_that_outgrows_dev_shm_is_one_clear_error(tmp_path, faulty_server,
+                                                                         sn44_clips):
+    """No Content-Length: the segment reserves /dev/shm as the body grows; a 12 MB tmpfs
+    runs out mid-body, which is an error naming --shm-size, not a SIGBUS."""
+    server = faulty_server(sn44_clips["sn44"].read_bytes(), mode="chunked")
+    proc, report = run_engine(in_small_shm("12m"), [server.url("sn44.mp4")], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no room" in errors[0] and "--shm-size" in errors[0], \
+        proc.stderr
+    assert "Traceback" not in proc.stderr and report["ok"] is False
+    print(f"\n12 MB /dev/shm, 14 MB body without Content-Length: {errors[0]}")
+
+
+@needs_root
 def test_dev_shm_filled_mid_job_nothing_lost_new_job_waits(tmp_path, cdn, slow_cdn, sn44_clips,
                                                           small_clips):
     with served(tmp_path, processor=STATS, prefix=in_small_shm("256m")) as s:

@@ -765,6 +765,46 @@ def test_block_larger_than_free_space_raises_shm_full(names):
     assert not os.path.exists(os.path.join(SHM_DIR, ring))
 
 
+def test_a_growing_block_reserves_only_what_its_writer_asks(names):
+    """A body of unknown length: the block is as large as it may become, /dev/shm gives
+    only what ``grow`` reserved, and a grow past the free space is a ShmFullError (not a
+    SIGBUS at the write), leaving what was reserved."""
+    st = os.statvfs(SHM_DIR)
+    size = max(st.f_bavail, st.f_blocks) * st.f_frsize + 64 * MiB
+    block = SharedBlock.create(names(), size, reserve=MiB)
+    try:
+        def reserved():
+            return os.stat(block.path).st_blocks * 512
+        assert block.size == size and reserved() == MiB
+        block.grow(2 * MiB)
+        block.mm[2 * MiB - 1] = 7
+        assert reserved() == 2 * MiB
+        with pytest.raises(ShmFullError, match="no room"):
+            block.grow(size)
+        assert reserved() == 2 * MiB
+    finally:
+        block.close()
+
+
+def test_a_body_of_unknown_length_ends_where_its_writer_says(names):
+    amap = AvailabilityMap.create(names(".map"), 8 * CHUNK, CHUNK, length_known=False)
+    try:
+        assert amap.length is None
+        amap.mark(0, 2 * CHUNK)
+        assert not amap.wait(2 * CHUNK, CHUNK, timeout=0.05)     # more may come
+        woke = []
+        waiter = threading.Thread(target=lambda: woke.append(amap.wait(2 * CHUNK, 4 * CHUNK, 10)))
+        waiter.start()
+        time.sleep(0.1)
+        amap.end(2 * CHUNK + 100)      # the last 100 bytes: a chunk only the end completes
+        waiter.join(5)
+        assert woke == [True]          # woken: the body ended before what it waited for
+        assert amap.length == 2 * CHUNK + 100 and amap.present(0, 2 * CHUNK + 100)
+        assert not amap.present(2 * CHUNK + 100, CHUNK)
+    finally:
+        amap.close()
+
+
 def test_attach_of_a_missing_name_raises_shm_error(names):
     name = names()
     for attach in (SharedBlock.attach, AvailabilityMap.attach, FrameRing.attach):

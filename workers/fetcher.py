@@ -553,7 +553,8 @@ class Fetcher:
                     try:
                         block.grow(reserved)
                     except ShmError as exc:
-                        raise RangeError(str(exc), False) from None
+                        raise RangeError(f"{exc}; a container needs a larger --shm-size",
+                                         False) from None
                 mm[pos:pos + n] = piece
                 pos += n
                 if pos - marked >= step:
