@@ -75,8 +75,9 @@ def test_dev_shm_too_small_for_the_video_is_one_clear_error(tmp_path, cdn, sn44_
 @needs_root
 def test_a_body_without_length_that_outgrows_dev_shm_is_one_clear_error(tmp_path, faulty_server,
                                                                          sn44_clips):
-    """No Content-Length: the segment reserves /dev/shm as the body grows; a 12 MB tmpfs
-    runs out mid-body, which is an error naming --shm-size, not a SIGBUS."""
+    """No Content-Length: the segment reserves /dev/shm as the body grows. In a 12 MB tmpfs
+    the growing body and the frame ring cannot both fit; whichever runs out, the job ends
+    in one line naming --shm-size (never a SIGBUS), and nothing is left behind."""
     server = faulty_server(sn44_clips["sn44"].read_bytes(), mode="chunked")
     proc, report = run_engine(in_small_shm("12m"), [server.url("sn44.mp4")], tmp_path)
     assert proc.returncode == 1, proc.stderr
