@@ -77,7 +77,7 @@ def test_a_body_without_length_that_outgrows_dev_shm_is_one_clear_error(tmp_path
                                                                          sn44_clips):
     """No Content-Length: the segment reserves /dev/shm as the body grows. In a 12 MB tmpfs
     the growing body and the frame ring cannot both fit; whichever runs out, the job ends
-    in one line naming --shm-size (never a SIGBUS), and nothing is left behind."""
+    in one line naming --shm-size (never a SIGBUS)."""
     server = faulty_server(sn44_clips["sn44"].read_bytes(), mode="chunked")
     proc, report = run_engine(in_small_shm("12m"), [server.url("sn44.mp4")], tmp_path)
     assert proc.returncode == 1, proc.stderr
