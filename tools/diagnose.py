@@ -8,8 +8,9 @@ Three parts, one screen:
    first response byte of a one-byte ``Range`` GET over HTTP/1.1. A bad URL fails
    here, naming the stage, before any engine is started.
 2. The engine: one job on a freshly started engine (cold: the fetchers open their
-   connections) and the same job again (warm: pooled connections), side by side,
-   as seconds since submit with the wait since the previous event.
+   connections) and the same job again (warm: pooled connections, all of them opened
+   by a prewarm first, as a running miner's engine has them), side by side, as
+   seconds since submit with the wait since the previous event.
 3. The verdict: the dominant stage (largest wait in the warm waterfall, or the
    connection set-up that the cold job pays) and the setting to change.
 
@@ -443,6 +444,10 @@ def _diagnose(url: str) -> int:
               flush=True)
         reports = {}
         for name in ("cold", "warm"):
+            if name == "warm":
+                # every pooled connection open, as a running miner's engine has them: the
+                # cold job may have needed fewer at once than the warm one will
+                eng.prewarm([_origin(url) + "/"])
             report = eng.report(url)
             if not report.ok:
                 return _err(f"{name} job failed: {report.error}")
