@@ -342,10 +342,13 @@ class Pipeline:
                 break
             job.plan.inflight[offset] = Piece(offset, min(end, msg.size))
             job.plan.planned_until = min(end, msg.size)
-        if msg.prefix and msg.ranged:
+        if not msg.ranged:
+            # One body, no ranges to plan, and no event until it has all arrived: decode it
+            # as it arrives instead of waiting for its end.
+            self._stream(job, "no Content-Length" if unknown else "no Range support",
+                         self._needs_seeking(msg.prefix))
+        elif msg.prefix:
             self._plan_after_head(job, msg.prefix)
-        elif unknown:
-            self._stream(job, "no Content-Length", self._needs_seeking(msg.prefix))
 
     # ------------------------------------------------------------------ shared memory
     def _room(self, need: int = 0) -> int:

@@ -296,6 +296,20 @@ def test_what_cannot_be_planned_is_streamed_front_to_back():
     assert report["plan"] == "streamed" and job.phase is Phase.FAILED
 
 
+@pytest.mark.parametrize("name, seekable", [("clip", False), ("clip_moov_end", True)])
+def test_a_server_without_range_is_decoded_as_its_one_body_arrives(request, name, seekable):
+    data = request.getfixturevalue(name)
+    h = Harness(data)
+    job = h.submit()
+    h.head(job, ranged=False)      # 200 for the head's Range: the whole body comes on it
+    assert job.phase is Phase.DECODING and job.way == "streamed"
+    decode, = h.to_worker("decoder0", DecodeJob)
+    # front to back, unless the mdat comes before the moov (FFmpeg must seek to it)
+    assert decode.seekable is seekable
+    assert job.plan.regions() == [(0, len(data))] and not job.plan.pending
+    h.step(h.p.fail, job, ErrorKind.ENGINE, "stop")
+
+
 # ---------------------------------------------------------------- faults
 
 
