@@ -8,6 +8,10 @@ tests would pass for the wrong reason.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import socket
 import ssl
 import struct
@@ -194,6 +198,30 @@ def test_stop_leaves_no_nginx_running(tmp_path):
     assert not _cmdlines_mentioning(str(cdn.conf_file))
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", cdn.port), timeout=1).close()
+
+
+def test_nginx_stops_when_its_starter_is_killed(tmp_path):
+    """A test run killed mid-way (no fixture teardown, no atexit) leaves no nginx behind."""
+    (tmp_path / "root").mkdir()
+    script = ("import sys, time; from pathlib import Path; from engine.demo.nginx import NginxCDN;"
+              f"cdn = NginxCDN(Path({str(tmp_path / 'root')!r}), Path({str(tmp_path / 'work')!r}))"
+              ".start(); print(cdn.pid, flush=True); time.sleep(60)")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        master = int(starter.stdout.readline())
+        pids = {master} | _children(master)
+        assert len(pids) == 2
+    finally:
+        starter.kill()
+        starter.wait(10)
+        starter.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.05)
+    left = [p for p in pids if Path(f"/proc/{p}").exists()]
+    for pid in left:                     # not left behind by this test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left
 
 
 def _top_level_boxes(path: Path) -> list[str]:

@@ -24,6 +24,7 @@ Design choices:
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import ipaddress
 import os
@@ -98,6 +99,12 @@ def free_port() -> int:
 def nginx_version() -> tuple[int, ...]:
     out = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr
     return tuple(int(x) for x in re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out).groups())
+
+
+def _die_with_starter() -> None:
+    """In the child, before exec: nginx gets SIGTERM when the process that started it dies
+    without stopping it (a test run or demo killed with SIGKILL), instead of serving on."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
 
 
 class NginxCDN:
@@ -175,6 +182,7 @@ class NginxCDN:
         proc = subprocess.Popen(
             [NGINX, "-p", str(self.workdir), "-c", str(self.conf_file), "-e", str(self.workdir / "error.log")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            preexec_fn=_die_with_starter,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
