@@ -149,9 +149,8 @@ class EngineClient:
         """Open pooled connections to these origins now; returns how many were opened."""
         if isinstance(origins, str):
             origins = [origins]
-        return self._call(lambda t: Prewarm(token=t, origins=tuple(origins)), timeout=120.0)[
-            "opened"
-        ]
+        opened = self._call(lambda t: Prewarm(token=t, origins=tuple(origins)), timeout=120.0)
+        return opened["opened"]
 
     def status(self) -> dict:
         return self._call(lambda t: StatusQuery(token=t))
@@ -161,11 +160,8 @@ class EngineClient:
         """Start a job; yields ``Batch`` objects if streaming, then the ``Report``."""
         token, q = self._open()
         try:
-            self._send(
-                Submit(
-                    token=token, url=url, processor=processor, max_frames=max_frames, stream=stream
-                )
-            )
+            self._send(Submit(token=token, url=url, processor=processor, max_frames=max_frames,
+                              stream=stream))
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):

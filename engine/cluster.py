@@ -478,24 +478,14 @@ def serve_cluster(args, address: str, path: str) -> int:
                 if cancelled.is_set():
                     return
                 if isinstance(item, Batch):
-                    send(
-                        ResultBatch(
-                            token=msg.token,
-                            frame_numbers=item.frame_numbers,
-                            results=item.results,
-                            bytes_done=item.bytes_done,
-                            bytes_total=item.bytes_total,
-                            frames_total=item.frames_total,
-                        )
-                    )
+                    send(ResultBatch(token=msg.token, frame_numbers=item.frame_numbers,
+                                     results=item.results, bytes_done=item.bytes_done,
+                                     bytes_total=item.bytes_total, frames_total=item.frames_total))
                 else:
                     send(JobDone(token=msg.token, report=item.to_dict()))
         except EngineError as exc:
-            send(
-                JobDone(
-                    token=msg.token, report=ClusterEngine._failed(msg.url, str(exc), "-").to_dict()
-                )
-            )
+            failed = ClusterEngine._failed(msg.url, str(exc), "-")
+            send(JobDone(token=msg.token, report=failed.to_dict()))
 
     def client(conn):
         lock = threading.Lock()
@@ -524,9 +514,8 @@ def serve_cluster(args, address: str, path: str) -> int:
                                else {"opened": cluster.prewarm(list(msg.origins))})
                     send(Reply(token=msg.token, payload=payload))
                 except EngineError as exc:
-                    send(
-                        Reply(token=msg.token, payload={}, error=str(exc), kind=type(exc).__name__)
-                    )
+                    send(Reply(token=msg.token, payload={}, error=str(exc),
+                               kind=type(exc).__name__))
         for event in cancels.values():   # a client that hangs up cancels its jobs
             event.set()
 

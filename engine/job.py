@@ -30,7 +30,7 @@ class Phase(enum.Enum):
 
 _P = Phase
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    _P.WAITING_FETCHER: frozenset({_P.HEAD}),
+    _P.WAITING_FETCHER: frozenset({_P.WAITING_FETCHER, _P.HEAD}),   # a tick finds none yet
     _P.HEAD: frozenset({_P.HEAD, _P.WAITING_FETCHER, _P.WAITING_MEMORY, _P.LOCATING,
                         _P.STREAMED}),
     _P.WAITING_MEMORY: frozenset({_P.HEAD, _P.WAITING_FETCHER}),
@@ -150,11 +150,6 @@ class Job:
         return self.phase in TERMINAL
 
     @property
-    def decoded_all(self) -> bool:
-        """The decoder is done with the job (its frames counted, missing ones named)."""
-        return self.phase in (Phase.DRAINING, Phase.ENDING, Phase.DONE)
-
-    @property
     def partial(self) -> bool:
         """Only some frames are wanted: fetch only their bytes."""
         return self.max_frames is not None or self.partial_mb is not None
@@ -176,19 +171,14 @@ class Job:
 
     def report(self) -> dict:
         track = self.track
-        video = {
-            "bytes": self.fetch.bytes if self.unknown_length and not self.head_done else self.size,
-            "codec": getattr(track, "codec", None),
-            "width": getattr(track, "width", None),
-            "height": getattr(track, "height", None),
-            "fps": getattr(track, "fps", None),
-            "frames": (
-                (getattr(track, "frame_count", None) or self.decoded or None)
-                if track is not None
-                else None
-            ),
-            "moov": self.moov_layout,
-        }
+        # a body of unknown length that never ended: the bytes that came, not the bound
+        size = self.fetch.bytes if self.unknown_length and not self.head_done else self.size
+        video = {"bytes": size, "codec": getattr(track, "codec", None),
+                 "width": getattr(track, "width", None), "height": getattr(track, "height", None),
+                 "fps": getattr(track, "fps", None),
+                 "frames": (getattr(track, "frame_count", None) or self.decoded or None)
+                 if track is not None else None,
+                 "moov": self.moov_layout}
         timings = {key: self.timings.get(key) for key in TIMING_KEYS}
         results = [{"frame_number": n, "result": self.results[n]} for n in sorted(self.results)]
         return {

@@ -42,9 +42,6 @@ class Ledger:
     def release_range(self, worker: str, job: int, offset: int) -> None:
         self.of(worker).ranges.pop((job, offset), None)
 
-    def holds_range(self, worker: str, job: int, offset: int) -> bool:
-        return (job, offset) in self.of(worker).ranges
-
     def ranges_of(self, job: int) -> list[tuple[int, int, str]]:
         """``(offset, end, worker)`` of every range of ``job`` in flight, by offset."""
         return sorted((offset, end, name) for name, h in self._by_worker.items()

@@ -108,15 +108,16 @@ class DecodeJob:
     job: int
     segment: str
     amap: str
-    ring: str | None
     size: int
     backend: str                 # pyav or decord
     batch: int
-    need_end: list[int]          # per presentation frame: bytes needed to output it
     frame_limit: int | None      # decode only this many frames
     readable_end: int            # bytes past this are never fetched (partial jobs)
-    moov: tuple[int, int] | None  # where the moov box lies: the reader lets decoders see it
     regions: list                # every (start, end) byte region the job fetches
+    # planned jobs only
+    ring: str | None = None
+    need_end: list[int] = field(default_factory=list)   # per frame: bytes needed to output it
+    moov: tuple[int, int] | None = None  # where the moov box lies: the reader lets decoders see it
     expected: int | None = None  # frames the sample table has (None: streamed, unknown)
     stream_index: int | None = None   # the planned track (None: the decoder picks)
     seekable: bool = True        # False: the decoder reads front to back only

@@ -273,8 +273,7 @@ class Pipeline:
     def _start_head(self, job: Job, attempt: int = 0) -> None:
         fetchers = self._fetchers() or self._workers("fetcher", ready=False)
         if not fetchers:   # all restarting: the tick starts it when one is back
-            if job.phase is not Phase.WAITING_FETCHER:
-                job.to(Phase.WAITING_FETCHER)
+            job.to(Phase.WAITING_FETCHER)
             job.head_attempt = attempt
             return
         job.to(Phase.HEAD)
@@ -300,22 +299,16 @@ class Pipeline:
         job.final_url, job.ranged, job.unknown_length = msg.url, msg.ranged, unknown
         job.size = cfg.max_bytes if unknown else msg.size
         if not unknown and msg.size > cfg.max_bytes:
-            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: file is {msg.size} bytes, over the "
-                      f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
-            return
+            return self._refuse(job, w, ErrorKind.FETCH, f"file is {msg.size} bytes, over the "
+                                f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
         if msg.size == 0:
-            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: empty file (the server sent 0 bytes)")
-            return
+            return self._refuse(job, w, ErrorKind.FETCH, "empty file (the server sent 0 bytes)")
         # Content-Type is only a hint (text/plain, octet-stream or none may carry a video);
         # an HTML page is what a server sends instead of one, and is refused.
         if msg.content_type.split(";")[0].strip().lower() in HTML_TYPES \
                 or looks_like_html(msg.prefix):
-            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent "
-                      f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
-            return
+            return self._refuse(job, w, ErrorKind.DECODE, "server sent "
+                                f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
         job.segment_bytes = min(UNKNOWN_LENGTH_RESERVE, job.size) if unknown else job.size
         if not self._admit(job, w, job.segment_bytes):
             return
@@ -324,9 +317,7 @@ class Pipeline:
             job.segment = SharedBlock.create(name, job.size, reserve=job.segment_bytes)
             job.amap = AvailabilityMap.create(name + ".map", job.size, length_known=not unknown)
         except ShmError as exc:
-            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
-            return
+            return self._refuse(job, w, ErrorKind.FETCH, str(exc))
         self.shm_in_use += job.shm_bytes()
         ready = SegmentReady(job=job.id, segment=job.segment.name, amap=job.amap.name)
         for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
@@ -349,6 +340,11 @@ class Pipeline:
                          self._needs_seeking(msg.prefix))
         elif msg.prefix:
             self._plan_after_head(job, msg.prefix)
+
+    def _refuse(self, job: Job, w, kind: ErrorKind, why: str) -> None:
+        """The head's answer ends the job: its fetcher stops waiting for a segment."""
+        self._send(w, SegmentReady(job=job.id, segment=None, amap=None))
+        self.fail(job, kind, f"{job.url}: {why}")
 
     # ------------------------------------------------------------------ shared memory
     def _room(self, need: int = 0) -> int:
@@ -382,13 +378,9 @@ class Pipeline:
                      job.url, self.shm_in_use / 1e6)
             job.to(Phase.WAITING_MEMORY)
             return False
-        self.fail(
-            job,
-            ErrorKind.FETCH,
-            f"{job.url}: the video ({size / 1e6:.0f} MB) and its frames "
-            f"do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
-            "(/dev/shm; a container needs a larger --shm-size)",
-        )
+        self.fail(job, ErrorKind.FETCH, f"{job.url}: the video ({size / 1e6:.0f} MB) and its "
+                  f"frames do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
+                  "(/dev/shm; a container needs a larger --shm-size)")
         return False
 
     def _memory_back(self, size: int) -> bool:
@@ -501,11 +493,8 @@ class Pipeline:
         while the bytes arrive; the frame count is learned by decoding."""
         if job.phase not in (Phase.HEAD, Phase.LOCATING):
             return
-        head = (
-            bytes(job.segment.mm[: min(512, job.size)])
-            if job.amap.present(0, min(512, job.size))
-            else b""
-        )
+        n = min(512, job.size)
+        head = bytes(job.segment.mm[:n]) if job.amap.present(0, n) else b""
         if looks_like_html(head):
             self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent an HTML page, not a video")
             return
@@ -515,9 +504,7 @@ class Pipeline:
         job.to(Phase.STREAMED)
         job.way, job.moov, job.moov_layout, job.track = "streamed", None, None, None
         job.plan.extend(job.size)
-        # A seekable fragmented MP4 makes FFmpeg visit every fragment's header before
-        # the first frame, i.e. wait for nearly the whole file: it is read front to back.
-        job.linear = "fragmented" in why or not seekable
+        job.linear = not seekable
         job.frame_limit = job.max_frames
         job.readable_end = job.size
         self.decode_queue.append(job.id)
@@ -599,18 +586,9 @@ class Pipeline:
                 jobs.remove(job)
                 continue
             self.ledger.hold_range(w.name, job.id, piece.offset, piece.end)
-            self._send(
-                w,
-                FetchRange(
-                    job=job.id,
-                    url=job.final_url,
-                    segment=job.segment.name,
-                    amap=job.amap.name,
-                    offset=piece.offset,
-                    end=piece.end,
-                    attempt=piece.attempt,
-                ),
-            )
+            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=job.segment.name,
+                                     amap=job.amap.name, offset=piece.offset, end=piece.end,
+                                     attempt=piece.attempt))
 
     def _check_moov(self, job: Job) -> None:
         if job.phase is not Phase.LOCATING:
@@ -630,7 +608,9 @@ class Pipeline:
             self._stream(job, str(exc))
             return
         if track.frame_count == 0:
-            self._stream(job, "the moov lists no samples (fragmented MP4)")
+            # seekable, FFmpeg would visit every fragment's header before the first frame,
+            # i.e. wait for nearly the whole file: it is read front to back
+            self._stream(job, "the moov lists no samples (fragmented MP4)", seekable=False)
             return
         job.track = track
         job.to(Phase.PLANNED)
@@ -706,9 +686,8 @@ class Pipeline:
                         digest.update(job.segment.mm[lo:hi])
                     job.fetch.sha256 = digest.hexdigest()
                 if job.max_frames is not None or job.partial_mb is not None:
-                    log.info(
-                        "Partial video downloaded successfully (%.1f MB)", job.fetch.bytes / 1e6
-                    )
+                    log.info("Partial video downloaded successfully (%.1f MB)",
+                             job.fetch.bytes / 1e6)
 
     # ------------------------------------------------------------------ decode
     def _dispatch_decodes(self) -> None:
@@ -727,50 +706,18 @@ class Pipeline:
             self.ledger.of(w.name).decoding = job.id
             job.to(Phase.DECODING)
             job.decoder_backend = self.decoder_backend
+            common = dict(job=job.id, segment=job.segment.name, amap=job.amap.name,
+                          size=job.size, batch=self.config.batch, frame_limit=job.frame_limit,
+                          readable_end=job.readable_end, regions=job.plan.regions())
             if job.way == "streamed":   # the ring and the GPU worker wait for StreamInfo
                 job.decoder_backend = "pyav"
-                self._send(
-                    w,
-                    DecodeJob(
-                        job=job.id,
-                        segment=job.segment.name,
-                        amap=job.amap.name,
-                        ring=None,
-                        size=job.size,
-                        backend="pyav",
-                        batch=self.config.batch,
-                        need_end=[],
-                        frame_limit=job.frame_limit,
-                        readable_end=job.readable_end,
-                        moov=None,
-                        regions=job.plan.regions(),
-                        seekable=not job.linear,
-                    ),
-                )
+                self._send(w, DecodeJob(**common, backend="pyav", seekable=not job.linear))
                 continue
-            self.ledger.of(gpu.name).jobs.add(job.id)   # from now on its death fails this job
-            self._send(gpu, GpuJob(job=job.id, ring=job.ring.name, processor=job.processor,
-                                             video=self._video_info(job)))
+            self._start_gpu(gpu, job)
             track = job.track
-            self._send(
-                w,
-                DecodeJob(
-                    job=job.id,
-                    segment=job.segment.name,
-                    amap=job.amap.name,
-                    ring=job.ring.name,
-                    size=job.size,
-                    backend=self.decoder_backend,
-                    batch=self.config.batch,
-                    need_end=[int(x) for x in track.need_end()],
-                    frame_limit=job.frame_limit,
-                    readable_end=job.readable_end,
-                    moov=job.moov,
-                    regions=job.plan.regions(),
-                    expected=track.frame_count,
-                    stream_index=track.index,
-                ),
-            )
+            self._send(w, DecodeJob(**common, backend=self.decoder_backend, ring=job.ring.name,
+                                    need_end=[int(x) for x in track.need_end()], moov=job.moov,
+                                    expected=track.frame_count, stream_index=track.index))
 
     def on_stream_info(self, w, msg: StreamInfo) -> None:
         """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
@@ -785,10 +732,14 @@ class Pipeline:
         if gpu is None:
             self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
             return
+        self._start_gpu(gpu, job)
+        self._send(w, RingReady(job=job.id, ring=job.ring.name))
+
+    def _start_gpu(self, gpu, job: Job) -> None:
+        """The GPU worker attaches the job's ring; from now on its death fails the job."""
         self.ledger.of(gpu.name).jobs.add(job.id)
         self._send(gpu, GpuJob(job=job.id, ring=job.ring.name, processor=job.processor,
-                                         video=self._video_info(job)))
-        self._send(w, RingReady(job=job.id, ring=job.ring.name))
+                               video=self._video_info(job)))
 
     @staticmethod
     def _video_info(job: Job) -> dict:
@@ -822,17 +773,9 @@ class Pipeline:
         for n, result in zip(msg.frame_numbers, msg.results):
             job.results[n] = result
         if job.stream:
-            self._reply(
-                job.client,
-                ResultBatch(
-                    token=job.token,
-                    frame_numbers=list(msg.frame_numbers),
-                    results=msg.results,
-                    bytes_done=job.fetch.bytes,
-                    bytes_total=job.size,
-                    frames_total=job.frame_limit,
-                ),
-            )
+            self._reply(job.client, ResultBatch(
+                token=job.token, frame_numbers=list(msg.frame_numbers), results=msg.results,
+                bytes_done=job.fetch.bytes, bytes_total=job.size, frames_total=job.frame_limit))
         self._maybe_finish(job)
 
     def on_decode_done(self, w, msg: DecodeDone) -> None:

@@ -306,15 +306,9 @@ class Supervisor:
         that the engine is busy instead of waiting unanswered."""
         if len(self.clients) >= self.config.max_clients:
             try:
-                conn.send(
-                    Reply(
-                        token=-1,
-                        payload={},
-                        error=f"engine busy: {len(self.clients)} clients connected "
-                        f"(ENGINE_MAX_CLIENTS={self.config.max_clients})",
-                        kind=ErrorKind.BUSY,
-                    )
-                )
+                busy = (f"engine busy: {len(self.clients)} clients connected "
+                        f"(ENGINE_MAX_CLIENTS={self.config.max_clients})")
+                conn.send(Reply(token=-1, payload={}, error=busy, kind=ErrorKind.BUSY))
             except (OSError, EOFError):
                 pass
             conn.close()

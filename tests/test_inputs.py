@@ -7,7 +7,6 @@ streamed way and must give the same frames; the report says which way it went.
 """
 from __future__ import annotations
 
-import io
 import struct
 
 import av

@@ -79,15 +79,8 @@ class Batcher:
             return
         run = SlotRun(self.first, len(self.numbers))
         self.ring.publish(run)
-        self.link.send(
-            BatchReady(
-                job=self.job.job,
-                first_slot=run.first,
-                count=run.count,
-                frame_numbers=self.numbers,
-                decoded_at=time.monotonic(),
-            )
-        )
+        self.link.send(BatchReady(job=self.job.job, first_slot=run.first, count=run.count,
+                                  frame_numbers=self.numbers, decoded_at=time.monotonic()))
         self.numbers = []
 
 

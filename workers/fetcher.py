@@ -9,6 +9,7 @@ available as they complete so the decoder can start on a range before it finishe
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -217,10 +218,8 @@ class Pools:
         def one():
             stats = FetchStats()
             try:
-                r = client.send(
-                    client.build_request("HEAD", url, extensions={"trace": Tracer(stats)}),
-                    stream=True,
-                )
+                head = client.build_request("HEAD", url, extensions={"trace": Tracer(stats)})
+                r = client.send(head, stream=True)
                 with lock:
                     responses.append(r)
                     opened.append(stats.new_connection)
@@ -370,10 +369,8 @@ class Fetcher:
             seg = self._segments.get(job)
             if seg is None:
                 try:
-                    seg = self._segments[job] = (
-                        SharedBlock.attach(segment),
-                        AvailabilityMap.attach(amap),
-                    )
+                    seg = (SharedBlock.attach(segment), AvailabilityMap.attach(amap))
+                    self._segments[job] = seg
                 except ShmError:
                     raise RangeError("job ended", False) from None
             return seg
@@ -456,28 +453,11 @@ class Fetcher:
                 buffered += chunk
                 if len(buffered) >= (PREFIX_BYTES if expect is None else min(expect, PREFIX_BYTES)):
                     break
-            self.link.send(
-                HeadInfo(
-                    job=msg.job,
-                    size=size,
-                    ranged=ranged,
-                    url=str(response.url),
-                    content_type=content_type,
-                    stats=stats,
-                    prefix=bytes(buffered[:PREFIX_BYTES]),
-                )
-            )
+            self.link.send(HeadInfo(job=msg.job, size=size, ranged=ranged, url=str(response.url),
+                                    content_type=content_type, stats=stats,
+                                    prefix=bytes(buffered[:PREFIX_BYTES])))
             block, amap = self._await_segment(msg.job)
-            progress = [0]
-            if expect is None:
-                written = self._write_unknown(msg.job, block, amap, buffered, chunks)
-            else:
-                try:
-                    written = self._write(msg.job, block, amap, 0, expect, buffered, chunks,
-                                          progress)
-                except httpx.RemoteProtocolError:   # closed before its Content-Length
-                    raise RangeError(f"server sent {progress[0]} of {expect} announced bytes",
-                                     True) from None
+            written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
             stats.bytes = written
             self.link.send(RangeDone(job=msg.job, offset=0, end=written, stats=stats, head=True))
         except httpx.HTTPError as exc:
@@ -511,9 +491,6 @@ class Fetcher:
                 try:
                     self._write(msg.job, block, amap, msg.offset, end, b"",
                                 response.iter_raw(), progress)
-                except httpx.RemoteProtocolError:   # closed before its Content-Length
-                    raise RangeError(f"server sent {progress[0] - msg.offset} of "
-                                     f"{end - msg.offset} announced bytes", True) from None
                 finally:
                     written = progress[0]
                 self.pools.record(msg.url, response.extensions["engine_http2"], stats,
@@ -537,48 +514,30 @@ class Fetcher:
         stats.bytes = end - msg.offset
         self.link.send(RangeDone(job=msg.job, offset=msg.offset, end=end, stats=stats))
 
-    def _write_unknown(self, job, block, amap, first: bytes, chunks) -> int:
-        """A body of unknown length: reserve the segment ahead of the bytes as they come,
-        up to its size (ENGINE_MAX_BYTES), then tell the readers where it ended."""
+    def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
+        """Copy the body into the segment as it arrives; mark chunks as they complete.
+
+        ``end`` None: a body of unknown length (no Content-Length). It reserves the segment
+        ahead of the bytes as they come, up to its size (ENGINE_MAX_BYTES), and tells the
+        readers where it ended."""
         mm, step = block.mm, amap.chunk
-        pos = marked = reserved = 0
-        for data in ([first] if first else []), chunks:
-            for piece in data:
-                n = len(piece)
-                if pos + n > block.size:
-                    raise RangeError(f"the body (no Content-Length) is larger than "
-                                     f"{block.size} bytes (ENGINE_MAX_BYTES)", False)
+        limit = block.size if end is None else end
+        pos = marked = offset
+        reserved = 0 if end is None else end     # a known length was reserved at creation
+        try:
+            for data in itertools.chain([first] if first else [], chunks):
+                n = len(data)
+                if pos + n > limit:
+                    raise RangeError(f"server sent more bytes than announced ({end - offset})"
+                                     if end is not None else f"the body (no Content-Length) "
+                                     f"is larger than {limit} bytes (ENGINE_MAX_BYTES)", False)
                 if pos + n > reserved:
-                    reserved = min(block.size, max(pos + n, reserved + GROW_BYTES))
+                    reserved = min(limit, max(pos + n, reserved + GROW_BYTES))
                     try:
                         block.grow(reserved)
                     except ShmError as exc:
                         raise RangeError(f"{exc}; a container needs a larger --shm-size",
                                          False) from None
-                mm[pos:pos + n] = piece
-                pos += n
-                if pos - marked >= step:
-                    if job in self._ended:
-                        raise RangeError("job ended", False)
-                    amap.mark(marked, pos)
-                    marked = pos - pos % step
-        if pos == 0:
-            raise RangeError("empty file (the server sent 0 bytes)", False)
-        amap.end(pos)
-        return pos
-
-    def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
-        """Copy the body into the segment as it arrives; mark chunks as they complete."""
-        mm = block.mm
-        pos = marked = offset
-        step = amap.chunk
-        for chunk in ([first] if first else []), chunks:
-            for data in chunk:
-                n = len(data)
-                if pos + n > end:
-                    raise RangeError(
-                        f"server sent more bytes than announced ({end - offset})", False
-                    )
                 mm[pos:pos + n] = data
                 pos += n
                 if progress is not None:
@@ -588,7 +547,14 @@ class Fetcher:
                         raise RangeError("job ended", False)
                     amap.mark(marked, pos)
                     marked = pos - pos % step if pos != end else pos
-        if pos != end:
+        except httpx.RemoteProtocolError:    # the server closed before the body's end
+            if end is None:
+                raise                         # a chunked body cut off: the connection dropped
+        if end is None:
+            if pos == 0:
+                raise RangeError("empty file (the server sent 0 bytes)", False)
+            amap.end(pos)
+        elif pos != end:
             raise RangeError(f"server sent {pos - offset} of {end - offset} announced bytes",
                              True)
         return pos - offset
