@@ -4,12 +4,12 @@ The names below load on first use: a worker process imports ``engine.workers...`
 with it this package, and must not pay for the client API it never uses.
 """
 from engine.errors import (DecodeError, EngineBusy, EngineClosed, EngineError, FetchError,
-                           JobTimeout, ProcessorError)
+                           JobTimeout, ProcessorError, SelectionError)
 
 _API = ("Batch", "Engine", "EngineClient", "Report", "VideoResult")
 
 __all__ = ["Batch", "DecodeError", "Engine", "EngineBusy", "EngineClient", "EngineClosed",
-           "EngineError", "FetchError", "JobTimeout", "ProcessorError", "Report", "VideoResult"]
+           "EngineError", "FetchError", "JobTimeout", "ProcessorError", "Report", "SelectionError", "VideoResult"]
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ import itertools
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import socket
 import subprocess
@@ -20,8 +20,16 @@ from engine.config import Config, check_device
 from engine.errors import EngineClosed, EngineError, error_from
 from engine.messages import (CancelJob, JobDone, Prewarm, ResultBatch, StatusQuery,
                              Submit)
+from engine.selection import Selection
 
 START_TIMEOUT_S = 120.0
+
+
+def submit_message(token: int, url: str, *, processor: str | None = None,
+                   stream: bool = False, **selection) -> Submit:
+    """The job's message, its selection checked first (``engine.selection``)."""
+    return Submit(token=token, url=url, processor=processor, stream=stream,
+                  selection=Selection.of(**selection))
 
 
 def _child_env() -> dict:
@@ -50,6 +58,8 @@ class Report:
     plan: str | None = None        # "planned" (sample tables) or "streamed"
     node: str | None = None        # where the job ran, on a cluster
     video_result: object = None      # a per-video processor's end() value
+    selection: dict = field(default_factory=dict)   # what was asked, normalised
+    frames_selected: int | None = None   # frames the selection picked
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
@@ -155,13 +165,16 @@ class EngineClient:
     def status(self) -> dict:
         return self._call(lambda t: StatusQuery(token=t))
 
-    def submit(self, url: str, *, processor: str | None = None, max_frames: int | None = None,
-               stream: bool = False):
-        """Start a job; yields ``Batch`` objects if streaming, then the ``Report``."""
+    def submit(self, url: str, *, processor: str | None = None, stream: bool = False,
+               **selection):
+        """Start a job; yields ``Batch`` objects if streaming, then the ``Report``.
+        ``selection``: the frames wanted (``every``, ``fps``, ``count``, ``frames``,
+        ``start_s``, ``end_s``, ``max_frames``; default all); a malformed one raises
+        ``SelectionError`` (a ``ValueError``) before anything is sent."""
+        msg = submit_message(0, url, processor=processor, stream=stream, **selection)
         token, q = self._open()
         try:
-            self._send(Submit(token=token, url=url, processor=processor, max_frames=max_frames,
-                              stream=stream))
+            self._send(replace(msg, token=token))
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
@@ -182,18 +195,17 @@ class EngineClient:
         *_, report = self.submit(url, **options)
         return report
 
-    def process(self, url: str, *, processor: str | None = None,
-                max_frames: int | None = None) -> Report:
+    def process(self, url: str, *, processor: str | None = None, **selection) -> Report:
         """Run one job to the end. Raises ``FetchError``, ``DecodeError``,
         ``ProcessorError`` or ``JobTimeout`` (with ``.report``) when it fails."""
-        report = self.report(url, processor=processor, max_frames=max_frames)
+        report = self.report(url, processor=processor, **selection)
         raise_for(report)
         return report
 
-    def stream(self, url: str, *, processor: str | None = None, max_frames: int | None = None):
+    def stream(self, url: str, *, processor: str | None = None, **selection):
         """Yield result batches as they are produced, in frame order; then, if the
         processor gave a video result (``end()``, not None), a ``VideoResult``."""
-        for item in self.submit(url, processor=processor, max_frames=max_frames, stream=True):
+        for item in self.submit(url, processor=processor, stream=True, **selection):
             if isinstance(item, Batch):
                 yield item
             else:

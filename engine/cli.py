@@ -14,6 +14,7 @@ import sys
 
 from engine.config import Config, ConfigError, check_device
 from engine.errors import EngineError
+from engine.selection import Selection, options_of
 
 STAGES = [("connect", "connect"), ("first_byte", "first byte"), ("moov_ready", "moov ready"),
           ("first_frame", "first frame"), ("first_result", "first result"),
@@ -74,7 +75,15 @@ def _job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processor", help="module:factory (default: the engine's, "
                    "engine.processors:stats)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default ENGINE_DEVICE or auto)")
-    p.add_argument("--max-frames", type=int, help="process only the first N frames")
+    # Selection values are checked by engine.selection (one line, exit 1), not argparse.
+    p.add_argument("--max-frames", help="process only the first N frames (of the selection)")
+    p.add_argument("--every", metavar="N", help="frames 0, N, 2N, ...")
+    p.add_argument("--fps", metavar="F", help="the frame shown at each time k/F")
+    p.add_argument("--count", metavar="N", help="N frames spread evenly (numpy.linspace)")
+    p.add_argument("--frames", metavar="I,J,...", help="these frame indices")
+    p.add_argument("--start", dest="start_s", metavar="S",
+                   help="only frames shown at or after S seconds")
+    p.add_argument("--end", dest="end_s", metavar="S", help="only frames shown before S seconds")
     p.add_argument("--json", metavar="PATH", help="write the report(s) as JSON")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -127,8 +136,8 @@ def run_jobs(client, urls, args) -> int:
     for url in urls:
         report = None
         done = 0
-        for item in client.submit(url, processor=args.processor, max_frames=args.max_frames,
-                                  stream=progress):
+        for item in client.submit(url, processor=args.processor, stream=progress,
+                                  **Selection.of(**options_of(args)).to_dict()):
             if hasattr(item, "frame_numbers"):
                 done += len(item.frame_numbers)
                 show(url, done, item)
@@ -225,6 +234,8 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "device", None):
             check_device(args.device)
+        if hasattr(args, "every"):
+            Selection.of(**options_of(args))     # a bad selection ends here, before any work
         Config.from_env()
         return {"run": cmd_run, "submit": cmd_submit, "status": cmd_status,
                 "diagnose": cmd_diagnose}[args.command](args)

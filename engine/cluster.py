@@ -22,6 +22,7 @@ from dataclasses import replace
 from engine.api import Batch, EngineClient, Report
 from engine.config import Config, check_device
 from engine.errors import EngineBusy, EngineClosed, EngineError, ErrorKind
+from engine.selection import Selection
 
 log = logging.getLogger("engine")
 
@@ -100,12 +101,12 @@ class EngineActor:
     def status(self) -> dict:
         return self.engine.status()
 
-    def run(self, job: str, url: str, processor, max_frames, stream: bool):
+    def run(self, job: str, url: str, processor, selection: dict, stream: bool):
         """The job's batches (as dicts) then its report; a cancelled job stops at the next
         batch (leaving the loop closes the local job's generator, which cancels it)."""
         try:
-            for item in self.engine.submit(url, processor=processor, max_frames=max_frames,
-                                           stream=stream):
+            for item in self.engine.submit(url, processor=processor, stream=stream,
+                                           **selection):
                 if isinstance(item, Report):
                     report = item.to_dict()
                     report["node"] = self.node
@@ -309,10 +310,11 @@ class ClusterEngine(EngineClient):
             slot.done += 1
             self._lock.notify_all()
 
-    def submit(self, url: str, *, processor: str | None = None, max_frames: int | None = None,
-               stream: bool = False):
+    def submit(self, url: str, *, processor: str | None = None, stream: bool = False,
+               **selection):
         """Start a job on the least busy engine; yields ``Batch`` objects if streaming,
         then the ``Report`` (whose ``node`` says where it ran)."""
+        selection = Selection.of(**selection).to_dict()
         ray = _ray()
         avoid: set[int] = set()
         tries = 0
@@ -323,7 +325,7 @@ class ClusterEngine(EngineClient):
             finished = False
             try:
                 gen = slot.handle.run.options(num_returns="streaming").remote(
-                    job, url, processor, max_frames, stream)
+                    job, url, processor, selection, stream)
                 for ref in gen:
                     item = ray.get(ref)
                     if "batch" in item:
@@ -459,7 +461,7 @@ def serve_cluster(args, address: str, path: str) -> int:
     from engine.messages import CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery, Submit
 
     cluster = ClusterEngine(address, processor=args.processor, device=args.device,
-                            max_frames=args.max_frames)
+                            max_frames=Selection.of(max_frames=args.max_frames).max_frames)
     old = os.umask(0o177)   # 0600, as the local engine's socket: only this user submits
     try:
         listener = Listener(path, family="AF_UNIX")
@@ -473,8 +475,8 @@ def serve_cluster(args, address: str, path: str) -> int:
 
     def job(conn, send, msg: Submit, cancelled: threading.Event):
         try:
-            for item in cluster.submit(msg.url, processor=msg.processor,
-                                       max_frames=msg.max_frames, stream=msg.stream):
+            for item in cluster.submit(msg.url, processor=msg.processor, stream=msg.stream,
+                                       **msg.selection.to_dict()):
                 if cancelled.is_set():
                     return
                 if isinstance(item, Batch):

@@ -82,6 +82,7 @@ class Config:
     ring_slots: int | None = None    # ENGINE_RING_SLOTS: a fixed slot count instead
     max_bytes: int = 512 * 1024 * 1024
     max_frames: int | None = None
+    max_selected: int | None = None  # ENGINE_MAX_SELECTED: most frames one job may select
     partial_mb: float | None = None  # seed alias: only frames within the first N MB
     job_timeout_s: float = 60.0
     pooling: bool = True             # USE_CONNECTION_POOL=0 turns it off
@@ -147,6 +148,7 @@ class Config:
             ring_slots=_int(env, "ENGINE_RING_SLOTS", None, minimum=2),
             max_bytes=_int(env, "ENGINE_MAX_BYTES", 512 * 1024 * 1024),
             max_frames=max_frames,
+            max_selected=_int(env, "ENGINE_MAX_SELECTED", None),
             partial_mb=partial_mb,
             job_timeout_s=_float(env, "ENGINE_JOB_TIMEOUT_S", 60.0),
             heartbeat_timeout_s=_float(env, "ENGINE_HEARTBEAT_TIMEOUT_S", 10.0),

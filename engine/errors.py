@@ -28,6 +28,10 @@ class JobTimeout(EngineError):
     """The job passed its deadline (ENGINE_JOB_TIMEOUT_S)."""
 
 
+class SelectionError(EngineError, ValueError):
+    """The frame selection is malformed, or names a frame the video does not have."""
+
+
 class EngineClosed(EngineError):
     """The engine is not running (closed, or its supervisor died)."""
 
@@ -45,6 +49,7 @@ class ErrorKind(str, enum.Enum):
     TIMEOUT = "JobTimeout"
     CLOSED = "EngineClosed"
     BUSY = "EngineBusy"
+    SELECTION = "SelectionError"
 
     def __str__(self) -> str:
         return self.value
@@ -57,7 +62,7 @@ class ErrorKind(str, enum.Enum):
 _CLASSES = {ErrorKind.ENGINE: EngineError, ErrorKind.FETCH: FetchError,
             ErrorKind.DECODE: DecodeError, ErrorKind.PROCESSOR: ProcessorError,
             ErrorKind.TIMEOUT: JobTimeout, ErrorKind.CLOSED: EngineClosed,
-            ErrorKind.BUSY: EngineBusy}
+            ErrorKind.BUSY: EngineBusy, ErrorKind.SELECTION: SelectionError}
 
 
 def error_from(kind: ErrorKind | str | None, message: str) -> EngineError:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import ErrorKind
 from engine.plan import RangePlan
+from engine.selection import Selection
 
 class Phase(enum.Enum):
     WAITING_FETCHER = "waiting for a fetcher"   # every fetcher is restarting
@@ -100,6 +101,7 @@ class Job:
     max_frames: int | None
     partial_mb: float | None
     stream: bool
+    selection: Selection = field(default_factory=Selection)
     phase: Phase = Phase.HEAD
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
@@ -128,6 +130,9 @@ class Job:
     fetch: FetchTally = field(default_factory=FetchTally)
     # decode and process
     frame_limit: int | None = None
+    selected: list | None = None    # presentation indices a selection picked (planned)
+    spans: list | None = None       # decode-index spans [first, last] that output them
+    frames_selected: int | None = None
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)
     outstanding: int = 0            # batches sent to the GPU worker, not yet answered
     results: dict = field(default_factory=dict)
@@ -152,7 +157,8 @@ class Job:
     @property
     def partial(self) -> bool:
         """Only some frames are wanted: fetch only their bytes."""
-        return self.max_frames is not None or self.partial_mb is not None
+        return self.max_frames is not None or self.partial_mb is not None \
+            or not self.selection.everything
 
     def mark(self, key: str, at: float | None = None) -> None:
         """Record a stage the first time it happens, in seconds since submission."""
@@ -194,4 +200,6 @@ class Job:
             "results": results,
             "node": None,
             "video_result": self.video_result,
+            "selection": self.selection.to_dict(),
+            "frames_selected": self.frames_selected,
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import ErrorKind
+from engine.selection import Selection
 
 # ---------------------------------------------------------------- client <-> supervisor
 
@@ -18,8 +19,8 @@ class Submit:
     token: int
     url: str
     processor: str | None = None
-    max_frames: int | None = None
     stream: bool = False
+    selection: Selection = field(default_factory=Selection)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +122,12 @@ class DecodeJob:
     expected: int | None = None  # frames the sample table has (None: streamed, unknown)
     stream_index: int | None = None   # the planned track (None: the decoder picks)
     seekable: bool = True        # False: the decoder reads front to back only
+    # a selection: planned, the presentation indices to output and the decode-index spans
+    # [first, last] that hold them (bytes outside ``regions`` are never fetched: read as
+    # zeros, in packets that are not decoded); streamed, the selection itself to apply
+    selected: list[int] | None = None
+    spans: list[tuple[int, int]] | None = None
+    selection: dict | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

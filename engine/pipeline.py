@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from engine import mp4
 from engine.config import Config
-from engine.errors import ErrorKind
+from engine.errors import ErrorKind, SelectionError
 from engine.job import Job, Phase
 from engine.ledger import Ledger
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
@@ -31,6 +33,7 @@ from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, En
                              RangeDone, RangeFailed, ResultBatch, RingReady, SegmentReady,
                              StreamInfo, Submit, VideoResult)
 from engine.plan import Piece, RangePlan, fetch_end
+from engine.selection import Selection, byte_regions, gop_spans, pick
 from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
 from engine.shm.block import free_bytes
 
@@ -232,12 +235,19 @@ class Pipeline:
     # ------------------------------------------------------------------ fetch
     def submit(self, client, msg: Submit) -> None:
         cfg = self.config
+        asked = msg.selection.to_dict() if isinstance(msg.selection, Selection) else {}
+        if asked.get("max_frames") is None:
+            asked["max_frames"] = cfg.max_frames
         job = Job(next(self.job_ids), msg.token, client, msg.url,
-                  msg.processor or cfg.processor,
-                  msg.max_frames if msg.max_frames is not None else cfg.max_frames,
-                  cfg.partial_mb, msg.stream)
+                  msg.processor or cfg.processor, asked["max_frames"], cfg.partial_mb,
+                  msg.stream)
         job.deadline = job.submitted + cfg.job_timeout_s
         self.jobs[job.id] = job
+        try:    # checked again: a serve-mode client may send anything
+            job.selection = Selection.of(**asked)
+        except (SelectionError, TypeError) as exc:
+            self.fail(job, ErrorKind.SELECTION, f"{msg.url}: {exc}")
+            return
         scheme = urlsplit(msg.url).scheme.lower()
         if scheme not in ("http", "https"):
             self.fail(job, ErrorKind.FETCH, f"{msg.url}: unsupported URL scheme "
@@ -260,6 +270,8 @@ class Pipeline:
         cfg = self.config
         offset = cfg.head_bytes
         fetchers = self._fetchers()
+        if not job.selection.takes_first:
+            return      # the selected frames may lie anywhere: wait for the sample table
         for _ in range(SPECULATIVE_PARTIAL if job.partial else cfg.fetchers * cfg.connections - 1):
             w = self._least_loaded(fetchers)
             if w is None:
@@ -505,7 +517,7 @@ class Pipeline:
         job.way, job.moov, job.moov_layout, job.track = "streamed", None, None, None
         job.plan.extend(job.size)
         job.linear = not seekable
-        job.frame_limit = job.max_frames
+        job.frame_limit = job.max_frames if job.selection.everything else None
         job.readable_end = job.size
         self.decode_queue.append(job.id)
         self._dispatch_decodes()
@@ -620,8 +632,8 @@ class Pipeline:
             job.truncated = (f"truncated file: it ends at byte {job.size} but its frames "
                              f"need {data_end} bytes")
         limit = track.frame_count
-        if job.max_frames is not None:
-            limit = min(limit, job.max_frames)
+        if job.max_frames is not None and job.selection.everything:
+            limit = min(limit, job.max_frames)    # else it caps what the selection picks
         if job.partial_mb is not None:
             need = track.need_end()
             budget = int(job.partial_mb * 1024 * 1024)
@@ -636,9 +648,50 @@ class Pipeline:
         if limit == 0:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: no frame fits the partial download limit")
             return
+        if not job.selection.everything and not self._plan_selection(job, track, limit):
+            return
+        job.frames_selected = len(job.selected) if job.selected is not None else limit
+        if not self._within_max_selected(job):
+            return
         if self._make_ring(job, track.height, track.width):
             self.decode_queue.append(job.id)
             self._dispatch_decodes()
+
+    def _plan_selection(self, job: Job, track, limit: int) -> bool:
+        """Pick the selected frames from the sample table and plan only the bytes of the
+        GOPs that hold them (PyAV; decord reads the whole file and picks by index)."""
+        order = track.presentation_order()
+        pts = track.pts[order]
+        times = (pts - pts[0]) / track.timescale if track.timescale else np.arange(len(pts))
+        try:
+            chosen = pick(job.selection, times)
+        except SelectionError as exc:
+            self.fail(job, ErrorKind.SELECTION, f"{job.url}: {exc}")
+            return False
+        chosen = chosen[chosen < limit]
+        if len(chosen) == 0:
+            self.fail(job, ErrorKind.SELECTION, f"{job.url}: the selection holds no frame of "
+                      f"this video ({track.frame_count} frames over {times[-1]:.2f} s)")
+            return False
+        job.selected = [int(i) for i in chosen]
+        job.frame_limit = None
+        job.readable_end = job.size
+        if self.decoder_backend == "decord":
+            job.plan.extend(job.size)
+            return True
+        job.spans = gop_spans(track.keyframes, order, track.pts, chosen)
+        for lo, hi in byte_regions(track.offsets, track.sizes, job.spans):
+            job.plan.add(lo, hi)
+        return True
+
+    def _within_max_selected(self, job: Job) -> bool:
+        most = self.config.max_selected
+        if most is not None and job.frames_selected is not None and job.frames_selected > most:
+            self.fail(job, ErrorKind.SELECTION, f"{job.url}: the job selects "
+                      f"{job.frames_selected} frames, over the limit of {most} "
+                      "(ENGINE_MAX_SELECTED)")
+            return False
+        return True
 
     def _make_ring(self, job: Job, height: int, width: int) -> bool:
         self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
@@ -711,13 +764,16 @@ class Pipeline:
                           readable_end=job.readable_end, regions=job.plan.regions())
             if job.way == "streamed":   # the ring and the GPU worker wait for StreamInfo
                 job.decoder_backend = "pyav"
-                self._send(w, DecodeJob(**common, backend="pyav", seekable=not job.linear))
+                selection = None if job.selection.everything else job.selection.to_dict()
+                self._send(w, DecodeJob(**common, backend="pyav", seekable=not job.linear,
+                                        selection=selection))
                 continue
             self._start_gpu(gpu, job)
             track = job.track
             self._send(w, DecodeJob(**common, backend=self.decoder_backend, ring=job.ring.name,
                                     need_end=[int(x) for x in track.need_end()], moov=job.moov,
-                                    expected=track.frame_count, stream_index=track.index))
+                                    expected=track.frame_count, stream_index=track.index,
+                                    selected=job.selected, spans=job.spans))
 
     def on_stream_info(self, w, msg: StreamInfo) -> None:
         """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
@@ -746,7 +802,8 @@ class Pipeline:
         """What a per-video processor's ``begin`` gets (``engine.processors.Video``)."""
         t = job.track
         return {"url": job.url, "width": t.width, "height": t.height, "fps": t.fps,
-                "frames": job.frame_limit, "codec": t.codec}
+                "frames": job.frames_selected if job.frames_selected is not None
+                else job.frame_limit, "codec": t.codec, "selection": job.selection.to_dict()}
 
     def on_batch(self, w, msg: BatchReady) -> None:
         job = self._live(msg.job)
@@ -775,7 +832,8 @@ class Pipeline:
         if job.stream:
             self._reply(job.client, ResultBatch(
                 token=job.token, frame_numbers=list(msg.frame_numbers), results=msg.results,
-                bytes_done=job.fetch.bytes, bytes_total=job.size, frames_total=job.frame_limit))
+                bytes_done=job.fetch.bytes, bytes_total=job.size,
+                frames_total=job.frames_selected))
         self._maybe_finish(job)
 
     def on_decode_done(self, w, msg: DecodeDone) -> None:
@@ -789,6 +847,8 @@ class Pipeline:
         job.to(Phase.DRAINING)
         job.mark("decode_done")
         job.decoded, job.missing = msg.frames, msg.missing
+        if job.frames_selected is None:     # streamed: learned by decoding
+            job.frames_selected = msg.frames + len(msg.missing)
         if msg.error and not msg.frames:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: {job.truncated or msg.error}")
             return

@@ -71,6 +71,25 @@ class RangePlan:
         self.extra.append((start, end))
         self.pending.appendleft(Piece(start, end))
 
+    def add(self, start: int, end: int) -> None:
+        """Plan ``[start, end)`` too, after what is pending (a span of a sparse selection);
+        the parts already planned are not asked again."""
+        start, end = align_down(start), min(align_up(end), self.size)
+        for lo, hi in self.regions():
+            if start >= end:
+                return
+            if hi <= start or lo >= end:
+                continue
+            if lo > start:
+                self._add_piece(start, lo)
+            start = max(start, hi)
+        if start < end:
+            self._add_piece(start, end)
+
+    def _add_piece(self, start: int, end: int) -> None:
+        self.extra.append((start, end))
+        self.pending.append(Piece(start, end))
+
     def raise_to_front(self, offset: int) -> bool:
         for region in self.pending:
             if region.offset <= offset < region.end:

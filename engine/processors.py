@@ -46,8 +46,9 @@ class Video:
     width: int
     height: int
     fps: float | None
-    frames: int            # frames the job will process (ENGINE_MAX_FRAMES included)
+    frames: int            # frames the job will process (its selection applied)
     codec: str | None
+    selection: dict | None = None   # what the job selected (engine.selection.Selection)
 
 
 def wait(device):

@@ -11,6 +11,7 @@ from multiprocess.connection import Listener
 
 from engine.config import Config, default_socket_path
 from engine.errors import EngineError
+from engine.selection import Selection
 
 log = logging.getLogger("engine")
 
@@ -43,7 +44,7 @@ def serve(args) -> int:
         from engine.cluster import serve_cluster
         return serve_cluster(args, cluster, path)
     config = Config.from_env().with_(processor=args.processor, device=args.device,
-                                     max_frames=args.max_frames)
+                                     max_frames=Selection.of(max_frames=args.max_frames).max_frames)
     old = os.umask(0o177)   # the socket is born 0600: only this user may submit jobs
     try:
         listener = Listener(path, family="AF_UNIX")

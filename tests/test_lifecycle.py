@@ -22,6 +22,7 @@ from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, En
                              StreamInfo, Submit, VideoResult)
 from engine.pipeline import Pipeline
 from engine.plan import RangePlan
+from engine.selection import Selection
 from engine.shm import AvailabilityMap, SharedBlock
 from engine.shm.block import PREFIX, SHM_DIR
 
@@ -70,8 +71,9 @@ class Harness:
                 self.pending = {k: v for k, v in self.pending.items() if k[0] != s.msg.job}
         return out
 
-    def submit(self, **kw) -> Job:
-        self.step(self.p.submit, self.client, Submit(token=1, url=URL, **kw))
+    def submit(self, **selection) -> Job:
+        self.step(self.p.submit, self.client, Submit(token=1, url=URL,
+                                                     selection=Selection.of(**selection)))
         return next(iter(self.p.jobs.values()))
 
     def msg(self, worker: str, msg) -> list:
@@ -269,6 +271,42 @@ def test_max_frames_fetches_only_the_bytes_those_frames_need(clip_moov_end):
     assert decode.frame_limit == 5 and decode.readable_end < len(clip_moov_end)
     h.p.fail(job, ErrorKind.ENGINE, "stop")
     h.p.take()
+
+
+def test_a_sparse_selection_fetches_only_its_gops(longer_moov_end):
+    """frames=[120] of a 200-frame clip with a keyframe every 50 at most: the moov, then
+    only the bytes of the GOP that holds it; the decoder is told the frame and the span."""
+    h = Harness(longer_moov_end)
+    job = h.submit(frames=[120])
+    # the selected frame may lie anywhere: nothing is asked beside the head
+    assert [k for k in h.pending if k[0] == job.id] == [(job.id, 0)]
+    h.head(job)
+    h.fetch_all(job)
+    decode, = h.to_worker("decoder0", DecodeJob)
+    assert decode.selected == [120] and len(decode.spans) == 1
+    first, last = decode.spans[0]
+    track = job.track
+    decode_index = int(track.presentation_order()[120])
+    assert first == max(k for k in range(decode_index + 1) if track.keyframes[k])
+    assert first > 0 and last >= decode_index
+    lo = int(track.offsets[first])
+    hi = int(track.offsets[last] + track.sizes[last])
+    moov_chunk = job.moov[0] - job.moov[0] % 65536
+    fetched = [r for r in job.plan.regions() if r[1] > h.p.config.head_bytes and r[0] < moov_chunk]
+    assert fetched and all(lo - 65536 < a and b <= hi + 65536 for a, b in fetched)
+    assert job.frames_selected == 1
+    h.p.fail(job, ErrorKind.ENGINE, "stop")
+    h.p.take()
+
+
+def test_a_selection_past_the_end_fails_with_the_frame_count(clip):
+    h = Harness(clip)
+    job = h.submit(frames=[50])
+    h.head(job)
+    h.fetch_all(job)
+    report = h.report()
+    assert not report["ok"] and report["error_kind"] == ErrorKind.SELECTION
+    assert "it has 50 frames" in report["error"]
 
 
 # ---------------------------------------------------------------- the streamed way

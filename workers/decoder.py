@@ -20,9 +20,11 @@ import time
 import numpy as np
 
 from engine.config import Config
+from engine.errors import SelectionError
 from engine.messages import (BatchReady, DecodeDone, DecodeJob, EndJob, NeedBytes, RingReady,
                              Shutdown, StreamInfo)
 from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
+from engine.selection import Picker, Selection, pick
 from engine.shm.ring import SlotRun
 from engine.workers.base import Link, worker_setup
 
@@ -106,8 +108,27 @@ class SegmentReader:
                 return moov_end
         return min(self.job.readable_end, self.size) if pos < self.job.readable_end else pos
 
+    def _region(self, pos: int) -> tuple[bool, int]:
+        """Sparse jobs: whether ``pos`` lies in a fetched region, and where that region or
+        the unfetched gap around it ends. A gap's bytes belong to packets that are
+        demuxed but never decoded: they read as zeros."""
+        for lo, hi in self.job.regions:
+            if lo <= pos < hi:
+                return True, hi
+            if pos < lo:
+                return False, lo
+        return False, self.size
+
     def read(self, n: int = -1) -> bytes:
         limit = self._limit(self.pos)
+        if self.job.spans is not None:
+            fetched, until = self._region(self.pos)
+            if not fetched:
+                end = min(until, self.size) if n < 0 else min(self.pos + n, until, self.size)
+                out = bytes(max(0, end - self.pos))
+                self.pos = max(self.pos, end)
+                return out
+            limit = min(limit, until)
         end = limit if n < 0 else min(self.pos + n, limit)
         while True:
             length = self.amap.length      # None until a body of unknown length ends
@@ -180,19 +201,103 @@ def pick_stream(container, index: int | None = None):
     return real[0] if real else None
 
 
+class Choice:
+    """Which decoded frames go out: all, the planned selection's indices, or what a
+    ``Picker`` decides as a streamed decode goes (it may hold a frame back: ``fps``)."""
+
+    def __init__(self, job: DecodeJob, wanted=None):
+        sel = Selection.of(**job.selection) if job.selection else None
+        if wanted is None and job.selected is not None:
+            wanted = job.selected
+        self.wanted = set(wanted) if wanted is not None else None
+        self.picker = Picker(sel) if sel is not None and self.wanted is None else None
+        self.sel = sel
+        self.held: dict[int, object] = {}
+        self.chosen: set[int] = set()
+
+    def offer(self, number: int, frame, t: float) -> list:
+        if self.wanted is not None:
+            return [(number, frame)] if number in self.wanted else []
+        if self.picker is None:
+            return [(number, frame)]
+        self.held[number] = frame
+        out = [(n, self.held.pop(n)) for n in self.picker.offer(number, t)]
+        self.held = {n: f for n, f in self.held.items() if n == number}
+        return out
+
+    def finish(self) -> list:
+        if self.picker is None:
+            return []
+        return [(n, self.held.pop(n)) for n in self.picker.finish() if n in self.held]
+
+    @property
+    def done(self) -> bool:
+        if self.wanted is not None:
+            return self.chosen >= self.wanted
+        return self.picker is not None and self.picker.done
+
+    def missing(self, done: set[int], last: int) -> tuple[list[int], str | None]:
+        """Selected frames not delivered, and why when the video ended before them."""
+        if self.wanted is not None:
+            return sorted(self.wanted - done), None
+        if self.sel is not None and self.sel.frames is not None:
+            lost = sorted(set(self.sel.frames) - done)
+            past = [i for i in lost if i > last]
+            if past:
+                return lost, (f"frame index {past[-1]} is past the video's last frame "
+                              f"(it has {last + 1} frames)")
+            return lost, None
+        return [], None
+
+
+def frame_times(job: DecodeJob, reader_factory) -> list[float]:
+    """A first pass over a streamed file: every shown frame's time, in presentation
+    order (what a ``count`` selection needs before it can pick)."""
+    import av
+
+    with av.open(reader_factory(), mode="r") as container:
+        stream = pick_stream(container, job.stream_index)
+        if stream is None:
+            return []
+        base = float(stream.time_base) if stream.time_base else 0.0
+        pts = sorted(p.pts for p in container.demux(stream)
+                     if p.pts is not None and p.pts >= 0 and p.size)
+    return [(p - pts[0]) * base for p in pts] if pts else []
+
+
+def drain(stream) -> list:
+    """The frames the decoder still holds back for reordering; then ready for a new span."""
+    ctx = stream.codec_context
+    try:
+        frames = list(ctx.decode(None))
+    except Exception:      # noqa: BLE001 -- a broken tail loses only its own frames
+        frames = []
+    ctx.flush_buffers()
+    return frames
+
+
 def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     """FFmpeg probes the container itself (MP4, Matroska, WebM, MPEG-TS, ...): what the
     engine knows about the file only planned the fetch. ``ring`` is None for a streamed
     job: it is asked for once the picture size is known."""
     import av
 
-    reader = SegmentReader(link, job, block, amap, lambda: batcher and batcher.flush())
+    def reader():
+        return SegmentReader(link, job, block, amap, lambda: batcher and batcher.flush())
+
     batcher = None
     limit = job.frame_limit       # a partial job's cap; the table's count is only expected
     done: set[int] = set()
     error = None
     try:
-        container = av.open(reader, mode="r")
+        wanted = None
+        if job.selection and Selection.of(**job.selection).needs_count:
+            try:
+                wanted = pick(Selection.of(**job.selection), frame_times(job, reader))
+            except SelectionError as exc:
+                return _no_frames(job, str(exc))
+        choice = Choice(job, wanted)
+        container = av.open(reader(), mode="r")
     except av.error.FFmpegError as exc:
         return _no_frames(job, f"not a video FFmpeg can read ({_one_line(exc)})")
     try:
@@ -211,20 +316,43 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
                 return _no_frames(job, "cancelled")
         batcher = Batcher(link, job, ring)
         height, width = ring.height, ring.width
+
+        def put(number, frame) -> None:
+            _, dest = batcher.slot()
+            if frame.width == width and frame.height == height:
+                dest[...] = rgb24(frame)
+            else:
+                dest[...] = rgb24(frame, width, height)
+            batcher.add(number)
+            done.add(number)
+            choice.chosen.add(number)
+
         seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
         preroll = 0                   # packets an edit list hides (negative pts)
         last = -1                     # the number of the last frame out
+        spans = list(job.spans or [])  # sparse: only these packets are decoded
+        index = -1                    # the packet's place in decode order (its sample)
+        base = float(stream.time_base) if stream.time_base else 0.0
+        first_time = None
         try:
             for packet in container.demux(stream):
                 link.tick()
+                if packet.size:
+                    index += 1
                 if packet.pts is not None:
                     if packet.pts < 0:
                         preroll += 1
                     bisect.insort(seen_pts, packet.pts)
+                if job.spans is not None and (not spans or index < spans[0][0]):
+                    continue          # a GOP without a selected frame: never decoded
+                span_end = bool(spans) and index >= spans[0][1]
                 try:
-                    frames = packet.decode()
+                    frames = list(packet.decode())
                 except av.error.InvalidDataError:
-                    continue          # a corrupt packet: its frame is listed as missing
+                    frames = []       # a corrupt packet: its frame is listed as missing
+                if span_end:
+                    frames += drain(stream)
+                    spans.pop(0)
                 for frame in frames:
                     # A frame's number is its pts rank (a frame lost to a corrupt packet
                     # leaves its gap); decoders output in presentation order, so where
@@ -237,15 +365,15 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
                     if limit is not None and number >= limit:
                         break
                     last = number
-                    _, dest = batcher.slot()
-                    if frame.width == width and frame.height == height:
-                        dest[...] = rgb24(frame)
-                    else:
-                        dest[...] = rgb24(frame, width, height)
-                    batcher.add(number)
-                    done.add(number)
-                if limit is not None and len(done) >= limit:
+                    t = frame.pts * base if frame.pts is not None and base else float(number)
+                    first_time = t if first_time is None else first_time
+                    for n, f in choice.offer(number, frame, t - first_time):
+                        put(n, f)
+                if (limit is not None and len(done) >= limit) or choice.done \
+                        or (job.spans is not None and not spans):
                     break
+            for n, f in choice.finish():
+                put(n, f)
         except (av.error.FFmpegError, EOFError) as exc:
             # what was decoded stays decoded: the report keeps it and names the rest
             error = (f"decoding stopped after {len(done)} frames: {_one_line(exc)}" if done
@@ -255,10 +383,14 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         container.close()
         if ring is not None and job.ring is None:
             ring.close()
-    expected = job.expected if limit is None else min(limit, job.expected or limit)
-    if expected is None:          # streamed: only gaps below the last frame are known
-        expected = max(done) + 1 if done else 0
-    missing = sorted(set(range(expected)) - done)
+    if choice.wanted is not None or choice.picker is not None:
+        missing, why = choice.missing(done, last)
+        error = error or why
+    else:
+        expected = job.expected if limit is None else min(limit, job.expected or limit)
+        if expected is None:      # streamed: only gaps below the last frame are known
+            expected = max(done) + 1 if done else 0
+        missing = sorted(set(range(expected)) - done)
     if not done and error is None:
         error = "no frame could be decoded (corrupt or unsupported video)"
     return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error)
@@ -306,17 +438,20 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
             f"{ring.width}x{ring.height} video (rotation metadata); ENGINE_DECODER=auto "
             "or pyav decodes it"))
     limit = min(len(vr), job.frame_limit or len(vr))
+    numbers = job.selected if job.selected is not None else list(range(limit))
     i = 0
-    while i < limit:
-        count = 1 if i == 0 else min(job.batch, limit - i)
-        frames = vr.get_batch(list(range(i, i + count))).asnumpy()
-        for k in range(count):
+    while i < len(numbers):
+        take = numbers[i:i + (1 if i == 0 else job.batch)]
+        frames = vr.get_batch(take).asnumpy()
+        for k, number in enumerate(take):
             _, dest = batcher.slot()
             dest[...] = frames[k]
-            batcher.add(i + k)
-        i += count
+            batcher.add(number)
+        i += len(take)
     batcher.flush()
     del vr
+    if job.selected is not None:
+        return DecodeDone(job=job.job, frames=len(numbers), missing=[], error=None)
     expected = min(job.expected or limit, job.frame_limit or limit) if job.expected else limit
     return DecodeDone(job=job.job, frames=limit, missing=list(range(limit, expected)), error=None)
 
