@@ -33,6 +33,53 @@ def _child_env() -> dict:
     return env
 
 
+def engine_config(processor: str | None, device: str | None, config: Config | None,
+                  overrides: dict) -> Config:
+    """An owned engine's config from its constructor's arguments (bad ones raise here)."""
+    if device is not None:
+        device = check_device(device)
+    return (config or Config.from_env()).with_(processor=processor, device=device, **overrides)
+
+
+def spawn(config: Config) -> tuple[subprocess.Popen, socket.socket]:
+    """Start a supervisor (it starts its workers): its process and our end of its socket.
+    The blocking and the asyncio engines both start theirs here."""
+    mine, theirs = socket.socketpair()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], env=_child_env())
+    theirs.close()
+    with Connection(os.dup(mine.fileno())) as conn:
+        conn.send(config)
+    return process, mine
+
+
+def reap(process: subprocess.Popen) -> None:
+    """Wait for a supervisor told to stop (kill it if it does not); remove its segments."""
+    try:
+        process.wait(8.0)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(2.0)
+    from engine.shm.sweep import owned_blocks
+    from engine.shm.block import unlink_block
+    for name in owned_blocks(process.pid):
+        unlink_block(name)
+
+
+_SUBMIT_FIXED = {"token", "url", "stream"}
+
+
+def submit_message(token: int, url: str, stream: bool = False, **options) -> Submit:
+    """The job's Submit; an option it does not have is a TypeError naming it, raised
+    before anything is sent."""
+    known = {f.name for f in fields(Submit)} - _SUBMIT_FIXED
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown job option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return Submit(token=token, url=url, stream=stream, **options)
+
+
 @dataclass
 class Report:
     """One job's outcome: the contract's report, as attributes (``to_dict`` for JSON)."""
@@ -155,13 +202,12 @@ class EngineClient:
     def status(self) -> dict:
         return self._call(lambda t: StatusQuery(token=t))
 
-    def submit(self, url: str, *, processor: str | None = None, max_frames: int | None = None,
-               stream: bool = False):
+    def submit(self, url: str, *, stream: bool = False, **options):
         """Start a job; yields ``Batch`` objects if streaming, then the ``Report``."""
-        token, q = self._open()
+        msg = submit_message(next(self._tokens), url, stream, **options)
+        token, q = self._open(msg.token)
         try:
-            self._send(Submit(token=token, url=url, processor=processor, max_frames=max_frames,
-                              stream=stream))
+            self._send(msg)
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
@@ -244,18 +290,9 @@ class Engine(EngineClient):
 
     def __init__(self, processor: str | None = None, device: str | None = None, *,
                  config: Config | None = None, cluster: str | None = None, **overrides):
-        config = config or Config.from_env()
-        if device is not None:
-            device = check_device(device)
-        self.config = config.with_(processor=processor, device=device, **overrides)
-        mine, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env=_child_env())
-        theirs.close()
-        parent = Connection(mine.detach())
-        parent.send(self.config)
-        super().__init__(parent)
+        self.config = engine_config(processor, device, config, overrides)
+        self._process, mine = spawn(self.config)
+        super().__init__(Connection(mine.detach()))
         token, q = self._open(0)
         try:
             self._send(StatusQuery(token=0))
@@ -293,15 +330,7 @@ class Engine(EngineClient):
         proc = getattr(self, "_process", None)
         if proc is None:
             return
-        try:
-            proc.wait(8.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(2.0)
-        from engine.shm.sweep import owned_blocks
-        from engine.shm.block import unlink_block
-        for name in owned_blocks(proc.pid):
-            unlink_block(name)
+        reap(proc)
         self._process = None
 
     def __del__(self):
