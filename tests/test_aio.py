@@ -183,3 +183,12 @@ def test_connect_without_an_engine_says_so(tmp_path):
         with pytest.raises(EngineClosed, match="no engine is listening"):
             await AsyncEngine.connect(str(tmp_path / "none.sock"))
     run(scenario())
+
+
+def test_options_become_the_submit_message_or_a_type_error_naming_them():
+    from engine.api import submit_message
+    msg = submit_message(3, "https://x/v.mp4", True, processor=STATS, max_frames=5)
+    assert (msg.token, msg.url, msg.stream, msg.processor, msg.max_frames) == \
+        (3, "https://x/v.mp4", True, STATS, 5)
+    with pytest.raises(TypeError, match="unknown job option 'evry'"):
+        submit_message(4, "https://x/v.mp4", evry=2)
