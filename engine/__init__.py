@@ -7,13 +7,18 @@ from engine.errors import (DecodeError, EngineBusy, EngineClosed, EngineError, F
                            JobTimeout, ProcessorError, SelectionError)
 
 _API = ("Batch", "Engine", "EngineClient", "Report", "VideoResult")
+_AIO = ("AsyncEngine", "AsyncEngineClient")
 
-__all__ = ["Batch", "DecodeError", "Engine", "EngineBusy", "EngineClient", "EngineClosed",
-           "EngineError", "FetchError", "JobTimeout", "ProcessorError", "Report", "SelectionError", "VideoResult"]
+__all__ = ["AsyncEngine", "AsyncEngineClient", "Batch", "DecodeError", "Engine", "EngineBusy",
+           "EngineClient", "EngineClosed", "EngineError", "FetchError", "JobTimeout",
+           "ProcessorError", "Report", "SelectionError", "VideoResult"]
 
 
 def __getattr__(name):
     if name in _API:
         from engine import api
         return getattr(api, name)
+    if name in _AIO:
+        from engine import aio
+        return getattr(aio, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

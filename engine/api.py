@@ -8,7 +8,7 @@ import itertools
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import socket
 import subprocess
@@ -25,9 +25,10 @@ from engine.selection import Selection
 START_TIMEOUT_S = 120.0
 
 
-def submit_message(token: int, url: str, *, processor: str | None = None,
-                   stream: bool = False, **selection) -> Submit:
-    """The job's message, its selection checked first (``engine.selection``)."""
+def submit_message(token: int, url: str, stream: bool = False, *,
+                   processor: str | None = None, **selection) -> Submit:
+    """The job's message, its selection checked first (``engine.selection``): a
+    malformed one or an unknown option raises here, before anything is sent."""
     return Submit(token=token, url=url, processor=processor, stream=stream,
                   selection=Selection.of(**selection))
 
@@ -39,6 +40,42 @@ def _child_env() -> dict:
     paths = [os.path.abspath(p or os.getcwd()) for p in sys.path if os.path.isdir(p or ".")]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
+
+
+def engine_config(processor: str | None, device: str | None, config: Config | None,
+                  overrides: dict) -> Config:
+    """An owned engine's config from its constructor's arguments (bad ones raise here)."""
+    if device is not None:
+        device = check_device(device)
+    return (config or Config.from_env()).with_(processor=processor, device=device, **overrides)
+
+
+def spawn(config: Config) -> tuple[subprocess.Popen, socket.socket]:
+    """Start a supervisor (it starts its workers): its process and our end of its socket.
+    The blocking and the asyncio engines both start theirs here."""
+    mine, theirs = socket.socketpair()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], env=_child_env())
+    theirs.close()
+    with Connection(os.dup(mine.fileno())) as conn:
+        conn.send(config)
+    return process, mine
+
+
+def reap(process: subprocess.Popen) -> None:
+    """Wait for a supervisor told to stop (kill it if it does not); remove its segments."""
+    try:
+        process.wait(8.0)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(2.0)
+    from engine.shm.sweep import owned_blocks
+    from engine.shm.block import unlink_block
+    for name in owned_blocks(process.pid):
+        unlink_block(name)
+
+
 
 
 @dataclass
@@ -171,10 +208,10 @@ class EngineClient:
         ``selection``: the frames wanted (``every``, ``fps``, ``count``, ``frames``,
         ``start_s``, ``end_s``, ``max_frames``; default all); a malformed one raises
         ``SelectionError`` (a ``ValueError``) before anything is sent."""
-        msg = submit_message(0, url, processor=processor, stream=stream, **selection)
-        token, q = self._open()
+        msg = submit_message(next(self._tokens), url, stream, processor=processor, **selection)
+        token, q = self._open(msg.token)
         try:
-            self._send(replace(msg, token=token))
+            self._send(msg)
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
@@ -256,18 +293,9 @@ class Engine(EngineClient):
 
     def __init__(self, processor: str | None = None, device: str | None = None, *,
                  config: Config | None = None, cluster: str | None = None, **overrides):
-        config = config or Config.from_env()
-        if device is not None:
-            device = check_device(device)
-        self.config = config.with_(processor=processor, device=device, **overrides)
-        mine, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env=_child_env())
-        theirs.close()
-        parent = Connection(mine.detach())
-        parent.send(self.config)
-        super().__init__(parent)
+        self.config = engine_config(processor, device, config, overrides)
+        self._process, mine = spawn(self.config)
+        super().__init__(Connection(mine.detach()))
         token, q = self._open(0)
         try:
             self._send(StatusQuery(token=0))
@@ -305,15 +333,7 @@ class Engine(EngineClient):
         proc = getattr(self, "_process", None)
         if proc is None:
             return
-        try:
-            proc.wait(8.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(2.0)
-        from engine.shm.sweep import owned_blocks
-        from engine.shm.block import unlink_block
-        for name in owned_blocks(proc.pid):
-            unlink_block(name)
+        reap(proc)
         self._process = None
 
     def __del__(self):

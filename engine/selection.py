@@ -38,8 +38,8 @@ class Selection:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise TypeError(f"unknown selection option {unknown[0]!r} "
-                            f"(known: {', '.join(sorted(known))})")
+            raise TypeError(f"unknown job option {unknown[0]!r} (known: processor, "
+                            f"{', '.join(sorted(known))})")
         opts = {k: v for k, v in options.items() if v is not None}
         for key in ("every", "count", "max_frames"):
             if key in opts:

@@ -77,7 +77,7 @@ def test_malformed_selection_is_one_line(kw, words):
 
 
 def test_unknown_option_and_index_past_the_end():
-    with pytest.raises(TypeError, match="unknown selection option 'evry'"):
+    with pytest.raises(TypeError, match="unknown job option 'evry'"):
         Selection.of(evry=2)
     with pytest.raises(SelectionError, match="it has 100 frames"):
         picked(frames=[100])

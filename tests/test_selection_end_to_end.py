@@ -184,7 +184,7 @@ def test_partial_job_leaves_the_pool_warm(engine, cdn, sn44_clips):
 def test_bad_selection_is_refused_before_any_work(engine, cdn, clips):
     with pytest.raises(SelectionError, match="every must be > 0"):
         engine.process(cdn.url("gop.mp4"), every=0)
-    with pytest.raises(TypeError, match="unknown selection option"):
+    with pytest.raises(TypeError, match="unknown job option"):
         engine.process(cdn.url("gop.mp4"), evry=3)
 
 

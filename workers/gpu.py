@@ -262,7 +262,10 @@ def main(conn, config: Config, index: int = 0) -> None:
                 worker.finish(pending)
             pending = staged
         else:
-            if pending is not None:
+            # An ended job's staged batch is dropped, not run: after a cancel the model
+            # must be free for the next job at once.
+            ended = isinstance(msg, EndJob) and pending is not None and msg.job == pending.msg.job
+            if pending is not None and not ended:
                 worker.finish(pending)
-                pending = None
+            pending = None
             worker.handle(msg)
