@@ -2,14 +2,16 @@
 
 The engine fetches an MP4 by parallel byte ranges and wants to decode while
 bytes are still arriving.  For that it needs, *before* most of the file is
-here, two things:
+here, three things:
 
 * where the ``moov`` box is (front or end of the file), so it can fetch it
   first -- see :func:`walk`;
 * the video sample table from ``moov`` (file offset, size, dts/pts, keyframe
   flag of every sample) -- see :func:`parse_moov` -- so it can tell how many
   bytes must be present before frame *n* can be shown
-  (:meth:`VideoTrack.need_end`).
+  (:meth:`VideoTrack.need_end`);
+* whether that table is the whole video track: a fragmented file's moov lists the
+  first fragment at most -- see :func:`why_not_planned`.
 
 This module is pure Python + numpy on purpose: it runs in the coordinator
 process, which must not pay for importing/initialising FFmpeg, and it works on

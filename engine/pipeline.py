@@ -417,7 +417,7 @@ class Pipeline:
     def _plan_after_head(self, job: Job, prefix=None) -> None:
         """Walk the box headers and plan the remaining ranges: from the first bytes of the
         head as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head.
-        What cannot be planned (not MP4, no moov, a moov without samples) is streamed."""
+        What cannot be planned (not MP4, no moov, a fragmented file) is streamed."""
         if job.phase is not Phase.HEAD:
             return
         final = prefix is None
