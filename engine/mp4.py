@@ -2,14 +2,16 @@
 
 The engine fetches an MP4 by parallel byte ranges and wants to decode while
 bytes are still arriving.  For that it needs, *before* most of the file is
-here, two things:
+here, three things:
 
 * where the ``moov`` box is (front or end of the file), so it can fetch it
   first -- see :func:`walk`;
 * the video sample table from ``moov`` (file offset, size, dts/pts, keyframe
   flag of every sample) -- see :func:`parse_moov` -- so it can tell how many
   bytes must be present before frame *n* can be shown
-  (:meth:`VideoTrack.need_end`).
+  (:meth:`VideoTrack.need_end`);
+* whether that table is the whole video track: a fragmented file's moov lists the
+  first fragment at most -- see :func:`why_not_planned`.
 
 This module is pure Python + numpy on purpose: it runs in the coordinator
 process, which must not pay for importing/initialising FFmpeg, and it works on
@@ -33,6 +35,8 @@ __all__ = [
     "Walk",
     "walk",
     "reader_of",
+    "NOT_YET",
+    "why_not_planned",
 ]
 
 
@@ -104,9 +108,10 @@ class Walk:
     """How far a walk over the top-level box headers got.
 
     ``moov``: the moov box, once its header was read. ``need``: the offset of the next
-    header, not here yet (fetch it, then walk again). Neither: the walk reached the end
-    of the file without a moov (not a plannable MP4). ``layout`` is 'end' when an mdat
-    came before the moov.
+    header, not here yet (fetch it, then walk again); past the moov too, as the boxes
+    after it say whether the moov's sample table is the whole track. Neither: the walk
+    reached the end of the file (without a moov: not a plannable MP4). ``layout`` is
+    'end' when an mdat came before the moov.
     """
 
     moov: Box | None = None
@@ -118,40 +123,54 @@ class Walk:
 def walk(read, file_size: int) -> Walk:
     """Walk the real top-level box headers from offset 0 with ``read(offset, n)``, which
     returns the bytes there or None while they are not here. Nothing is guessed: whatever
-    lies between mdat and moov (free, skip, uuid, more mdat boxes) is walked over.
+    lies between mdat and moov (free, skip, uuid, more mdat boxes) is walked over. Past
+    the moov the walk goes on to the end of the file or the first moof (a fragment:
+    enough to know the table is not the whole track).
 
     Raises NotMP4 when the first box is no MP4 opening box or a size is impossible.
     """
     if file_size < 8:
         raise NotMP4(f"not an MP4 file (only {file_size} bytes)")
-    pos, seen_mdat, boxes = 0, False, []
+    pos, boxes, moov, layout = 0, [], None, "front"
     while pos + 8 <= file_size:
         raw = read(pos, 8)
         if raw is not None and raw[:4] == b"\0\0\0\1":   # a 64-bit size follows
             raw = read(pos, 16) if pos + 16 <= file_size else raw
         if raw is None:
-            return Walk(need=pos, layout="end" if seen_mdat else "front", boxes=tuple(boxes))
-        hdr = _read_header(memoryview(raw).cast("B"), 0, len(raw))
-        if hdr is None:
-            raise NotMP4(f"corrupt MP4: box header at offset {pos} is cut by the end of file")
-        kind, hsize, size = hdr
-        if not boxes and kind not in _FIRST_BOX_TYPES:
+            return Walk(moov=moov, need=pos, layout=layout, boxes=tuple(boxes))
+        if not boxes and _fourcc(raw[4:8]) not in _FIRST_BOX_TYPES:
             start = read(0, min(16, file_size)) or raw
             raise NotMP4(f"not an MP4 file (starts with {bytes(start[:16])!r})")
-        if size == 0:
-            size = file_size - pos
-        if size < hsize:
-            raise NotMP4(f"corrupt MP4: box {kind!r} at offset {pos} has size {size}")
-        if pos + size > file_size:
-            raise NotMP4(f"truncated file: box {kind!r} at offset {pos} needs {pos + size} "
-                         f"bytes but the file has {file_size}")
-        box = Box(kind, pos, size)
+        try:
+            box = _top_box(raw, pos, file_size)
+        except NotMP4:
+            if moov is None:
+                raise
+            break   # a plain demuxer stops at a box it cannot read after the moov: so do we
         boxes.append(box)
-        if kind == "moov":
-            return Walk(moov=box, layout="end" if seen_mdat else "front", boxes=tuple(boxes))
-        seen_mdat = seen_mdat or kind == "mdat"
-        pos += size
-    return Walk(layout="end" if seen_mdat else "front", boxes=tuple(boxes))
+        if box.type == "moof" and moov is not None:
+            break
+        if box.type == "mdat" and moov is None:
+            layout = "end"
+        moov = box if box.type == "moov" and moov is None else moov
+        pos += box.size
+    return Walk(moov=moov, layout=layout, boxes=tuple(boxes))
+
+
+def _top_box(raw: bytes, pos: int, file_size: int) -> Box:
+    """The top-level box whose header ``raw`` is, its size resolved against the file."""
+    hdr = _read_header(memoryview(raw).cast("B"), 0, len(raw))
+    if hdr is None:
+        raise NotMP4(f"corrupt MP4: box header at offset {pos} is cut by the end of file")
+    kind, hsize, size = hdr
+    if size == 0:
+        size = file_size - pos
+    if size < hsize:
+        raise NotMP4(f"corrupt MP4: box {kind!r} at offset {pos} has size {size}")
+    if pos + size > file_size:
+        raise NotMP4(f"truncated file: box {kind!r} at offset {pos} needs {pos + size} "
+                     f"bytes but the file has {file_size}")
+    return Box(kind, pos, size)
 
 
 def reader_of(buf) -> "callable":
@@ -230,6 +249,7 @@ class VideoTrack:
     pts: np.ndarray
     keyframes: np.ndarray
     index: int = 0           # the trak's place in the moov: FFmpeg's stream index
+    fragmented: bool = False  # the moov holds mvex: movie fragments may add samples
 
     @property
     def frame_count(self) -> int:
@@ -385,7 +405,9 @@ def parse_moov(moov: bytes | memoryview) -> VideoTrack:
         # thumbnail or cover-art trak (one sample, or disabled) only when there is no other.
         candidates = []
         index = -1
+        fragmented = False
         for kind, p, e in _children(buf, hsize, size):
+            fragmented = fragmented or kind == "mvex"
             if kind != "trak":
                 continue
             index += 1
@@ -400,9 +422,33 @@ def parse_moov(moov: bytes | memoryview) -> VideoTrack:
                 still = track.codec in _STILL_CODECS
                 candidates.append((still, track.frame_count <= 1, not enabled, index, track))
         if candidates:
-            return min(candidates, key=lambda c: c[:4])[4]
+            track = min(candidates, key=lambda c: c[:4])[4]
+            track.fragmented = fragmented
+            return track
     except (struct.error, ValueError) as exc:
         if isinstance(exc, NotMP4):
             raise
         raise NotMP4(f"corrupt MP4: {exc}") from None
     raise NotMP4("no video track in the MP4")
+
+
+NOT_YET = "the boxes after the moov are not here yet"
+
+
+def why_not_planned(track: VideoTrack, found: Walk) -> str | None:
+    """Why the moov's sample table cannot be trusted to be the whole video track, from
+    the moov and the top-level boxes ``found`` (walked as far as the bytes allow); None
+    when it is the whole track; NOT_YET while a box not walked yet could be a fragment.
+
+    A table that lists only the first fragment looks complete: planning from it would
+    report every frame it lists and silently lose the fragments after it.
+    """
+    if track.fragmented:
+        return f"fragmented MP4 (its moov holds mvex and lists {track.frame_count} samples)"
+    if any(box.type == "moof" for box in found.boxes):
+        return "fragmented MP4 (a moof box without mvex in the moov)"
+    if track.frame_count == 0:
+        return "the moov lists no samples"
+    if found.need is not None:
+        return NOT_YET
+    return None

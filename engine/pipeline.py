@@ -429,7 +429,7 @@ class Pipeline:
     def _plan_after_head(self, job: Job, prefix=None) -> None:
         """Walk the box headers and plan the remaining ranges: from the first bytes of the
         head as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head.
-        What cannot be planned (not MP4, no moov, a moov without samples) is streamed."""
+        What cannot be planned (not MP4, no moov, a fragmented file) is streamed."""
         if job.phase is not Phase.HEAD:
             return
         final = prefix is None
@@ -614,15 +614,19 @@ class Pipeline:
             return
         job.mark("moov_ready")
         try:
-            mm = job.segment.mm
-            track = mp4.parse_moov(memoryview(mm)[start:end])
+            # parsed once: it is kept while the boxes after the moov are awaited
+            track = job.track or mp4.parse_moov(memoryview(job.segment.mm)[start:end])
         except mp4.NotMP4 as exc:
             self._stream(job, str(exc))
             return
-        if track.frame_count == 0:
+        why = self._why_not_planned(job, track)
+        if why is mp4.NOT_YET:
+            job.track = track
+            return
+        if why:
             # seekable, FFmpeg would visit every fragment's header before the first frame,
             # i.e. wait for nearly the whole file: it is read front to back
-            self._stream(job, "the moov lists no samples (fragmented MP4)", seekable=False)
+            self._stream(job, why, seekable=False)
             return
         job.track = track
         job.to(Phase.PLANNED)
@@ -692,6 +696,21 @@ class Pipeline:
                       "(ENGINE_MAX_SELECTED)")
             return False
         return True
+
+    def _why_not_planned(self, job: Job, track) -> str | None:
+        """``mp4.why_not_planned`` on the boxes here; while it is not yet known, the next
+        box header after the moov is fetched first."""
+        try:
+            found = mp4.walk(self._present_reader(job), job.size)
+        except mp4.NotMP4 as exc:
+            return str(exc)
+        why = mp4.why_not_planned(track, found)
+        if why is mp4.NOT_YET:
+            if found.need >= job.probed_until:
+                job.probed_until = min(job.size, found.need + PROBE_BYTES)
+                job.plan.urgent(found.need, job.probed_until)
+            job.plan.raise_to_front(found.need)
+        return why
 
     def _make_ring(self, job: Job, height: int, width: int) -> bool:
         self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on

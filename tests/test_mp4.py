@@ -12,15 +12,16 @@ import av
 import numpy as np
 import pytest
 
-from engine.mp4 import Box, NotMP4, VideoTrack, parse_moov, reader_of, walk
+from engine.mp4 import (NOT_YET, Box, NotMP4, VideoTrack, parse_moov, reader_of, walk,
+                        why_not_planned)
 
 N_FRAMES = 60
 HEAD = 64 * 1024
 
 
-def _make_mp4(path, faststart: bool, audio: bool) -> None:
+def _make_mp4(path, faststart: bool, audio: bool, movflags: str | None = None) -> None:
     """Encode N_FRAMES of moving gradients at 320x240/25fps with B-frames."""
-    opts = {"movflags": "faststart"} if faststart else {}
+    opts = {"movflags": movflags or "faststart"} if faststart or movflags else {}
     with av.open(str(path), "w", options=opts) as out:
         video = out.add_stream("libx264", rate=25)
         video.width, video.height, video.pix_fmt = 320, 240, "yuv420p"
@@ -55,9 +56,14 @@ def _make_mp4(path, faststart: bool, audio: bool) -> None:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("mp4")
-    paths = {"front": d / "front.mp4", "end": d / "end.mp4"}
+    paths = {"front": d / "front.mp4", "end": d / "end.mp4", "frag": d / "frag.mp4",
+             "frag-empty": d / "frag-empty.mp4"}
     _make_mp4(paths["front"], faststart=True, audio=True)
     _make_mp4(paths["end"], faststart=False, audio=False)
+    # fragments cut at each keyframe; the moov's table lists the first fragment only
+    _make_mp4(paths["frag"], faststart=False, audio=True, movflags="frag_keyframe")
+    _make_mp4(paths["frag-empty"], faststart=False, audio=False,
+              movflags="frag_keyframe+empty_moov")
     return paths
 
 
@@ -357,3 +363,79 @@ def test_synthetic_moov_hevc_co64_stsc_runs():
     np.testing.assert_array_equal(track.pts, track.dts)
     np.testing.assert_array_equal(track.presentation_order(), np.arange(n))
     np.testing.assert_array_equal(track.need_end(), track.offsets + 100)
+
+
+# ---------------------------------------------------------------- is the table the track?
+
+
+def _frames(path) -> int:
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def _verdict(data: bytes, head: int | None = None):
+    found = _walk(data[:head], len(data))
+    moov = data[found.moov.offset:found.moov.offset + found.moov.size]
+    return found, why_not_planned(parse_moov(moov), found)
+
+
+def test_a_moov_with_mvex_is_fragmented_whatever_its_table_lists(files):
+    data = files["frag"].read_bytes()
+    found, why = _verdict(data)
+    track = parse_moov(_moov_bytes(data))
+    assert track.fragmented and 0 < track.frame_count < _frames(files["frag"]) == N_FRAMES
+    assert why.startswith("fragmented MP4 (its moov holds mvex")
+    # the walk goes past the moov and its first fragment's mdat to the first moof
+    assert [b.type for b in found.boxes] == ["ftyp", "moov", "mdat", "moof"]
+    assert found.layout == "front" and found.need is None
+    empty = files["frag-empty"].read_bytes()
+    assert parse_moov(_moov_bytes(empty)).frame_count == 0
+    assert _verdict(empty)[1].startswith("fragmented MP4 (its moov holds mvex")
+
+
+def test_plain_layouts_are_planned_once_the_walk_reaches_the_end(files):
+    for name in ("front", "end"):
+        data = files[name].read_bytes()
+        found, why = _verdict(data)
+        assert why is None and not parse_moov(_moov_bytes(data)).fragmented
+        assert found.need is None and found.boxes[-1].offset + found.boxes[-1].size == len(data)
+    # the head ends inside the header after the moov: it could still be a fragment
+    data = files["front"].read_bytes()
+    moov = _walk(data, len(data)).moov
+    found, why = _verdict(data, moov.offset + moov.size + 4)
+    assert why is NOT_YET and found.need == moov.offset + moov.size
+
+
+def _without_mvex(data: bytes) -> bytes:
+    """The same bytes with the moov's mvex box renamed free: fragments nothing announces."""
+    moov = _walk(data, len(data)).moov
+    at = data.index(b"mvex", moov.offset, moov.offset + moov.size)
+    return data[:at] + b"free" + data[at + 4:]
+
+
+def test_a_moof_anywhere_means_the_table_is_not_the_track(files):
+    data = _without_mvex(files["frag"].read_bytes())
+    found, why = _verdict(data)
+    assert not parse_moov(_moov_bytes(data)).fragmented
+    assert why == "fragmented MP4 (a moof box without mvex in the moov)"
+    # seen before the moov (mdat, moof, moov): the same
+    boxes = {b.type: b for b in found.boxes}
+    moov, moof = boxes["moov"], boxes["moof"]
+    ftyp = data[:found.boxes[1].offset]
+    moved = ftyp + data[moof.offset:moof.offset + moof.size] \
+        + data[moov.offset:moov.offset + moov.size]
+    assert _verdict(moved)[1] == why
+
+
+def test_the_walk_after_the_moov_stops_at_a_box_it_cannot_read(files):
+    """A plain demuxer stops there too: no fragment can follow it, and a file cut inside
+    its mdat is a truncated file (named by the planner), not an unreadable one."""
+    data = files["front"].read_bytes()
+    cut = data[:len(data) - 1000]
+    found, why = _verdict(cut)
+    assert why is None and "mdat" not in [b.type for b in found.boxes]
+    bad = data + struct.pack(">I4s", 4, b"free")     # a size smaller than its header
+    assert _verdict(bad)[1] is None
+    with pytest.raises(NotMP4, match="truncated file"):   # before the moov: as before
+        end = files["end"].read_bytes()
+        _walk(end[:len(end) // 2], len(end) // 2)
