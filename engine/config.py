@@ -9,6 +9,8 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 
+from engine import fences
+
 log = logging.getLogger("engine")
 
 
@@ -101,7 +103,20 @@ class Config:
     max_clients: int = 64            # serve mode: more connections get "engine busy"
     cluster: str = ""                # ENGINE_CLUSTER: Ray address ("" : this machine only)
     cluster_jobs_per_engine: int = 2  # ENGINE_CLUSTER_JOBS_PER_ENGINE
+    # Fences for untrusted URLs (engine.fences); off by default.
+    allow_hosts: tuple[str, ...] = ()   # ENGINE_ALLOW_HOSTS: exact hosts or *.suffix
+    deny_private: bool = False          # ENGINE_DENY_PRIVATE=1
+    max_pixels: int | None = None       # ENGINE_MAX_PIXELS: width x height at most
     notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        # Engine(allow_hosts=..., max_pixels=...) arrives here unparsed, as the variables do
+        try:
+            object.__setattr__(self, "allow_hosts", fences.parse_hosts(self.allow_hosts))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ConfigError(f"ENGINE_MAX_PIXELS={self.max_pixels} must be >= 1")
 
     @property
     def head_bytes(self) -> int:
@@ -160,6 +175,9 @@ class Config:
             report_sha256=env.get("ENGINE_REPORT_SHA256", "0").strip() == "1",
             cluster=env.get("ENGINE_CLUSTER", "").strip(),
             cluster_jobs_per_engine=_int(env, "ENGINE_CLUSTER_JOBS_PER_ENGINE", 2),
+            allow_hosts=env.get("ENGINE_ALLOW_HOSTS", ""),
+            deny_private=_choice(env, "ENGINE_DENY_PRIVATE", "0", ("0", "1")) == "1",
+            max_pixels=_int(env, "ENGINE_MAX_PIXELS", None),
             log_level=_choice(env, "ENGINE_LOG_LEVEL", "info",
                               ("debug", "info", "warning", "error")).upper(),
             notes=tuple(notes),

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from engine import mp4
+from engine import fences, mp4
 from engine.config import Config
 from engine.errors import ErrorKind, SelectionError
 from engine.job import Job, Phase
@@ -714,6 +714,11 @@ class Pipeline:
 
     def _make_ring(self, job: Job, height: int, width: int) -> bool:
         self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
+        # Both ways pass here with the header's picture size before any frame is decoded
+        too_big = fences.pixels_refusal(width, height, self.config.max_pixels)
+        if too_big:
+            self.fail(job, ErrorKind.DECODE, f"{job.url}: {too_big}")
+            return False
         slots = self._ring_slots(job, height, width)
         if slots is None:
             self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the frames "

@@ -28,6 +28,7 @@ from engine.messages import (EndJob, FetchHead, FetchRange, FetchStats, HeadInfo
                              RangeDone, RangeFailed, Reply, SegmentReady, Shutdown)
 from engine.shm import AvailabilityMap, SharedBlock, ShmError
 from engine.workers.base import Link, worker_setup
+from engine.workers.guard import Guard, Refused
 
 log = logging.getLogger("engine.fetcher")
 
@@ -86,6 +87,8 @@ _CONNECT = [
 def describe(exc: Exception) -> tuple[str, bool]:
     """One line for a network error, and whether another attempt may succeed."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, Refused):
+        return text, False
     if isinstance(exc, httpx.ConnectTimeout):
         return "connect timed out", False
     if isinstance(exc, httpx.ConnectError):
@@ -140,6 +143,7 @@ class Pools:
         self._last_url: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._ssl = ssl_context()
+        self._guard = Guard.of(config)
 
     @property
     def http2(self) -> bool:
@@ -153,7 +157,8 @@ class Pools:
             timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=60.0),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n,
                                 keepalive_expiry=self.config.keepalive_s),
-            headers={"Accept-Encoding": "identity", "User-Agent": "engine/0.1"})
+            headers={"Accept-Encoding": "identity", "User-Agent": "engine/0.1"},
+            event_hooks={"request": [self._guard] if self._guard else []})
 
     def _use_http2(self, origin: str) -> bool:
         if self.mode != "auto":

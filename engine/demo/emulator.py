@@ -283,7 +283,7 @@ class CdnEmulator:
                     _TokenBucket(self.profile.total_bps, loop.time()) if self.profile.total_bps else None
                 )
                 self._server = loop.run_until_complete(
-                    asyncio.start_server(self._handle, "127.0.0.1", self.listen_port, limit=CHUNK)
+                    asyncio.start_server(self._accept, "127.0.0.1", self.listen_port, limit=CHUNK)
                 )
                 self.port = self._server.sockets[0].getsockname()[1]
             except BaseException as e:
@@ -317,9 +317,15 @@ class CdnEmulator:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+    def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        # Registered at accept, not in the task's first step: a shutdown in between
+        # still cancels it, and a task cancelled before it ran still closes its client.
+        task = asyncio.get_running_loop().create_task(self._handle(c_reader, c_writer))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: c_writer.is_closing() or c_writer.transport.abort())
+
+    async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         st = self._stats
         st["connections_accepted"] += 1
         st["connections_active"] += 1
@@ -356,11 +362,11 @@ class CdnEmulator:
                     if t.done() and not t.cancelled():
                         log.debug("connection error: %r", t.exception())
         finally:
+            # Sockets are closed before the only await here: a shutdown's cancel
+            # landing on it must not leave them open.
             for t in pumps:
                 if not t.done():
                     t.cancel()
-            if pumps:
-                await asyncio.gather(*pumps, return_exceptions=True)
             for w in (c_writer, u_writer):
                 if w is None:
                     continue
@@ -369,7 +375,8 @@ class CdnEmulator:
                 else:
                     w.transport.abort()
             st["connections_active"] -= 1
-            self._tasks.discard(task)
+            if pumps:
+                await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _pump(
         self,
@@ -484,20 +491,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     host, port = args.upstream
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    # A process started as a background job inherits SIGINT ignored, and a handler
+    # runs only when the main thread next executes Python: both lost Ctrl-C. The
+    # signals are blocked before the proxy's thread exists (it inherits the mask)
+    # and taken synchronously below, so one sent as soon as the port is printed waits.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    for sig in stop_signals:
+        signal.signal(sig, signal.SIG_DFL)
     emu = CdnEmulator(host, port, prof, listen_port=args.port).start()
-    print(emu.port, flush=True)
-    print(
-        f"cdn_emulator: 127.0.0.1:{emu.port} -> {host}:{port} profile={prof}; Ctrl-C to stop",
-        file=sys.stderr,
-        flush=True,
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
+        print(emu.port, flush=True)
+        print(
+            f"cdn_emulator: 127.0.0.1:{emu.port} -> {host}:{port} profile={prof}; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        signal.sigwait(stop_signals)
     finally:
         emu.stop()
         print(f"cdn_emulator: stats {emu.stats()}", file=sys.stderr, flush=True)
