@@ -79,6 +79,7 @@ class FaultyServer:
         self.data, self.mode, self.content_type = data, mode, content_type
         self.requests = 0  # requests whose response we started to send
         self.targets: list[str] = []   # the request target (path and query) of each
+        self.asked: list[tuple[str, str]] = []   # (target, its Range header or "") of each
         self.stalled = 0   # 'stall': responses held open
         self.hung_up = 0   # 'stall': of those, the ones the client closed
         self.port: int | None = None
@@ -170,6 +171,7 @@ class FaultyServer:
         with self._lock:
             self.requests += 1
             self.targets.append(headers.get("", ""))
+            self.asked.append((headers.get("", ""), headers.get("range", "")))
         total = len(self.data)
         match = _RANGE.match(headers.get("range", "").replace(" ", ""))
         if self.mode in ("chunked", "eof"):
