@@ -123,8 +123,8 @@ class RangePlan:
     def take_whole(self, offset: int) -> bool:
         """The request at ``offset`` was answered with the whole file: whether to read it.
         The first such body is read (to the end of the file) and, from then on, no range
-        is cut; another one, while that body is read or retried, is dropped."""
-        if self.whole is not None and self.whole != offset:
+        is cut; any other is dropped (only that body's retry is read)."""
+        if self.single and self.whole != offset:
             return False
         piece = self.inflight.get(offset)
         self.single, self.whole = True, offset

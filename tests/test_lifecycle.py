@@ -539,6 +539,7 @@ def test_range_plan_with_one_body_cuts_no_more_ranges():
     assert (piece.offset, piece.end) == (3 << 20, 8 << 20) and plan.take_whole(piece.offset)
     plan.done(piece.offset)
     assert plan.finished and plan.whole is None
+    assert not plan.take_whole(1 << 20)      # a late one, once the body is in: dropped
 
 
 # ---------------------------------------------------------------- the range plan
