@@ -97,6 +97,14 @@ class FetchRange:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReadWhole:
+    """Answer to ``WholeBody``: read that body (``read``), or drop it (another brings it)."""
+    job: int
+    offset: int
+    read: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class PrewarmOrigins:
     origins: tuple[str, ...]
     token: int = 0
@@ -228,6 +236,14 @@ class RangeFailed:
     attempt: int = 0
     head: bool = False
     speculative: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class WholeBody:
+    """The range at ``offset`` was answered ``200`` with the whole file: the fetcher waits
+    for ``ReadWhole`` before reading it."""
+    job: int
+    offset: int
 
 
 @dataclass(frozen=True, kw_only=True)

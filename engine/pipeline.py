@@ -30,8 +30,8 @@ from engine.job import Job, Phase
 from engine.ledger import Ledger
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
-                             RangeDone, RangeFailed, ResultBatch, RingReady, SegmentReady,
-                             StreamInfo, Submit, VideoResult)
+                             RangeDone, RangeFailed, ReadWhole, ResultBatch, RingReady,
+                             SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
 from engine.plan import Piece, RangePlan, fetch_end
 from engine.selection import Selection, byte_regions, gop_spans, pick
 from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
@@ -91,7 +91,7 @@ class Pipeline:
                          BatchResults: self.on_results, HeadInfo: self.on_head,
                          RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
                          DecodeDone: self.on_decode_done, StreamInfo: self.on_stream_info,
-                         VideoResult: self.on_video_result}
+                         VideoResult: self.on_video_result, WholeBody: self.on_whole_body}
 
     # ------------------------------------------------------------------ outbox and workers
     def take(self) -> list[Send]:
@@ -338,6 +338,8 @@ class Pipeline:
         job.head_len = min(cfg.head_bytes, job.size) if msg.ranged else job.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
+        if not msg.ranged:
+            job.plan.take_whole(0)                      # and brings every byte
         for offset, end, _ in self.ledger.ranges_of(job.id):
             # the ranges sent with the head that are still on their way, and contiguous
             # with what is planned: part of the plan
@@ -539,6 +541,21 @@ class Pipeline:
         job.plan.done(msg.offset)
         self._after_bytes(job)
 
+    def on_whole_body(self, w, msg: WholeBody) -> None:
+        """A range answered with the whole file (a CDN edge forwarding a cache miss to an
+        origin without Range): the first such body is read, and this job asks no more
+        ranges (the next job tries them again); another is dropped."""
+        job = self._live(msg.job)
+        read = job is not None and job.plan.take_whole(msg.offset)
+        if not read:
+            self.ledger.release_range(w.name, msg.job, msg.offset)
+            if job is not None:
+                job.plan.done(msg.offset)
+        elif job.ranged:
+            log.info("%s: a range was answered with the whole file: reading it, no more "
+                     "ranges in this job", job.url)
+        self._send(w, ReadWhole(job=msg.job, offset=msg.offset, read=read))
+
     def _after_bytes(self, job: Job) -> None:
         if not job.head_done and job.amap.present(0, job.head_len):
             job.head_done = True
@@ -568,6 +585,9 @@ class Pipeline:
             if not job.ranged:
                 self.fail(job, msg.kind, msg.error)
                 return
+        if job.plan is not None and job.plan.single and msg.offset != job.plan.whole:
+            job.plan.done(msg.offset)    # its bytes come with the one body read
+            return
         if msg.speculative and (job.plan is None or msg.offset not in job.plan.inflight):
             if msg.retryable:
                 job.fetch.retries += 1    # its bytes are planned (again) like any others
