@@ -43,6 +43,10 @@ AUTO_SAMPLES = 4               # ENGINE_HTTP2=auto: ranges timed on each protoco
 AUTO_MIN_BYTES = 256 * 1024    # smaller ranges time the round trip, not the protocol
 READ_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 15.0
+# A range whose job ended is read to its end (its connection stays pooled) when it is at
+# most this many ranges long, and for at most this long (a stalled server is hung up on).
+DRAIN_RANGES = 2
+DRAIN_S = 3.0
 
 
 class RangeError(Exception):
@@ -400,7 +404,11 @@ class Fetcher:
         for event in answers:
             event.set()
         for response in responses:
-            _hang_up(response)
+            if self._drainable(response):
+                # read to its end by its own thread (``_close``), unless the server stalls
+                threading.Timer(DRAIN_S, _hang_up, (response,)).start()
+            else:
+                _hang_up(response)
         if seg:
             seg[0].close()
             seg[1].close()
@@ -447,9 +455,18 @@ class Fetcher:
             _hang_up(response)
         return response
 
+    def _drainable(self, response) -> bool:
+        """A range whose job ended is read to its end, not hung up: a connection closed
+        mid-body is lost to the pool, and the next job would pay a new one (on a distant
+        CDN, costlier than the rest of a range)."""
+        length = response.headers.get("content-length", "")
+        return response.http_version == "HTTP/1.1" and response.status_code == 206 \
+            and length.isdigit() and int(length) <= DRAIN_RANGES * self.config.range_bytes
+
     def _close(self, response) -> None:
-        """Close a response; a small unread one (an error page, a 416) is read first so its
-        connection goes back to the pool instead of being dropped."""
+        """Close a response; a small unread one (an error page, a 416), or a range whose
+        job ended, is read first so its connection goes back to the pool instead of
+        being dropped."""
         job = response.extensions["engine_job"]
         with self._lock:
             still_open = self._responses.get(job)
@@ -457,13 +474,17 @@ class Fetcher:
                 still_open.discard(response)
                 if not still_open:
                     del self._responses[job]
+            ended = job in self._ended
         length = response.headers.get("content-length", "")
-        if not response.is_stream_consumed and length.isdigit() and int(length) <= 65536 \
-                and response.status_code != 206:
-            try:
+        try:
+            if not response.is_stream_consumed and length.isdigit() and int(length) <= 65536 \
+                    and response.status_code != 206:
                 response.read()
-            except httpx.HTTPError:
-                pass
+            elif ended and self._drainable(response):
+                for _ in response.stream:    # the rest of the body, unread so far
+                    pass
+        except (httpx.HTTPError, OSError, ValueError):
+            pass           # hung up (a stalled server) or broken: the connection is dropped
         response.close()
         client = response.extensions.get("engine_client")
         if client is not None:
@@ -704,6 +725,8 @@ class Fetcher:
         reserved = 0 if amap.length is None else limit   # a known length was reserved at creation
         try:
             for data in itertools.chain([first] if first else [], chunks):
+                if job in self._ended:   # its segment is gone; ``_close`` reads the rest
+                    raise RangeError("job ended", False)
                 n = len(data)
                 if pos + n > limit:
                     raise RangeError(f"server sent more bytes than announced ({end - offset})"
