@@ -21,6 +21,13 @@ class Submit:
     processor: str | None = None
     stream: bool = False
     selection: Selection = field(default_factory=Selection)
+    return_frames: bool = False     # Engine.frames: the frames go back through shared memory
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseFrames:
+    """The client has copied a job's frames out of its output block: unlink it."""
+    output: str
 
 
 @dataclass(frozen=True, kw_only=True)
