@@ -39,6 +39,7 @@ PRESETS: dict[str, dict] = {
     "sn44-moov-end": dict(frames=750, width=1280, height=720, faststart=False),
     "small": dict(frames=50, width=320, height=240, faststart=True),
     "small-moov-end": dict(frames=50, width=320, height=240, faststart=False),
+    "long": dict(frames=3000, width=1280, height=720, faststart=True),   # bench --sparse
 }
 
 
