@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.settings import setting
+
 BLOCK_ROWS = 64     # stats on the CPU: 64 rows of 1280 px (245 KB) stay in L2
 
 
@@ -57,7 +59,8 @@ def wait(device):
     ``ENGINE_WAIT_MS_PER_FRAME`` ms (default 4) per frame, asleep (no CPU), and returns
     ``{}`` per frame. Through the engine it is per-video, and its video result says
     where the model waited (``Wait``)."""
-    text = os.environ.get("ENGINE_WAIT_MS_PER_FRAME", "4")
+    default = f"{setting('ENGINE_WAIT_MS_PER_FRAME').default:g}"
+    text = os.environ.get("ENGINE_WAIT_MS_PER_FRAME") or default
     try:
         seconds = float(text) / 1000.0
     except ValueError:
