@@ -137,8 +137,9 @@ def setting(env: str) -> Setting:
 
 def settings_markdown() -> str:
     """The README's two configuration tables, between their markers."""
-    rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{s.env}` | {s.type_text} | {s.default_text} | {s.meaning} |" for s in SETTINGS]
+    rows = ["| variable | `Engine(...)` | type | default | meaning |", "|---|---|---|---|---|"]
+    rows += [f"| `{s.env}` | {f'`{s.field}=`' if s.field else '-'} | {s.type_text} "
+             f"| {s.default_text} | {s.meaning} |" for s in SETTINGS]
     rows += ["", "The seed miner's variables are read as aliases:", "",
              "| seed variable | here |", "|---|---|"]
     rows += [f"| {name} | {meaning} |" for name, meaning in ALIASES]
