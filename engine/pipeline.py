@@ -136,7 +136,7 @@ class Pipeline:
                 log.warning("ENGINE_DECODER=decord but decord is not installed: using pyav")
                 return "pyav"
             return "decord"
-        return "pyav"  # auto: PyAV measured faster here (README, decoder backends)
+        return "pyav"  # auto: PyAV measured faster (docs/performance.md, decoder backends)
 
     # ------------------------------------------------------------------ from the supervisor
     def _live(self, job_id: int) -> Job | None:

@@ -203,7 +203,7 @@ def fetch_end(backend: str, need_end, limit: int, size: int) -> int:
 
     PyAV reads exactly what the frames need. decord's open probes FFmpeg's probesize
     (5,000,000 bytes) and its demuxer reads ahead of the frames asked for, taking absent
-    bytes for zeros; with a fixed prefix, 48 frames and 2 MB of margin were enough.
+    bytes for zeros; the margin below covers that read-ahead.
     """
     end = int(need_end[limit - 1])
     if backend == "decord":
