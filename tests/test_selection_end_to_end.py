@@ -240,3 +240,21 @@ def test_frames_of_a_failed_job_raise_and_leave_nothing(engine, cdn, clips):
     with pytest.raises(Exception, match="404"):
         engine.frames(cdn.url("missing.mp4"), count=2)
     assert _outputs(engine) == []
+
+
+def test_serve_mode_takes_the_selection(cdn, clips, tmp_path):
+    """``submit --every`` and ``Engine.connect(...).frames`` against ``run --socket``."""
+    from tests.test_serve_faults import served
+    with served(tmp_path, processor="engine.processors:stats") as s:
+        out = tmp_path / "r.json"
+        done = subprocess.run([sys.executable, "-m", "engine", "submit", cdn.url("gop.mp4"),
+                               "--socket", s.path, "--every", "50", "--json", str(out),
+                               "--quiet"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(out.read_text())
+        assert [r["frame_number"] for r in report["results"]] == [0, 50, 100, 150, 200, 250]
+        assert report["selection"]["every"] == 50 and report["frames_selected"] == 6
+        with s.client() as c:
+            got = c.frames(cdn.url("gop-moov-end.mp4"), frames=[5, 130])
+        assert got.frame_numbers == [5, 130]
+        assert np.array_equal(got.array, plain_rgb(clips["gop-moov-end"])[[5, 130]])
