@@ -273,3 +273,37 @@ def test_720p_challenge_in_a_64mb_dev_shm(cdn, sn44_clips, tmp_path):
     assert error is None, m.log()
     frames = [i.frame for i in response.prediction.items]
     assert len(frames) == 750 // 50 and all(0 <= f < 750 for f in frames)
+
+
+def test_a_job_past_the_deadline_answers_empty_and_is_cancelled(cdn, slow_cdn, tmp_path):
+    m = Miner(tmp_path / "uvicorn.log", MINER_DEADLINE_S="1")
+    try:
+        response, error = run(post(m, {"challenge_id": "late",
+                                       "video_url": slow_cdn.url("/sn44.mp4")}, headers={}))
+        assert response.prediction.items == [] and "MINER_DEADLINE_S" in error, error
+        wait_for(lambda: m.health()["jobs_in_flight"] == 0, 30, "the late job to be cancelled")
+    finally:
+        m.stop()
+
+
+# ------------------------------------------------------------------ the pure parts
+def test_frame_numbers_count_at_25_fps():
+    assert [spotter.at_25fps(n, 50.0) for n in (0, 1, 2, 3, 4)] == [0, 0, 1, 2, 2]
+    assert [spotter.at_25fps(n, 25.0) for n in (0, 7)] == [0, 7]
+    assert spotter.at_25fps(3, 12.5) == 6 and spotter.at_25fps(3, None) == 3
+
+
+def test_model_output_is_made_valid():
+    assert spotter.clean_items([(3, "shot", 1.7), (-1, "pass", 0.5), (4, "goal", -0.2)]) == [
+        {"frame": 3, "action": "shot", "confidence": 1.0},
+        {"frame": 4, "action": "goal", "confidence": 0.0}]
+
+
+def test_the_bench_runs_both_miners(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "engine.tools.turbovision_bench", "--clip",
+                          "small", "--runs", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=BOUND_S)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("| reference",
+                                                                          "| engine"))]
+    assert len(rows) == 2 and all(row.endswith("| 1 | 0 |") for row in rows), out.stdout
