@@ -169,7 +169,7 @@ def stand_in_items(pictures: list[np.ndarray], frames: list[int], rounded=False)
     if rounded:
         return clean(spotter.clean_items(model.spot(torch.tensor(spotter.features_of(model, x)),
                                                     frames)))
-    feats = model.features(x.permute(0, 3, 1, 2).float().div_(255.0))
+    feats = model.features(x)
     return clean(spotter.clean_items(model.spot(feats, frames)))
 
 

@@ -37,7 +37,10 @@ def reference_items(path: str) -> list[dict]:
     import cv2
     import torch
     from examples.turbovision_miner import spotter
-    model = spotter.load_model(torch.device(os.environ.get("ENGINE_DEVICE", "cpu")))
+    device = os.environ.get("ENGINE_DEVICE", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = spotter.load_model(torch.device(device))
     cap = cv2.VideoCapture(path)
     fps = cap.get(cv2.CAP_PROP_FPS) or None
     feats, frames, n = [], [], 0
@@ -50,8 +53,8 @@ def reference_items(path: str) -> list[dict]:
             n += 1
             if frames and frames[-1] == k:
                 continue
-            rgb = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)[None])
-            feats.append(model.features(rgb.permute(0, 3, 1, 2).float().div_(255.0)))
+            rgb = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)[None]).to(device)
+            feats.append(model.features(rgb).cpu())
             frames.append(k)
     finally:
         cap.release()

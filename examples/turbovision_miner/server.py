@@ -46,6 +46,9 @@ def prewarm_origins() -> list[str]:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
+    if not logging.getLogger().handlers:    # uvicorn configures only its own loggers
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = await AsyncEngine(processor=spotter.VIDEO)
     try:
         if prewarm_origins():
