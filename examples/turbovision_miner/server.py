@@ -12,6 +12,9 @@ Environment:
 * ``MINER_VERIFIER``: ``module:function`` checking each challenge's request (signing);
   unset, nothing is checked;
 * ``TURBOVISION_MODEL``: the model (see ``spotter``); ``ENGINE_*``: the engine's settings.
+
+One uvicorn worker: the engine inside it already runs jobs side by side, and each more
+worker would start an engine of its own (its processes, its model, its memory).
 """
 from __future__ import annotations
 
