@@ -242,6 +242,8 @@ class Pipeline:
         if not job.stopping_decoder:    # else the GPU worker's loss set where to go on
             job.resume_after = resume.after_decoder_loss(job.forwarded)
         job.stopping_decoder = False
+        log.warning("%s: decoder lost (%s): a new one goes on after frame %d", job.url, cause,
+                    job.resume_after)
         self.decode_queue.insert(0, job.id)
 
     def _gpu_lost(self, job: Job, cause: str) -> None:
@@ -259,6 +261,8 @@ class Pipeline:
         job.unanswered.clear()
         job.forwarded = [n for n in job.forwarded if n <= after]
         job.resume_after = after
+        log.warning("%s: GPU worker lost (%s): decoding again after frame %d", job.url, cause,
+                    after)
         if any(self.ledger.of(d.name).decoding == job.id
                for d in self._workers("decoder", ready=False)):
             job.stopping_decoder = True
