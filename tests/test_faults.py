@@ -341,10 +341,12 @@ class StreamThread(JobThread):
 
 def kill_at_gate(owned: Owned, role: str, gate: Gate, job: JobThread, sig=signal.SIGKILL):
     """Kill ``role`` once the processor holds the gated frame; open the gate once the
-    worker is back. Returns the job's outcome and the worker's status."""
+    worker is back. Returns the job's outcome and the worker's status; ``job.killed_at``
+    is when it was killed."""
     eng = owned.eng
     victim = role_info(eng, role)
     wait_for(gate.reached, 60, f"the processor to reach frame {gate.frame}")
+    job.killed_at = time.monotonic()
     os.kill(victim["pid"], sig)
     info = wait_respawned(eng, role, victim["pid"])
     owned.remember()
@@ -364,7 +366,7 @@ def test_a_worker_killed_mid_job_costs_no_job(cdn, small_clips, gate, role, poin
         assert report.ok and report.missing_frames == []
         assert info["restarts"] == 1 and "SIGKILL" in info["last_restart_cause"]
     record(f"{role} SIGKILL {point}", "job went on with the new worker, frame-exact",
-           None, None, job.ended_at - job.started_at, "nothing")
+           None, None, job.ended_at - job.killed_at, "nothing")
 
 
 @pytest.mark.parametrize("role", ["decoder0", "gpu"])
@@ -381,7 +383,7 @@ def test_a_streamed_job_s_worker_killed_mid_stream_costs_no_job(small_clips, fau
         assert report.plan == "streamed"
         assert_matches(report, reference(small_clips["small"]))
     record(f"{role} SIGKILL mid-stream (streamed)", "job went on, frame-exact", None, None,
-           job.ended_at - job.started_at, "nothing")
+           job.ended_at - job.killed_at, "nothing")
 
 
 def test_a_decoder_segfault_mid_stream_costs_no_job(cdn, small_clips, gate):
@@ -406,7 +408,7 @@ def test_a_per_video_processor_s_video_starts_again_on_the_new_gpu_worker(cdn, g
         assert {r["result"]["handler"] for r in report.results} == \
             {report.video_result["handler"]}
     record("gpu SIGKILL mid-job, per-video processor", "video started again from frame 0 "
-           "on the new GPU worker", None, None, job.ended_at - job.started_at, "nothing")
+           "on the new GPU worker", None, None, job.ended_at - job.killed_at, "nothing")
 
 
 def test_a_per_video_processor_whose_results_reached_the_client_fails_with_one_line(cdn, gate):
