@@ -900,13 +900,14 @@ class Pipeline:
             return     # stopping: these frames are decoded again
         job.mark("first_frame", msg.decoded_at)
         gpu = self._gpu()
-        if gpu is None:
+        if gpu is None and not self.ledger.serving(job.id):
             self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
             return
         job.unanswered.append(msg)
         job.forwarded.extend(msg.frame_numbers)
-        self.ledger.of(gpu.name).jobs.add(job.id)
-        self._send(gpu, msg)
+        if gpu is not None:     # else it died, and its death (yet to be handled) redoes this
+            self.ledger.of(gpu.name).jobs.add(job.id)
+            self._send(gpu, msg)
 
     def on_results(self, w, msg: BatchResults) -> None:
         job = self._live(msg.job)
@@ -975,8 +976,10 @@ class Pipeline:
         per-video processor's ``end()``); the report goes out with its answer."""
         if job.phase is Phase.DRAINING and job.outstanding == 0:
             gpu = self._gpu()
-            if gpu is None:
-                self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
+            if gpu is None:     # dead: unless its death (yet to be handled) redoes the job
+                if not self.ledger.serving(job.id):
+                    self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not "
+                              "running")
                 return
             job.to(Phase.ENDING)
             self.ledger.of(gpu.name).jobs.add(job.id)

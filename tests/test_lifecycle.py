@@ -551,6 +551,24 @@ def test_a_lost_gpu_worker_s_unanswered_batches_are_decoded_again(clip):
     assert report["ok"] and [r["frame_number"] for r in report["results"]] == list(range(50))
 
 
+def test_a_batch_that_comes_before_the_gpu_worker_s_death_is_handled_waits_for_it(clip):
+    """The GPU worker's process is gone, its death not yet handled (the supervisor sees
+    the decoder's messages first): the job is not failed, its death redoes the batch."""
+    h = Harness(clip)
+    job = _decoding(h)
+    _answer(h, _batch(h, job, 0, 3))
+    h.workers["gpu"].alive = False
+    _batch(h, job, 4, 49, slot=4)
+    h.msg("decoder0", DecodeDone(job=job.id, frames=50, missing=[]))
+    assert job.phase is Phase.DRAINING and not job.finished
+    h.step(h.p.worker_lost, h.workers["gpu"], "killed by signal SIGKILL")
+    h.workers["gpu"].alive = True
+    h.step(h.p.dispatch)
+    assert h.to_worker("decoder0", DecodeJob)[1].selected == list(range(4, 50))
+    report = _finish(h, job, [_batch(h, job, 4, 49, slot=4)], 46)
+    assert report["ok"] and [r["frame_number"] for r in report["results"]] == list(range(50))
+
+
 def test_a_gpu_worker_lost_while_ending_is_asked_again(clip):
     h = Harness(clip)
     job = _decoding(h)
