@@ -6,11 +6,11 @@ with it this package, and must not pay for the client API it never uses.
 from engine.errors import (DecodeError, EngineBusy, EngineClosed, EngineError, FetchError,
                            JobTimeout, ProcessorError, SelectionError)
 
-_API = ("Batch", "Engine", "EngineClient", "Report", "VideoResult")
+_API = ("Batch", "Engine", "EngineClient", "Frames", "Report", "VideoResult")
 _AIO = ("AsyncEngine", "AsyncEngineClient")
 
 __all__ = ["AsyncEngine", "AsyncEngineClient", "Batch", "DecodeError", "Engine", "EngineBusy",
-           "EngineClient", "EngineClosed", "EngineError", "FetchError", "JobTimeout",
+           "EngineClient", "EngineClosed", "EngineError", "FetchError", "Frames", "JobTimeout",
            "ProcessorError", "Report", "SelectionError", "VideoResult"]
 
 

@@ -16,8 +16,8 @@ from contextlib import aclosing
 
 from multiprocess.reduction import ForkingPickler
 
-from engine.api import (START_TIMEOUT_S, Batch, Report, VideoResult, engine_config,
-                        raise_for, reap, spawn, submit_message)
+from engine.api import (START_TIMEOUT_S, Batch, Frames, Report, VideoResult, engine_config,
+                        raise_for, reap, spawn, submit_message, take_frames)
 from engine.config import Config, default_socket_path
 from engine.errors import EngineClosed, EngineError, error_from
 from engine.messages import CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery
@@ -204,6 +204,12 @@ class AsyncEngineClient:
         report = await self.report(url, **options)
         raise_for(report)
         return report
+
+    async def frames(self, url: str, **selection) -> Frames:
+        """The selected frames themselves, moved through shared memory (``Engine.frames``):
+        ``.array`` (uint8 ``[N, H, W, 3]`` RGB), ``.frame_numbers``, ``.report``."""
+        report = await self.report(url, return_frames=True, **selection)
+        return take_frames(report, self._write)
 
     async def stream(self, url: str, **options):
         """Yield result batches as they are produced, in frame order; then, if the

@@ -14,23 +14,53 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 from multiprocess.connection import Client, Connection
 
 from engine.config import Config, check_device
 from engine.errors import EngineClosed, EngineError, error_from
-from engine.messages import (CancelJob, JobDone, Prewarm, ResultBatch, StatusQuery,
-                             Submit)
+from engine.messages import (CancelJob, JobDone, Prewarm, ReleaseFrames, ResultBatch,
+                             StatusQuery, Submit)
 from engine.selection import Selection
+from engine.shm import SharedBlock, ShmError
 
 START_TIMEOUT_S = 120.0
 
 
 def submit_message(token: int, url: str, stream: bool = False, *,
-                   processor: str | None = None, **selection) -> Submit:
+                   processor: str | None = None, return_frames: bool = False,
+                   **selection) -> Submit:
     """The job's message, its selection checked first (``engine.selection``): a
     malformed one or an unknown option raises here, before anything is sent."""
     return Submit(token=token, url=url, processor=processor, stream=stream,
-                  selection=Selection.of(**selection))
+                  selection=Selection.of(**selection), return_frames=return_frames)
+
+
+@dataclass
+class Frames:
+    """``frames()``: the selected frames, RGB, in frame order."""
+    array: np.ndarray = field(repr=False)     # uint8 [N, H, W, 3]
+    frame_numbers: list[int]
+    report: "Report"
+
+
+def take_frames(report: "Report", send) -> Frames:
+    """Copy a finished ``frames`` job's frames out of its output block; then the engine
+    may unlink it (``send(ReleaseFrames)``)."""
+    raise_for(report)
+    out = report.video_result or {}
+    report.video_result = None
+    try:
+        block = SharedBlock.attach(out["output"])
+    except ShmError as exc:
+        raise EngineError(f"{report.url}: the frames are gone ({exc})") from None
+    try:
+        shape = tuple(out["shape"])
+        array = np.frombuffer(block.mm, np.uint8, count=int(np.prod(shape))).reshape(shape).copy()
+    finally:
+        block.close()
+        send(ReleaseFrames(output=out["output"]))
+    return Frames(array, list(out["frame_numbers"]), report)
 
 
 def _child_env() -> dict:
@@ -208,7 +238,18 @@ class EngineClient:
         ``selection``: the frames wanted (``every``, ``fps``, ``count``, ``frames``,
         ``start_s``, ``end_s``, ``max_frames``; default all); a malformed one raises
         ``SelectionError`` (a ``ValueError``) before anything is sent."""
-        msg = submit_message(next(self._tokens), url, stream, processor=processor, **selection)
+        return self._job(submit_message(next(self._tokens), url, stream, processor=processor,
+                                        **selection))
+
+    def frames(self, url: str, **selection) -> "Frames":
+        """The selected frames themselves (all by default: mind the memory), moved through
+        shared memory: ``.array`` (uint8 ``[N, H, W, 3]`` RGB), ``.frame_numbers``,
+        ``.report``. Raises like ``process``."""
+        msg = submit_message(next(self._tokens), url, return_frames=True, **selection)
+        *_, report = self._job(msg)
+        return take_frames(report, self._send)
+
+    def _job(self, msg: Submit):
         token, q = self._open(msg.token)
         try:
             self._send(msg)

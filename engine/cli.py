@@ -43,6 +43,10 @@ def summary(report) -> str:
     if v.get("frames") is not None:
         lines.append(f"  video: {v['codec']} {v['width']}x{v['height']} {v['fps']} fps, "
                      f"{v['frames']} frames, {v['bytes'] / 1e6:.2f} MB, moov at {v['moov']}")
+    asked = {k: v for k, v in (r.get("selection") or {}).items() if v is not None}
+    if asked:
+        lines.append("  selection: " + ", ".join(f"{k}={v}" for k, v in asked.items())
+                     + f" ({r.get('frames_selected')} frames selected, plan {r.get('plan')})")
     lines.append(f"  frames processed: {r['frames_processed']}"
                  + (f" (missing {len(r['missing_frames'])})" if r.get("missing_frames") else "")
                  + (f", decoder {r['decoder']}" if r.get("decoder") else ""))
@@ -163,7 +167,7 @@ def cmd_run(args) -> int:
     from engine.api import Engine
     if args.demo:
         from engine.demo import run_demo
-        return run_demo(args)
+        return run_demo(args, run_jobs)
     if not args.urls:
         from engine.serve import serve
         return serve(args)

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import replace
 
-from engine.api import Batch, EngineClient, Report
+from engine.api import Batch, EngineClient, Frames, Report, raise_for
 from engine.config import Config, check_device
 from engine.errors import EngineBusy, EngineClosed, EngineError, ErrorKind
 from engine.selection import Selection
@@ -97,6 +97,17 @@ class EngineActor:
 
     def prewarm(self, origins) -> int:
         return self.engine.prewarm(list(origins))
+
+    def frames(self, url: str, selection: dict):
+        """``Engine.frames`` here; the array goes back through Ray's object store."""
+        try:
+            got = self.engine.frames(url, **selection)
+        except EngineError as exc:
+            report = getattr(exc, "report", None)
+            if report is None:
+                raise
+            return None, [], {**report.to_dict(), "node": self.node}
+        return got.array, got.frame_numbers, {**got.report.to_dict(), "node": self.node}
 
     def status(self) -> dict:
         return self.engine.status()
@@ -359,6 +370,25 @@ class ClusterEngine(EngineClient):
                     except Exception:
                         pass
 
+    def frames(self, url: str, **selection) -> Frames:
+        """``Engine.frames`` on the least busy engine: the frames come back through Ray's
+        object store (shared memory where the job ran on this node)."""
+        selection = Selection.of(**selection).to_dict()
+        ray = _ray()
+        slot = self._acquire(set())
+        try:
+            array, numbers, report = ray.get(slot.handle.frames.remote(url, selection))
+        except ray.exceptions.RayError as exc:
+            report = self._failed(url, f"on node {slot.node}: "
+                                  + (str(exc).strip().splitlines() or [repr(exc)])[-1],
+                                  slot.node).to_dict()
+            array, numbers = None, []
+        finally:
+            self._release(slot)
+        report = Report.from_dict(report)
+        raise_for(report)
+        return Frames(array, numbers, report)
+
     @staticmethod
     def _failed(url: str, error: str, node: str) -> Report:
         fetch = {"http_version": None, "connections_new": 0, "connections_reused": 0,
@@ -474,6 +504,11 @@ def serve_cluster(args, address: str, path: str) -> int:
     conns: list = []
 
     def job(conn, send, msg: Submit, cancelled: threading.Event):
+        if msg.return_frames:
+            failed = ClusterEngine._failed(msg.url, "frames() of a served cluster: use "
+                                           "Engine(cluster=ADDRESS).frames", "-")
+            send(JobDone(token=msg.token, report=failed.to_dict()))
+            return
         try:
             for item in cluster.submit(msg.url, processor=msg.processor, stream=msg.stream,
                                        **msg.selection.to_dict()):

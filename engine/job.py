@@ -103,6 +103,7 @@ class Job:
     partial_mb: float | None
     stream: bool
     selection: Selection = field(default_factory=Selection)
+    return_frames: bool = False     # Engine.frames: selected frames go to ``output``
     phase: Phase = Phase.HEAD
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
@@ -116,6 +117,7 @@ class Job:
     segment: object = None          # shm.SharedBlock (the supervisor owns it)
     amap: object = None             # shm.AvailabilityMap
     ring: object = None             # shm.FrameRing
+    output: object = None           # shm.SharedBlock: Engine.frames' frames, for the client
     head_attempt: int = 0
     head_done: bool = False         # the head's bytes are all in the segment
     fetched: bool = False           # every planned byte is in the segment

@@ -21,6 +21,13 @@ class Submit:
     processor: str | None = None
     stream: bool = False
     selection: Selection = field(default_factory=Selection)
+    return_frames: bool = False     # Engine.frames: the frames go back through shared memory
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseFrames:
+    """The client has copied a job's frames out of its output block: unlink it."""
+    output: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +101,14 @@ class FetchRange:
     offset: int
     end: int                     # exclusive
     attempt: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadWhole:
+    """Answer to ``WholeBody``: read that body (``read``), or drop it (another brings it)."""
+    job: int
+    offset: int
+    read: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,6 +246,14 @@ class RangeFailed:
     attempt: int = 0
     head: bool = False
     speculative: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class WholeBody:
+    """The range at ``offset`` was answered ``200`` with the whole file: the fetcher waits
+    for ``ReadWhole`` before reading it."""
+    job: int
+    offset: int
 
 
 @dataclass(frozen=True, kw_only=True)

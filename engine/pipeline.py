@@ -30,13 +30,13 @@ from engine.job import Job, Phase
 from engine.ledger import Ledger
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
-                             RangeDone, RangeFailed, ResultBatch, RingReady, SegmentReady,
-                             StreamInfo, Submit, VideoResult)
+                             RangeDone, RangeFailed, ReadWhole, ResultBatch, RingReady,
+                             SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
 from engine.plan import Piece, RangePlan, fetch_end
 from engine.selection import Selection, byte_regions, gop_spans, pick
 from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
+from engine.shm.block import free_bytes, unlink_block
 from engine.shm.ring import SlotRun
-from engine.shm.block import free_bytes
 
 log = logging.getLogger("engine.supervisor")
 
@@ -47,6 +47,8 @@ SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), 
 MAX_RANGE_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.05   # doubled at each attempt of a range
 UNKNOWN_LENGTH_RESERVE = 4 << 20   # counted for a body of unknown length (it reserves as it grows)
+COLLECT = "engine.processors:collect"   # Engine.frames' processor
+OUTPUT_MAX_BYTES = 1 << 40   # a streamed job's output block, reserved only as frames fill it
 
 
 def looks_like_html(head: bytes) -> bool:
@@ -86,13 +88,14 @@ class Pipeline:
         self.rr = 0
         self.ring_pool: dict[tuple, list] = {}
         self.ring_reserved: dict[int, int] = {}   # job -> bytes held for its ring until moov
+        self.outputs: dict[str, object] = {}   # output block -> the client yet to take it
         self.warned_small_ring = False
         self.decoder_backend = self._pick_backend()
         self.handlers = {RangeDone: self.on_range_done, BatchReady: self.on_batch,
                          BatchResults: self.on_results, HeadInfo: self.on_head,
                          RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
                          DecodeDone: self.on_decode_done, StreamInfo: self.on_stream_info,
-                         VideoResult: self.on_video_result}
+                         VideoResult: self.on_video_result, WholeBody: self.on_whole_body}
 
     # ------------------------------------------------------------------ outbox and workers
     def take(self) -> list[Send]:
@@ -134,7 +137,7 @@ class Pipeline:
                 log.warning("ENGINE_DECODER=decord but decord is not installed: using pyav")
                 return "pyav"
             return "decord"
-        return "pyav"  # auto: PyAV measured faster here (README, decoder backends)
+        return "pyav"  # auto: PyAV measured faster (docs/performance.md, decoder backends)
 
     # ------------------------------------------------------------------ from the supervisor
     def _live(self, job_id: int) -> Job | None:
@@ -192,7 +195,11 @@ class Pipeline:
         self._dispatch_decodes()
 
     def fail_all(self, kind: str, why: str, client=None) -> None:
-        """Fail every live job (of ``client`` only, if given): '<url>: <why>'."""
+        """Fail every live job (of ``client`` only, if given): '<url>: <why>'; frames
+        waiting for that client go too."""
+        for name, owner in list(self.outputs.items()):
+            if client is not None and owner is client:
+                self.release_output(client, name)
         for job in self.live:
             if client is None or job.client is client:
                 if client is not None:
@@ -277,9 +284,10 @@ class Pipeline:
         asked = msg.selection.to_dict() if isinstance(msg.selection, Selection) else {}
         if asked.get("max_frames") is None:
             asked["max_frames"] = cfg.max_frames
+        return_frames = bool(getattr(msg, "return_frames", False))
         job = Job(next(self.job_ids), msg.token, client, msg.url,
-                  msg.processor or cfg.processor, asked["max_frames"], cfg.partial_mb,
-                  msg.stream)
+                  COLLECT if return_frames else msg.processor or cfg.processor,
+                  asked["max_frames"], cfg.partial_mb, msg.stream, return_frames=return_frames)
         job.deadline = job.submitted + cfg.job_timeout_s
         self.jobs[job.id] = job
         try:    # checked again: a serve-mode client may send anything
@@ -377,6 +385,8 @@ class Pipeline:
         job.head_len = min(cfg.head_bytes, job.size) if msg.ranged else job.size
         job.plan.planned_until = job.head_len
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
+        if not msg.ranged:
+            job.plan.take_whole(0)                      # and brings every byte
         for offset, end, _ in self.ledger.ranges_of(job.id):
             # the ranges sent with the head that are still on their way, and contiguous
             # with what is planned: part of the plan
@@ -578,6 +588,21 @@ class Pipeline:
         job.plan.done(msg.offset)
         self._after_bytes(job)
 
+    def on_whole_body(self, w, msg: WholeBody) -> None:
+        """A range answered with the whole file (a CDN edge forwarding a cache miss to an
+        origin without Range): the first such body is read, and this job asks no more
+        ranges (the next job tries them again); another is dropped."""
+        job = self._live(msg.job)
+        read = job is not None and job.plan.take_whole(msg.offset)
+        if not read:
+            self.ledger.release_range(w.name, msg.job, msg.offset)
+            if job is not None:
+                job.plan.done(msg.offset)
+        elif job.ranged:
+            log.info("%s: a range was answered with the whole file: reading it, no more "
+                     "ranges in this job", job.url)
+        self._send(w, ReadWhole(job=msg.job, offset=msg.offset, read=read))
+
     def _after_bytes(self, job: Job) -> None:
         if not job.head_done and job.amap.present(0, job.head_len):
             job.head_done = True
@@ -607,6 +632,9 @@ class Pipeline:
             if not job.ranged:
                 self.fail(job, msg.kind, msg.error)
                 return
+        if job.plan is not None and job.plan.single and msg.offset != job.plan.whole:
+            job.plan.done(msg.offset)    # its bytes come with the one body read
+            return
         if msg.speculative and (job.plan is None or msg.offset not in job.plan.inflight):
             if msg.retryable:
                 job.fetch.retries += 1    # its bytes are planned (again) like any others
@@ -696,7 +724,8 @@ class Pipeline:
         job.frames_selected = len(job.selected) if job.selected is not None else limit
         if not self._within_max_selected(job):
             return
-        if self._make_ring(job, track.height, track.width):
+        if self._make_ring(job, track.height, track.width) and \
+                self._make_output(job, track.height, track.width):
             self.decode_queue.append(job.id)
             self._dispatch_decodes()
 
@@ -751,6 +780,30 @@ class Pipeline:
             job.plan.raise_to_front(found.need)
         return why
 
+    def _make_output(self, job: Job, height: int, width: int) -> bool:
+        """Engine.frames: the block the selected frames go into, all reserved when their
+        count is known (planned), else reserved as they come (streamed)."""
+        if not job.return_frames:
+            return True
+        frame = height * width * 3
+        count = job.frames_selected or self.config.max_selected
+        size = frame * count if count else OUTPUT_MAX_BYTES // frame * frame
+        try:
+            job.output = SharedBlock.create(segment_name(os.getpid(), job.id, ".out"), size,
+                                            reserve=size if job.frames_selected else frame)
+        except ShmError as exc:
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the "
+                      f"{count or ''} selected frames ({exc}; a container needs a larger "
+                      "--shm-size)")
+            return False
+        return True
+
+    def release_output(self, client, name: str) -> None:
+        """A client copied its frames out (or went away): the block goes."""
+        if name in self.outputs and (client is None or self.outputs[name] is client):
+            del self.outputs[name]
+            unlink_block(name)
+
     def _make_ring(self, job: Job, height: int, width: int) -> bool:
         self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
         # Both ways pass here with the header's picture size before any frame is decoded
@@ -779,8 +832,11 @@ class Pipeline:
         return True
 
     def close(self) -> None:
-        """The engine stops: give back the pooled rings (live jobs are failed first)."""
+        """The engine stops: give back the pooled rings and frames nobody took (live jobs
+        are failed first)."""
         self._drop_ring_pool()
+        for name in list(self.outputs):
+            self.release_output(None, name)
 
     def _drop_ring_pool(self) -> None:
         """Give back the idle pooled rings (a job needs their room)."""
@@ -871,7 +927,8 @@ class Pipeline:
             self._send(w, RingReady(job=msg.job, ring=None))
             return
         job.track = msg
-        if not self._make_ring(job, msg.height, msg.width):
+        if not self._make_ring(job, msg.height, msg.width) \
+                or not self._make_output(job, msg.height, msg.width):
             return                  # failed: its EndJob tells the decoder
         gpu = self._gpu()
         if gpu is None:
@@ -892,7 +949,8 @@ class Pipeline:
         t = job.track
         return {"url": job.url, "width": t.width, "height": t.height, "fps": t.fps,
                 "frames": job.frames_selected if job.frames_selected is not None
-                else job.frame_limit, "codec": t.codec, "selection": job.selection.to_dict()}
+                else job.frame_limit, "codec": t.codec, "selection": job.selection.to_dict(),
+                "output": job.output.name if job.output is not None else None}
 
     def on_batch(self, w, msg: BatchReady) -> None:
         job = self._live(msg.job)
@@ -1038,4 +1096,11 @@ class Pipeline:
                 shared.unlink()
                 shared.close()
         job.segment = job.amap = job.ring = None
+        if job.output is not None:   # kept for its client to copy out (ReleaseFrames)
+            if job.phase is Phase.DONE and job.client is not None:
+                self.outputs[job.output.name] = job.client
+            else:
+                job.output.unlink()
+            job.output.close()
+            job.output = None
         self.jobs.pop(job.id, None)

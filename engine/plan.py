@@ -13,6 +13,9 @@ connection is free, so its size can follow the state of the download:
   finish at about the same time, instead of one last large range running alone while
   the others idle.
 Pieces start on chunk boundaries (see ``shm.availability``).
+
+A server that answers a range with the whole file (``200``) turns the plan to one body:
+that body brings every byte, so nothing more is cut or asked for (``take_whole``).
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ class RangePlan:
         self.inflight: dict[int, Piece] = {}     # by offset
         self.planned_until = 0                   # [0, planned_until) is planned
         self.extra: list[tuple[int, int]] = []   # planned regions beyond it (the moov)
+        self.single = False                      # one body brings every byte: no more ranges
+        self.whole: int | None = None            # the request reading that body, in flight
 
     def extend(self, until: int) -> None:
         """Plan everything up to ``until`` (ascending, after what is already pending)."""
@@ -57,11 +62,15 @@ class RangePlan:
         for lo, hi in self.extra:     # skip a region that is already planned urgently
             if start < hi and lo < until:
                 if start < lo:
-                    self.pending.append(Piece(start, lo))
+                    self._add(Piece(start, lo))
                 start = max(start, hi)
         if start < until:
-            self.pending.append(Piece(start, until))
+            self._add(Piece(start, until))
         self.planned_until = max(self.planned_until, until)
+
+    def _add(self, piece: Piece) -> None:
+        if not self.single:       # else the one body brings it
+            self.pending.append(piece)
 
     def urgent(self, start: int, end: int) -> None:
         """Plan ``[start, end)`` ahead of everything (the moov box at the end)."""
@@ -69,7 +78,8 @@ class RangePlan:
         if start >= end:
             return
         self.extra.append((start, end))
-        self.pending.appendleft(Piece(start, end))
+        if not self.single:
+            self.pending.appendleft(Piece(start, end))
 
     def add(self, start: int, end: int) -> None:
         """Plan ``[start, end)`` too, after what is pending (a span of a sparse selection);
@@ -119,7 +129,7 @@ class RangePlan:
             if region.not_before > now:
                 continue
             size = self._size(region.offset, slots, missing)
-            if region.end - region.offset <= size + RAMP_MIN:
+            if self.single or region.end - region.offset <= size + RAMP_MIN:
                 self.pending.remove(region)
                 piece = region
             else:
@@ -129,20 +139,37 @@ class RangePlan:
             return piece
         return None
 
+    def take_whole(self, offset: int) -> bool:
+        """The request at ``offset`` was answered with the whole file: whether to read it.
+        The first such body is read (to the end of the file) and, from then on, no range
+        is cut; any other is dropped (only that body's retry is read)."""
+        if self.single and self.whole != offset:
+            return False
+        piece = self.inflight.get(offset)
+        self.single, self.whole = True, offset
+        self.pending.clear()
+        self.inflight[offset] = Piece(0, self.size, piece.attempt if piece else 0)
+        return True
+
     def done(self, offset: int) -> None:
+        if offset == self.whole:
+            self.whole = None
         self.inflight.pop(offset, None)
 
     def retry(self, offset: int, written: int, backoff: float) -> Piece:
         piece = self.inflight.pop(offset)
         rest = Piece(max(piece.offset, align_down(written)), piece.end, piece.attempt + 1,
                      time.monotonic() + backoff)
+        if offset == self.whole:
+            self.whole = rest.offset
         self.pending.appendleft(rest)
         return rest
 
     def requeue(self, offset: int) -> None:
-        """The fetcher holding this piece died: fetch it again, first."""
+        """The fetcher holding this piece died: fetch it again, first (with one body
+        bringing every byte, only that body)."""
         piece = self.inflight.pop(offset, None)
-        if piece is not None:
+        if piece is not None and (not self.single or offset == self.whole):
             self.pending.appendleft(piece)
 
     def truncate(self, size: int) -> None:
@@ -176,7 +203,7 @@ def fetch_end(backend: str, need_end, limit: int, size: int) -> int:
 
     PyAV reads exactly what the frames need. decord's open probes FFmpeg's probesize
     (5,000,000 bytes) and its demuxer reads ahead of the frames asked for, taking absent
-    bytes for zeros; with a fixed prefix, 48 frames and 2 MB of margin were enough.
+    bytes for zeros; the margin below covers that read-ahead.
     """
     end = int(need_end[limit - 1])
     if backend == "decord":

@@ -27,8 +27,8 @@ from multiprocess.connection import wait
 
 from engine.config import Config
 from engine.errors import ErrorKind
-from engine.messages import (CancelJob, Heartbeat, Hello, Prewarm, PrewarmOrigins, Reply, Shutdown,
-                             StatusQuery, Submit)
+from engine.messages import (CancelJob, Heartbeat, Hello, Prewarm, PrewarmOrigins,
+                             ReleaseFrames, Reply, Shutdown, StatusQuery, Submit)
 from engine.pipeline import Pipeline
 from engine.shm import sweep_stale
 from engine.shm.sweep import owned_blocks
@@ -110,7 +110,8 @@ class Supervisor:
         self.workers.append(WorkerHandle("gpu", 0, gpu.main))
         self.pipeline = Pipeline(config, lambda: [w for w in self.workers if w.alive])
         self.client_handlers = {Submit: self._on_submit, Prewarm: self._on_prewarm,
-                                StatusQuery: self._on_status_query, CancelJob: self._on_cancel}
+                                StatusQuery: self._on_status_query, CancelJob: self._on_cancel,
+                                ReleaseFrames: self._on_release_frames}
         self.worker_handlers = {Heartbeat: self._on_heartbeat, Reply: self._on_prewarmed,
                                 Hello: self._on_hello}
 
@@ -390,6 +391,9 @@ class Supervisor:
 
     def _on_cancel(self, client, msg: CancelJob) -> None:
         self.pipeline.cancel(client, msg.token)
+
+    def _on_release_frames(self, client, msg: ReleaseFrames) -> None:
+        self.pipeline.release_output(client, msg.output)
 
     def _on_prewarm(self, client, msg: Prewarm) -> None:
         fetchers = [w for w in self.workers if w.role == "fetcher" and w.alive]

@@ -36,7 +36,7 @@ device, so the models are chosen by an environment variable instead of by argume
 
 ``Miner(models=...)`` sets ``SN44_MODELS`` in this process's environment just while the
 engine spawns, so the engine's processes inherit it. With an engine run as a service
-(``python -m engine run``, see Deployment in the README) the variable goes into *that* service's
+(``python -m engine run``, see docs/deployment.md) the variable goes into *that* service's
 environment instead, and the miner attaches with ``Miner(origin, socket=PATH)``.
 
 The model protocol (what a builder must return)

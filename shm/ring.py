@@ -102,7 +102,7 @@ class FrameRing:
     # -- owner -----------------------------------------------------------------------
     def reset(self) -> None:
         """Make a finished job's ring new again for the next job (the owner reuses rings:
-        reserving ~130 MB of /dev/shm costs tens of milliseconds on the critical path)."""
+        reserving a ring's worth of /dev/shm is slow on the critical path)."""
         self._slot_state[:] = FREE
         self._cursor[0] = 0
         self._state[0] = 0

@@ -39,17 +39,35 @@ Modes and what httpx (0.28, HTTP/1.1) surfaces:
                connection open, sending nothing, until stop() or until the
                client hangs up (counted in ``hung_up``): httpx raises
                httpx.ReadTimeout once its read timeout passes.
+
+Legal answers that nginx never gives (RFC 9110 allows each):
+  'whole-later' a range starting at 0 is answered 206; any other range gets 200 with
+               the whole body, as a CDN edge that has the file's first bytes cached
+               forwards a cache miss to an origin without Range support.
+  'star'       every 206 gives its total as unknown: ``Content-Range: bytes a-b/*``.
+  'star-head'  only a range starting at 0 does (``bytes 0-b/*``); later ones give it.
+  'short-range' a 206 brings at most ``SHORT_SPAN`` bytes, its Content-Range honest
+               and shorter than the range asked for.
+  'gzip'       every GET is answered 200 with the whole body gzip-encoded
+               (``Content-Encoding: gzip``, the encoded length), Range ignored.
+  'gzip-range' ranges are answered 206 with the range's bytes gzip-encoded.
+
+In every mode but 'chunked', 'eof' and 'gzip', a range starting at or past the end
+is answered 416 with ``Content-Range: bytes */total``, as nginx does.
 """
 
 from __future__ import annotations
 
+import gzip
 import re
 import socket
 import ssl
 import threading
 
-MODES = ("ok", "drop-once", "short", "long", "stall", "chunked", "eof")
+MODES = ("ok", "drop-once", "short", "long", "stall", "chunked", "eof", "whole-later", "star",
+         "star-head", "short-range", "gzip", "gzip-range")
 STALL_PREFIX = 64 * 1024
+SHORT_SPAN = 48 * 1024 + 1   # not a multiple of the engine's 64 KiB chunks
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
 
 
@@ -61,6 +79,7 @@ class FaultyServer:
         self.data, self.mode, self.content_type = data, mode, content_type
         self.requests = 0  # requests whose response we started to send
         self.targets: list[str] = []   # the request target (path and query) of each
+        self.asked: list[tuple[str, str]] = []   # (target, its Range header or "") of each
         self.stalled = 0   # 'stall': responses held open
         self.hung_up = 0   # 'stall': of those, the ones the client closed
         self.port: int | None = None
@@ -152,18 +171,31 @@ class FaultyServer:
         with self._lock:
             self.requests += 1
             self.targets.append(headers.get("", ""))
+            self.asked.append((headers.get("", ""), headers.get("range", "")))
         total = len(self.data)
         match = _RANGE.match(headers.get("range", "").replace(" ", ""))
         if self.mode in ("chunked", "eof"):
             return self._respond_unframed(conn, method)
-        if match and int(match.group(1)) < total:
+        if self.mode == "gzip" or (self.mode == "whole-later" and match
+                                   and int(match.group(1)) > 0):
+            match = None
+        if match and int(match.group(1)) >= total:
+            return self._send_head(conn, "416 Range Not Satisfiable",
+                                   [f"Content-Range: bytes */{total}", "Content-Length: 0"])
+        if match:
             start = int(match.group(1))
             end = min(int(match.group(2) or total - 1), total - 1)
+            if self.mode == "short-range":
+                end = min(end, start + SHORT_SPAN - 1)
             status = "206 Partial Content"
-            extra = [f"Content-Range: bytes {start}-{end}/{total}"]
+            star = self.mode == "star" or (self.mode == "star-head" and start == 0)
+            extra = [f"Content-Range: bytes {start}-{end}/{'*' if star else total}"]
         else:
             start, end, status, extra = 0, total - 1, "200 OK", []
         body = self.data[start : end + 1]
+        if self.mode == "gzip" or (self.mode == "gzip-range" and match):
+            body = gzip.compress(body, mtime=0)
+            extra.append("Content-Encoding: gzip")
         send, keep = body, True
         if method == "GET" and self.mode == "drop-once" and match and start > 0:
             with self._lock:
@@ -177,11 +209,9 @@ class FaultyServer:
         elif method == "GET" and self.mode == "stall":
             send = body[: min(STALL_PREFIX, max(len(body) - 1, 0))]
         close = headers.get("connection", "").lower() == "close"
-        head = [f"HTTP/1.1 {status}", *self._type(), "Accept-Ranges: bytes",
-                f"Content-Length: {len(body)}", *extra]
-        if close:
-            head.append("Connection: close")
-        conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        self._send_head(conn, status, [*self._type(), "Accept-Ranges: bytes",
+                                       f"Content-Length: {len(body)}", *extra]
+                        + (["Connection: close"] if close else []))
         if method == "GET":
             conn.sendall(send)
             if self.mode == "stall":
@@ -189,6 +219,11 @@ class FaultyServer:
                 return False
         return keep and not close
 
+
+    @staticmethod
+    def _send_head(conn, status: str, lines: list[str]) -> bool:
+        conn.sendall(("\r\n".join([f"HTTP/1.1 {status}", *lines]) + "\r\n\r\n").encode())
+        return True
 
     def _type(self) -> list[str]:
         return [f"Content-Type: {self.content_type}"] if self.content_type else []

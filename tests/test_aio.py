@@ -93,6 +93,12 @@ def test_many_jobs_from_one_loop(cdn, small_clips):
             assert (await eng.status())["jobs_in_flight"] == []
             limited = await eng.process(cdn.url("small.mp4"), max_frames=7)
             assert_matches(limited, reference(small_clips["small"], 7))
+
+            both = await asyncio.gather(eng.frames(cdn.url("small.mp4"), count=4),
+                                        eng.frames(cdn.url("small-moov-end.mp4"), fps=5.0))
+            assert [b.frame_numbers for b in both] == [[0, 16, 32, 49], [0, 5, 10, 15, 20,
+                                                                         25, 30, 35, 40, 45]]
+            assert both[0].array.shape == (4, 240, 320, 3)
     run(scenario())
 
 

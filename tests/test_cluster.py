@@ -18,6 +18,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import av
+import numpy as np
 import psutil
 import pytest
 
@@ -137,6 +139,18 @@ def test_jobs_spread_evenly_and_frames_are_exact(eng, cluster, cdn, small_clips)
     assert set(r.node for r in reports) == set(_names(cluster))
     exact = eng.process(url, processor="engine.processors:stats")
     assert_matches(exact, reference(small_clips["small"]))
+
+
+def test_selection_and_frames_on_the_cluster(eng, cluster, cdn, small_clips):
+    url = cdn.url("small.mp4")
+    report = eng.process(url, every=7)
+    assert [x["frame_number"] for x in report.results] == list(range(0, 50, 7))
+    assert report.selection["every"] == 7 and report.frames_selected == 8
+    got = eng.frames(url, count=3)
+    assert got.frame_numbers == [0, 24, 49] and got.report.node in _names(cluster)
+    with av.open(str(small_clips["small"])) as c:
+        plain = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert np.array_equal(got.array, np.stack([plain[i] for i in (0, 24, 49)]))
 
 
 def test_stream_yields_batches_before_the_download_ends(eng, cluster, cdn, sn44_clips):

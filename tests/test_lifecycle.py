@@ -18,8 +18,8 @@ from engine.errors import ErrorKind
 from engine.job import TERMINAL, TRANSITIONS, BadTransition, Job, Phase
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, FetchStats, GpuJob, HeadInfo, JobDone,
-                             NeedBytes, RangeDone, RangeFailed, RingReady, SegmentReady,
-                             StreamInfo, Submit, VideoResult)
+                             NeedBytes, RangeDone, RangeFailed, ReadWhole, RingReady,
+                             SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
 from engine import resume
 from engine.pipeline import Pipeline
 from engine.plan import RangePlan
@@ -708,6 +708,93 @@ def test_a_cancelled_job_ends_every_worker_s_part(clip):
     assert h.report()["error"] == f"{URL}: cancelled" and job.phase is Phase.FAILED
     assert {s.to for s in h.sent if isinstance(s.msg, EndJob)} == set(h.workers)
     assert all(h.p.ledger.of(w).idle for w in h.workers)
+
+
+def test_a_range_answered_with_the_whole_file_brings_the_rest_of_the_job(longer_moov_end):
+    """A CDN edge honours the head's Range, then answers a later range with 200 and the
+    whole file: that body is read, a second such body is dropped, and the job asks for no
+    more ranges; a range that fails meanwhile costs nothing (its bytes are in that body)."""
+    data = longer_moov_end
+    h = Harness(data)
+    job = h.submit()
+    h.head(job)
+    h.deliver(job.id, 0)
+    h.step(h.p.dispatch)
+    (first, _), (second, _), (third, end) = sorted(
+        (o, e) for o, e, _ in h.p.ledger.ranges_of(job.id))[:3]
+    reader = h.pending.pop((job.id, first))[0]
+    other = h.pending.pop((job.id, second))[0]
+    h.msg(reader, WholeBody(job=job.id, offset=first))
+    h.msg(other, WholeBody(job=job.id, offset=second))
+    assert h.to_worker(reader, ReadWhole)[-1] == ReadWhole(job=job.id, offset=first, read=True)
+    assert h.to_worker(other, ReadWhole)[-1] == ReadWhole(job=job.id, offset=second, read=False)
+    assert not job.plan.pending
+    asked = len([s for s in h.sent if isinstance(s.msg, FetchRange)])
+    worker = h.pending.pop((job.id, third))[0]
+    h.msg(worker, RangeFailed(job=job.id, offset=third, end=end, written=third, error="reset",
+                              kind=ErrorKind.FETCH, retryable=True))
+    assert job.phase is not Phase.FAILED and job.fetch.retries == 0
+    # the one body: every byte written, then done; the moov at the end is found in it
+    block, amap = h.segments[job.id]
+    block.mm[:len(data)] = data
+    amap.mark(0, len(data))
+    h.msg(reader, RangeDone(job=job.id, offset=first, end=len(data),
+                            stats=FetchStats(bytes=len(data))))
+    for key in [k for k in h.pending if k[0] == job.id]:   # those in flight end as they may
+        h.deliver(*key)
+    assert len([s for s in h.sent if isinstance(s.msg, FetchRange)]) == asked
+    assert job.fetched
+    _run_planned(h, job, 200)
+    assert h.report()["ok"]
+    # the next job on that origin asks for ranges again
+    h.step(h.p.submit, h.client, Submit(token=2, url=URL))
+    nxt = max(h.p.jobs.values(), key=lambda j: j.id)
+    h.head(nxt)
+    h.deliver(nxt.id, 0)
+    h.step(h.p.dispatch)
+    assert not nxt.plan.single and h.p.ledger.ranges_of(nxt.id)
+
+
+def test_the_whole_file_s_body_that_fails_is_asked_again_whole(longer_clip):
+    h = Harness(longer_clip)
+    job = h.submit()
+    h.head(job)
+    h.deliver(job.id, 0)
+    (offset, _, worker), *_ = h.p.ledger.ranges_of(job.id)
+    h.pending.pop((job.id, offset))
+    h.msg(worker, WholeBody(job=job.id, offset=offset))
+    h.msg(worker, RangeFailed(job=job.id, offset=offset, end=offset, written=200_000,
+                              error="reset", kind=ErrorKind.FETCH, retryable=True))
+    assert job.fetch.retries == 1 and job.phase is not Phase.FAILED
+    time.sleep(0.06)                 # the retry's back-off
+    h.step(h.p.dispatch)
+    again = [m for _, m in h.pending.values() if isinstance(m, FetchRange) and m.attempt == 1]
+    # from the chunk it stopped in to the end, in one request; its 200 is read again
+    assert [(m.offset, m.end) for m in again] == [(196_608, len(longer_clip))]
+    h.msg(worker, WholeBody(job=job.id, offset=196_608))
+    assert h.to_worker(worker, ReadWhole)[-1].read
+    h.step(h.p.fail, job, ErrorKind.ENGINE, "stop")
+
+
+def test_range_plan_with_one_body_cuts_no_more_ranges():
+    plan = RangePlan(size=8 << 20, range_bytes=2 << 20)
+    plan.extend(4 << 20)
+    a = plan.next(slots=4)
+    b = plan.next(slots=4)
+    assert plan.take_whole(b.offset) and not plan.take_whole(a.offset)
+    assert plan.inflight[b.offset].end == 8 << 20 and not plan.pending
+    plan.extend(8 << 20)
+    plan.urgent(7 << 20, 8 << 20)
+    assert not plan.pending and plan.regions() == [(0, 8 << 20)]
+    plan.requeue(a.offset)           # its fetcher died: the body brings its bytes
+    assert not plan.pending and a.offset not in plan.inflight
+    rest = plan.retry(b.offset, 3 << 20, backoff=0.0)
+    assert (rest.offset, rest.end) == (3 << 20, 8 << 20) and plan.whole == rest.offset
+    piece = plan.next(slots=4)       # uncut
+    assert (piece.offset, piece.end) == (3 << 20, 8 << 20) and plan.take_whole(piece.offset)
+    plan.done(piece.offset)
+    assert plan.finished and plan.whole is None
+    assert not plan.take_whole(1 << 20)      # a late one, once the body is in: dropped
 
 
 # ---------------------------------------------------------------- the range plan

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fractions
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,53 @@ def test_cli_selection(cdn, clips, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "engine", "run", cdn.url("gop.mp4"),
                           "--every", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: every must be > 0, not 0"
+
+
+@functools.lru_cache(maxsize=4)
+def plain_rgb(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.mark.parametrize("name, selection", [("gop", dict(count=6)), ("gop-moov-end", dict(fps=2.0)),
+                                             ("mkv", dict(every=40)), ("frag", dict(count=4))])
+def test_frames_come_back_through_shared_memory(engine, cdn, clips, name, selection):
+    path = clips[name]
+    got = engine.frames(cdn.url(path.name), **selection)
+    want = expected(path, **selection)
+    assert got.frame_numbers == want and got.report.ok and got.report.video_result is None
+    assert got.array.dtype == np.uint8 and got.array.shape == (len(want), 240, 320, 3)
+    assert np.array_equal(got.array, plain_rgb(path)[want])
+    assert _outputs(engine) == []    # the output block went once the frames were copied
+
+
+def _outputs(engine) -> list[str]:
+    """Output blocks of the engine's supervisor still in /dev/shm."""
+    return [n for n in os.listdir("/dev/shm")
+            if n.startswith(f"engine-{engine.pid}-") and n.endswith(".out")]
+
+
+def test_frames_of_a_failed_job_raise_and_leave_nothing(engine, cdn, clips):
+    with pytest.raises(SelectionError, match="it has 260 frames"):
+        engine.frames(cdn.url("gop.mp4"), frames=[300])
+    with pytest.raises(Exception, match="404"):
+        engine.frames(cdn.url("missing.mp4"), count=2)
+    assert _outputs(engine) == []
+
+
+def test_serve_mode_takes_the_selection(cdn, clips, tmp_path):
+    """``submit --every`` and ``Engine.connect(...).frames`` against ``run --socket``."""
+    from tests.test_serve_faults import served
+    with served(tmp_path, processor="engine.processors:stats") as s:
+        out = tmp_path / "r.json"
+        done = subprocess.run([sys.executable, "-m", "engine", "submit", cdn.url("gop.mp4"),
+                               "--socket", s.path, "--every", "50", "--json", str(out),
+                               "--quiet"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(out.read_text())
+        assert [r["frame_number"] for r in report["results"]] == [0, 50, 100, 150, 200, 250]
+        assert report["selection"]["every"] == 50 and report["frames_selected"] == 6
+        with s.client() as c:
+            got = c.frames(cdn.url("gop-moov-end.mp4"), frames=[5, 130])
+        assert got.frame_numbers == [5, 130]
+        assert np.array_equal(got.array, plain_rgb(clips["gop-moov-end"])[[5, 130]])

@@ -537,7 +537,8 @@ WORKERS = {"ffmpeg-cli": worker_ffmpeg_cli, "decord-file": worker_decord_file,
 
 def worker_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.tools.bench --worker")
-    ap.add_argument("--worker", required=True, choices=sorted(WORKERS))
+    ap.add_argument("--worker", required=True)
+    ap.add_argument("--count", type=int, default=32)
     ap.add_argument("--url")
     ap.add_argument("--video")
     ap.add_argument("--ca")
@@ -550,7 +551,11 @@ def worker_main(argv: list[str]) -> int:
         from engine.config import Config
         from engine.workers import decoder
         decoder.SWS_THREADS = Config.from_env().sws_threads   # convert as the engine does
-        out = WORKERS[a.worker](a)
+        if a.worker.startswith("sparse:"):
+            from engine.tools.bench_sparse import WORKERS as SPARSE
+            out = SPARSE[a.worker.split(":", 1)[1]](a)
+        else:
+            out = WORKERS[a.worker](a)
     except Exception as exc:                    # one line back to the parent, not a traceback
         out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     import resource
@@ -1205,6 +1210,9 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv)
     if "--fetch" in argv:
         return fetch_main([x for x in argv if x != "--fetch"])
+    if "--sparse" in argv:
+        from engine.tools.bench_sparse import main as sparse_main
+        return sparse_main([x for x in argv if x != "--sparse"])
     a = parse_args(argv)
     ctx = Context(a, "bench", argv)
     m = ctx.machine

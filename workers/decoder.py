@@ -34,9 +34,8 @@ log = logging.getLogger("engine.decoder")
 STALL_WAIT_S = 0.002  # a read that is not satisfied this fast counts as a stall
 TICK_S = 1.0          # waits are cut into pieces this long, each a sign of life (Link.tick)
 # swscale's threads for yuv420p -> rgb24 (ENGINE_SWS_THREADS, set at process start).
-# PyAV's default (0: one per CPU) fights FFmpeg's frame threads for the cores: with one,
-# decoding and converting the 750-frame clip took 1.78 s instead of 2.59 s on 2 cores,
-# with the same pixels (README, design notes).
+# PyAV's default (0: one per CPU) fights FFmpeg's frame threads for the cores; one thread
+# gives the same pixels sooner (docs/performance.md, "One swscale thread").
 SWS_THREADS = 1
 
 
@@ -432,9 +431,9 @@ def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     batcher = Batcher(link, job, ring)
     reader = SegmentReader(link, job, block, amap, batcher.flush)
     # decord cannot stream: bytes written into the file after VideoReader opened it are
-    # not seen (opened with 5, 6 or 7 MB present, it decoded zeros -- "Invalid NAL unit
-    # size" -- just past that point however far behind the arrival front it read). So it
-    # opens once every byte the job uses is in; PyAV is the streaming backend.
+    # not seen (it decodes zeros -- "Invalid NAL unit size" -- just past what was present
+    # at open, however far behind the arrival front it reads). So it opens once every
+    # byte the job uses is in; PyAV is the streaming backend.
     for lo, hi in job.regions:
         reader.wait(lo, hi)
     vr = decord.VideoReader(block.path, ctx=decord.cpu(0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import socket
 import ssl
 import statistics
@@ -21,11 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
+from httpx._decoders import SUPPORTED_DECODERS
 
 from engine.config import Config
 from engine.errors import ErrorKind
 from engine.messages import (EndJob, FetchHead, FetchRange, FetchStats, HeadInfo, PrewarmOrigins,
-                             RangeDone, RangeFailed, Reply, SegmentReady, Shutdown)
+                             RangeDone, RangeFailed, ReadWhole, Reply, SegmentReady, Shutdown,
+                             WholeBody)
+from engine.plan import align_down
 from engine.shm import AvailabilityMap, SharedBlock, ShmError
 from engine.workers.base import Link, worker_setup
 from engine.workers.guard import Guard, Refused
@@ -39,6 +43,10 @@ AUTO_SAMPLES = 4               # ENGINE_HTTP2=auto: ranges timed on each protoco
 AUTO_MIN_BYTES = 256 * 1024    # smaller ranges time the round trip, not the protocol
 READ_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 15.0
+# A range whose job ended is read to its end (its connection stays pooled) when it is at
+# most this many ranges long, and for at most this long (a stalled server is hung up on).
+DRAIN_RANGES = 2
+DRAIN_S = 3.0
 
 
 class RangeError(Exception):
@@ -268,12 +276,44 @@ def _hang_up(response) -> None:
             pass
 
 
-def _content_range_total(value: str | None) -> int | None:
-    # "bytes 0-524287/14012345"
-    if not value or "/" not in value:
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+
+
+def content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes a-b/N`` as ``(a, b + 1, N)``; N None for ``*``, a total the server does not
+    know yet (RFC 9110). None: missing or unusable."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if m is None:
         return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
+    first, end = int(m[1]), int(m[2]) + 1
+    total = None if m[3] == "*" else int(m[3])
+    if end <= first or (total is not None and end > total):
+        return None
+    return first, end, total
+
+
+def codings(response) -> list[str]:
+    """The Content-Encoding the server applied, though the engine asked for none
+    (``Accept-Encoding: identity``)."""
+    named = [c.strip().lower() for c in response.headers.get_list("content-encoding",
+                                                                  split_commas=True)]
+    return [c for c in named if c not in ("", "identity")]
+
+
+def body(response, whole: bool):
+    """The body's bytes: as sent, or decoded where the server encoded the whole file. An
+    encoded part of the file cannot be placed in it: refused."""
+    if not codings(response):
+        return response.iter_raw()
+    named = ", ".join(codings(response))
+    if not whole:
+        raise RangeError(f"the server encoded a byte range ({named}, Content-Encoding) "
+                         "though the engine asked for none: its bytes cannot be placed", False)
+    unknown = [c for c in codings(response) if c not in SUPPORTED_DECODERS]
+    if unknown:
+        raise RangeError(f"unsupported Content-Encoding {unknown[0]!r} (the engine asked "
+                         "for none)", False)
+    return response.iter_bytes()
 
 
 class Fetcher:
@@ -287,12 +327,13 @@ class Fetcher:
         self._ended: set[int] = set()
         self._waiting_segment: dict[int, tuple[threading.Event, list]] = {}
         self._responses: dict[int, set] = {}    # job -> its responses still open
+        self._whole_answers: dict[tuple[int, int], tuple[threading.Event, list]] = {}
         self._lock = threading.Lock()
 
     # -- dispatch ----------------------------------------------------------------
     def handle(self, msg) -> None:
         {FetchHead: self._on_head, FetchRange: self._on_range, SegmentReady: self._on_segment,
-         EndJob: lambda m: self.end_job(m.job),
+         EndJob: lambda m: self.end_job(m.job), ReadWhole: self._on_read_whole,
          PrewarmOrigins: lambda m: self.pool.submit(self.prewarm, m)}[type(msg)](msg)
 
     def _on_head(self, msg: FetchHead) -> None:
@@ -357,10 +398,17 @@ class Fetcher:
             seg = self._segments.pop(job, None)
             waiting = self._waiting_segment.pop(job, None)
             responses = self._responses.pop(job, ())
+            answers = [e for (j, _), (e, _) in self._whole_answers.items() if j == job]
         if waiting:
             waiting[0].set()
+        for event in answers:
+            event.set()
         for response in responses:
-            _hang_up(response)
+            if self._drainable(response):
+                # read to its end by its own thread (``_close``), unless the server stalls
+                threading.Timer(DRAIN_S, _hang_up, (response,)).start()
+            else:
+                _hang_up(response)
         if seg:
             seg[0].close()
             seg[1].close()
@@ -407,9 +455,18 @@ class Fetcher:
             _hang_up(response)
         return response
 
+    def _drainable(self, response) -> bool:
+        """A range whose job ended is read to its end, not hung up: a connection closed
+        mid-body is lost to the pool, and the next job would pay a new one (on a distant
+        CDN, costlier than the rest of a range)."""
+        length = response.headers.get("content-length", "")
+        return response.http_version == "HTTP/1.1" and response.status_code == 206 \
+            and length.isdigit() and int(length) <= DRAIN_RANGES * self.config.range_bytes
+
     def _close(self, response) -> None:
-        """Close a response; a small unread one (an error page, a 416) is read first so its
-        connection goes back to the pool instead of being dropped."""
+        """Close a response; a small unread one (an error page, a 416), or a range whose
+        job ended, is read first so its connection goes back to the pool instead of
+        being dropped."""
         job = response.extensions["engine_job"]
         with self._lock:
             still_open = self._responses.get(job)
@@ -417,13 +474,17 @@ class Fetcher:
                 still_open.discard(response)
                 if not still_open:
                     del self._responses[job]
+            ended = job in self._ended
         length = response.headers.get("content-length", "")
-        if not response.is_stream_consumed and length.isdigit() and int(length) <= 65536 \
-                and response.status_code != 206:
-            try:
+        try:
+            if not response.is_stream_consumed and length.isdigit() and int(length) <= 65536 \
+                    and response.status_code != 206:
                 response.read()
-            except httpx.HTTPError:
-                pass
+            elif ended and self._drainable(response):
+                for _ in response.stream:    # the rest of the body, unread so far
+                    pass
+        except (httpx.HTTPError, OSError, ValueError):
+            pass           # hung up (a stalled server) or broken: the connection is dropped
         response.close()
         client = response.extensions.get("engine_client")
         if client is not None:
@@ -431,29 +492,16 @@ class Fetcher:
 
     def fetch_head(self, msg: FetchHead) -> None:
         stats = FetchStats()
+        progress = [0]
         response = self._open(msg.job, msg.url, {"Range": f"bytes=0-{msg.length - 1}"}, stats)
         try:
-            status = response.status_code
-            if status == 206:
-                size = _content_range_total(response.headers.get("content-range"))
-                if size is None:
-                    raise RangeError("206 response without a usable Content-Range", False)
-                ranged = True
-            elif status == 200:
-                length = response.headers.get("content-length")
-                # no length (chunked transfer): streamed into a segment that grows
-                size, ranged = (int(length) if length and length.isdigit() else None), False
-            elif status == 416:
-                raise RangeError("empty file (416 Range Not Satisfiable)", False)
-            else:
-                raise RangeError(f"HTTP {status} {response.reason_phrase}".rstrip(), False)
+            size, ranged, expect = self._head_answer(response, msg.length)
+            chunks = body(response, whole=response.status_code == 200)
             content_type = response.headers.get("content-type", "")
-            expect = min(msg.length, size) if ranged else size   # None: to the end of the body
             # The first bytes go with HeadInfo, so the supervisor can locate the moov and
             # start the other ranges while the head still downloads; then the rest streams
             # into the segment, which the supervisor makes on HeadInfo.
             buffered = bytearray()
-            chunks = response.iter_raw()
             for chunk in chunks:
                 buffered += chunk
                 if len(buffered) >= (PREFIX_BYTES if expect is None else min(expect, PREFIX_BYTES)):
@@ -462,75 +510,223 @@ class Fetcher:
                                     content_type=content_type, stats=stats,
                                     prefix=bytes(buffered[:PREFIX_BYTES])))
             block, amap = self._await_segment(msg.job)
-            written = self._write(msg.job, block, amap, 0, expect, buffered, chunks)
-            stats.bytes = written
-            self.link.send(RangeDone(job=msg.job, offset=0, end=written, stats=stats, head=True))
+            self._write(msg.job, block, amap, 0, expect, buffered, chunks, progress)
         except httpx.HTTPError as exc:
             message, retryable = describe(exc)
             raise RangeError(message, retryable) from None
         finally:
             self._close(response)
+        try:
+            if response.status_code == 206:
+                # the rest of a shorter answer; all of a body whose total is unknown
+                want = min(msg.length, size) if ranged else None
+                self._ranges(msg.job, str(response.url), (block, amap), want, progress,
+                             FetchStats(), 0)
+            if amap.length is None:
+                if progress[0] == 0:
+                    raise RangeError("empty file (the server sent 0 bytes)", False)
+                amap.end(progress[0])
+        except httpx.HTTPError as exc:
+            message, retryable = describe(exc)
+            raise RangeError(message, retryable) from None
+        stats.bytes = progress[0]
+        self.link.send(RangeDone(job=msg.job, offset=0, end=progress[0], stats=stats, head=True))
+
+    @staticmethod
+    def _head_answer(response, length: int) -> tuple[int | None, bool, int | None]:
+        """(the file's size, whether ranges may follow, where this answer's bytes end);
+        None where the body's end tells."""
+        status = response.status_code
+        if status == 206:
+            span = content_range(response.headers.get("content-range"))
+            if span is None or span[0] != 0:
+                raise RangeError("206 response without a usable Content-Range", False)
+            # a total of '*' is learned at the body's end: its bytes are asked to the end
+            return span[2], span[2] is not None, span[1]
+        if status == 200:
+            length = response.headers.get("content-length")
+            # no length (chunked), or that of the encoded body: a segment that grows
+            size = int(length) if length and length.isdigit() and not codings(response) \
+                else None
+            return size, False, size
+        if status == 416:
+            raise RangeError("empty file (416 Range Not Satisfiable)", False)
+        raise RangeError(f"HTTP {status} {response.reason_phrase}".rstrip(), False)
 
     def fetch_range(self, msg: FetchRange) -> None:
         stats = FetchStats()
-        written = msg.offset
+        progress = [msg.offset]
         end = msg.end
         try:
-            if msg.segment is not None:
-                block, amap = self._segment(msg.job, msg.segment, msg.amap)
-            response = self._open(msg.job, msg.url, {"Range": f"bytes={msg.offset}-{msg.end - 1}"},
-                                  stats)
-            try:
-                if response.status_code != 206:
-                    raise RangeError(f"HTTP {response.status_code} for a byte range", False)
-                total = _content_range_total(response.headers.get("content-range"))
-                if msg.segment is None:
-                    # Sent with the head, before the size was known: stream into the
-                    # segment once the supervisor has made it (about when it arrives).
-                    block, amap = self._await_segment(msg.job)
-                    end = min(end, amap.size)
-                if total is not None and total != amap.size:
-                    raise RangeError(f"the file changed size during the download "
-                                     f"({amap.size} then {total} bytes)", False)
-                progress = [msg.offset]
-                try:
-                    self._write(msg.job, block, amap, msg.offset, end, b"",
-                                response.iter_raw(), progress)
-                finally:
-                    written = progress[0]
-                self.pools.record(msg.url, response.extensions["engine_http2"], stats,
-                                  end - msg.offset)
-            finally:
-                self._close(response)
+            seg = None if msg.segment is None else self._segment(msg.job, msg.segment, msg.amap)
+            how = self._ranges(msg.job, msg.url, seg, end, progress, stats, msg.offset)
+            if how == "dropped":
+                return            # the whole file is read by another request
+            end = progress[0] if how == "whole" else min(end, progress[0])
         except (httpx.HTTPError, RangeError) as exc:
             if isinstance(exc, RangeError):
                 error, kind, retryable = str(exc), exc.kind, exc.retryable
             else:
                 (error, retryable), kind = describe(exc), ErrorKind.FETCH
-            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end, written=written,
-                                       error=f"{msg.url}: {error}", kind=kind,
-                                       retryable=retryable, stats=stats, attempt=msg.attempt,
-                                       speculative=msg.segment is None))
+            self.link.send(RangeFailed(job=msg.job, offset=msg.offset, end=end,
+                                       written=progress[0], error=f"{msg.url}: {error}",
+                                       kind=kind, retryable=retryable, stats=stats,
+                                       attempt=msg.attempt, speculative=msg.segment is None))
             return
         except ValueError:
             if msg.job in self._ended:
                 return   # the job ended under us: its segment was unmapped mid-write
             raise
-        stats.bytes = end - msg.offset
+        stats.bytes = stats.bytes if how == "whole" else end - msg.offset
         self.link.send(RangeDone(job=msg.job, offset=msg.offset, end=end, stats=stats))
 
-    def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None) -> int:
-        """Copy the body into the segment as it arrives; mark chunks as they complete.
+    def _ranges(self, job, url, seg, end, progress, stats, key) -> str:
+        """Ask for [progress, end) until it is all in: an answer shorter than asked leaves
+        the rest to ask again. ``end`` None: to the end of a body whose total is unknown
+        (a later answer's total, or a 416, tells where it is). ``seg`` None: a range sent
+        with the head, written once the supervisor has made the segment.
 
-        ``end`` None: a body of unknown length (no Content-Length). It reserves the segment
-        ahead of the bytes as they come, up to its size (ENGINE_MAX_BYTES), and tells the
-        readers where it ended."""
+        Returns "ranges"; "whole" where a 200 brought the whole file, which was read
+        (``progress``: where it stopped, ``stats.bytes``: what it wrote); "dropped" where
+        another request reads it."""
+        while end is None or progress[0] < end:
+            pos = progress[0]
+            response = self._open(job, url, {"Range": f"bytes={pos}-{'' if end is None else end - 1}"},
+                                  stats)
+            try:
+                status = response.status_code
+                if status == 416 and end is None:
+                    break                      # nothing at ``pos``: the body ends there
+                if status not in (200, 206):
+                    raise RangeError(f"HTTP {status} for a byte range", False)
+                if seg is None:
+                    seg = self._await_segment(job)
+                    end = min(end, seg[1].size)
+                    if seg[1].length is None:   # the head itself streams the whole body
+                        raise RangeError("the head request brings this body", False)
+                if status == 200:
+                    if not self._ask_whole(job, key):
+                        return "dropped"
+                    stats.bytes = self._write_whole(job, *seg, response, progress)
+                    return "whole"
+                total = self._part(job, seg, pos, end, response, progress, key)
+                self.pools.record(url, response.extensions["engine_http2"], stats,
+                                  progress[0] - pos)
+                if end is None and total is not None:
+                    end = total
+            finally:
+                self._close(response)
+        return "ranges"
+
+    def _part(self, job, seg, pos, end, response, progress, key) -> int | None:
+        """Write one 206 answer for [pos, end); returns the total it gives (None: '*')."""
+        block, amap = seg
+        value = response.headers.get("content-range")
+        span = content_range(value)
+        if span is None or span[0] != pos:
+            raise RangeError(f"206 response without a usable Content-Range ({value!r} for "
+                             f"bytes {pos}-{'' if end is None else end - 1})", False)
+        if span[2] is not None and amap.length is not None and span[2] != amap.size:
+            raise RangeError(f"the file changed size during the download "
+                             f"({amap.size} then {span[2]} bytes)", False)
+        stop = span[1] if end is None else min(span[1], end)
+        if stop > block.size:
+            raise RangeError(f"the body is larger than {block.size} bytes (ENGINE_MAX_BYTES)",
+                             False)
+        # the chunk this answer starts in was begun by the answer before it, in this request
+        self._write(job, block, amap, pos, stop, b"", body(response, False), progress,
+                    marked=max(key, align_down(pos)))
+        return span[2]
+
+    def _ask_whole(self, job: int, offset: int) -> bool:
+        """Whether to read a whole file answered to the request at ``offset``: the
+        supervisor says (``ReadWhole``), as one body brings every byte of a job."""
+        event, box = threading.Event(), []
+        with self._lock:
+            if job in self._ended:
+                return False
+            self._whole_answers[(job, offset)] = (event, box)
+        self.link.send(WholeBody(job=job, offset=offset))
+        event.wait(30.0)
+        with self._lock:
+            self._whole_answers.pop((job, offset), None)
+        return bool(box) and box[0]
+
+    def _on_read_whole(self, msg: ReadWhole) -> None:
+        with self._lock:
+            entry = self._whole_answers.get((msg.job, msg.offset))
+        if entry is not None:
+            entry[1].append(msg.read)
+            entry[0].set()
+
+    def _write_whole(self, job, block, amap, response, progress) -> int:
+        """The whole file, answered to a range: write the chunks the segment lacks (a
+        chunk another request is writing gets the same bytes), and stop reading once it
+        has them all. Returns the bytes written; ``progress`` is where the body stopped,
+        every chunk before it present."""
+        step, size = amap.chunk, amap.length     # size None: the body's end tells
+        chunks = body(response, whole=True)
+        length = None if codings(response) else response.headers.get("content-length")
+        if size is not None and length and length.isdigit() and int(length) != size:
+            raise RangeError(f"the file changed size during the download ({size} then "
+                             f"{length} bytes)", False)
+        limit = block.size if size is None else size
+        pos = written = reserved = 0
+        progress[0] = 0
+        buffered = bytearray()
+        for data in itertools.chain(chunks, [None]):
+            if job in self._ended:
+                raise RangeError("job ended", False)
+            if size is not None and amap.first_missing(pos) is None:
+                return written           # the job has every byte
+            buffered += data or b""
+            while len(buffered) >= step or (data is None and buffered):
+                n = min(step, len(buffered))
+                if pos + n > limit:
+                    raise RangeError(f"the file changed size during the download ({size} "
+                                     "bytes, then more)" if size is not None else
+                                     f"the body is larger than {limit} bytes (ENGINE_MAX_BYTES)",
+                                     False)
+                if not amap.present(pos, n):
+                    if size is None and pos + n > reserved:
+                        reserved = min(limit, pos + n + GROW_BYTES)
+                        self._grow(block, reserved)
+                    block.mm[pos:pos + n] = buffered[:n]
+                    amap.mark(pos, pos + n)
+                    written += n
+                del buffered[:n]
+                pos += n
+                progress[0] = pos
+        if size is None:
+            amap.end(pos)
+        elif pos != size:
+            raise RangeError(f"the file changed size during the download ({size} then {pos} "
+                             "bytes)", False)
+        return written
+
+    @staticmethod
+    def _grow(block, end: int) -> None:
+        try:
+            block.grow(end)
+        except ShmError as exc:
+            raise RangeError(f"{exc}; a container needs a larger --shm-size", False) from None
+
+    def _write(self, job, block, amap, offset, end, first: bytes, chunks, progress=None,
+               marked=None) -> int:
+        """Copy the body into the segment as it arrives; mark chunks as they complete
+        (from ``marked``: a chunk begun by an earlier answer of the same request).
+
+        ``end`` None: a body of unknown length (no Content-Length), written to its end.
+        A segment of unknown length reserves its memory ahead of the bytes as they come,
+        up to its size (ENGINE_MAX_BYTES); the caller says where the body ended."""
         mm, step = block.mm, amap.chunk
         limit = block.size if end is None else end
-        pos = marked = offset
-        reserved = 0 if end is None else end     # a known length was reserved at creation
+        pos, marked = offset, offset if marked is None else marked
+        reserved = 0 if amap.length is None else limit   # a known length was reserved at creation
         try:
             for data in itertools.chain([first] if first else [], chunks):
+                if job in self._ended:   # its segment is gone; ``_close`` reads the rest
+                    raise RangeError("job ended", False)
                 n = len(data)
                 if pos + n > limit:
                     raise RangeError(f"server sent more bytes than announced ({end - offset})"
@@ -538,11 +734,7 @@ class Fetcher:
                                      f"is larger than {limit} bytes (ENGINE_MAX_BYTES)", False)
                 if pos + n > reserved:
                     reserved = min(limit, max(pos + n, reserved + GROW_BYTES))
-                    try:
-                        block.grow(reserved)
-                    except ShmError as exc:
-                        raise RangeError(f"{exc}; a container needs a larger --shm-size",
-                                         False) from None
+                    self._grow(block, reserved)
                 mm[pos:pos + n] = data
                 pos += n
                 if progress is not None:
@@ -555,11 +747,7 @@ class Fetcher:
         except httpx.RemoteProtocolError:    # the server closed before the body's end
             if end is None:
                 raise                         # a chunked body cut off: the connection dropped
-        if end is None:
-            if pos == 0:
-                raise RangeError("empty file (the server sent 0 bytes)", False)
-            amap.end(pos)
-        elif pos != end:
+        if end is not None and pos != end:
             raise RangeError(f"server sent {pos - offset} of {end - offset} announced bytes",
                              True)
         return pos - offset

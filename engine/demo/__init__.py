@@ -36,9 +36,10 @@ def local_cdn(clips: dict[str, Path], profile: str):
     return cdn, emulator, tmp
 
 
-def run_demo(args) -> int:
+def run_demo(args, run_jobs) -> int:
+    """The demo: the bundled CDN serving the sample clip, one engine, ``run_jobs`` (the
+    CLI's, handed in so that the demo does not import the CLI) on it."""
     from engine.api import Engine
-    from engine.cli import run_jobs
     from engine.demo.emulator import profile as get_profile
     from engine.demo.clips import cached_clip
 

@@ -39,6 +39,8 @@ PRESETS: dict[str, dict] = {
     "sn44-moov-end": dict(frames=750, width=1280, height=720, faststart=False),
     "small": dict(frames=50, width=320, height=240, faststart=True),
     "small-moov-end": dict(frames=50, width=320, height=240, faststart=False),
+    # bench --sparse: two minutes of 720p at the bit rate of a typical long web video
+    "long": dict(frames=3000, width=1280, height=720, faststart=True, bit_rate=1_150_000),
 }
 
 
@@ -111,6 +113,7 @@ def make_clip(
     fps: int = 25,
     faststart: bool = True,
     seed: int = 0,
+    bit_rate: int | None = None,
 ) -> Path:
     """Encode a synthetic H.264/MP4 clip to ``path`` and return it as a Path.
 
@@ -128,7 +131,7 @@ def make_clip(
             stream = container.add_stream("libx264", rate=fps, options=dict(_X264_OPTIONS))
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p"
-            stream.bit_rate = int(_BITS_PER_PIXEL_FRAME * width * height * fps)
+            stream.bit_rate = bit_rate or int(_BITS_PER_PIXEL_FRAME * width * height * fps)
             for i in range(frames):
                 frame = av.VideoFrame.from_ndarray(scene.frame(i), format="rgb24")
                 container.mux(stream.encode(frame))
