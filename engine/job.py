@@ -38,9 +38,10 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     _P.LOCATING: frozenset({_P.PLANNED, _P.STREAMED}),
     _P.PLANNED: frozenset({_P.DECODING}),
     _P.STREAMED: frozenset({_P.DECODING}),
-    _P.DECODING: frozenset({_P.DRAINING}),
-    _P.DRAINING: frozenset({_P.ENDING}),
-    _P.ENDING: frozenset({_P.DONE}),
+    # back to DECODING: a lost worker's frames are decoded again (engine.resume)
+    _P.DECODING: frozenset({_P.DRAINING, _P.DECODING}),
+    _P.DRAINING: frozenset({_P.ENDING, _P.DECODING}),
+    _P.ENDING: frozenset({_P.DONE, _P.DECODING}),
     _P.DONE: frozenset(),
     _P.FAILED: frozenset(),
 }
@@ -136,7 +137,12 @@ class Job:
     spans: list | None = None       # decode-index spans [first, last] that output them
     frames_selected: int | None = None
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)
-    outstanding: int = 0            # batches sent to the GPU worker, not yet answered
+    unanswered: list = field(default_factory=list)   # BatchReady sent to the GPU worker
+    forwarded: list = field(default_factory=list)    # frame numbers sent to the GPU worker
+    per_video: bool = False         # its processor keeps state across batches (begin/end)
+    resume_after: int | None = None  # decoded again after a worker loss, from after this frame
+    stopping_decoder: bool = False  # its decoder is being stopped to decode again (GPU lost)
+    losses: dict = field(default_factory=dict)   # role -> deaths under this job
     results: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)
     decoder_backend: str = ""
@@ -151,6 +157,11 @@ class Job:
         if phase not in TRANSITIONS[self.phase]:
             raise BadTransition(f"job {self.id}: {self.phase.name} -> {phase.name}")
         self.phase = phase
+
+    @property
+    def outstanding(self) -> int:
+        """Batches sent to the GPU worker, not yet answered."""
+        return len(self.unanswered)
 
     @property
     def finished(self) -> bool:

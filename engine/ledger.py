@@ -52,6 +52,11 @@ class Ledger:
         return {name for name, h in self._by_worker.items()
                 if job in h.heads or any(j == job for j, _ in h.ranges)}
 
+    def serving(self, job: int) -> bool:
+        """A GPU worker holds ``job``: if its process is gone, its death is yet to be
+        handled (``drop_worker``), and that handling takes the job on."""
+        return any(job in h.jobs for h in self._by_worker.values())
+
     # ------------------------------------------------------------------ whole jobs
     def drop_job(self, job: int) -> None:
         for h in self._by_worker.values():

@@ -143,6 +143,9 @@ class DecodeJob:
     selected: list[int] | None = None
     spans: list[tuple[int, int]] | None = None
     selection: dict | None = None
+    # streamed, after a lost worker: frames up to this number were delivered before
+    # (decoded for their place, never output again)
+    resume_after: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -303,3 +306,4 @@ class BatchResults:
     frame_numbers: list[int]
     results: list
     error: str | None = None
+    per_video: bool = False      # the job's handler keeps state: lost with this worker

@@ -4,7 +4,8 @@ One producer (the decoder of a job) and one consumer (the GPU worker), so each s
 state byte has a single writer at a time and needs no lock:
 FREE -> WRITING (producer reserved it) -> WRITTEN (published in a batch) -> FREE
 (consumer released it). A full ring blocks the producer: backpressure, never a drop.
-The producer cursor lives in the header, so a restarted producer could continue.
+The producer cursor lives in the header, so a restarted producer continues
+(``reclaim`` frees what the dead one held).
 
 Slots are handed out in order and batches never wrap, so a batch is always a
 contiguous run of slots and the consumer gets it as one zero-copy numpy view.
@@ -105,6 +106,17 @@ class FrameRing:
         self._slot_state[:] = FREE
         self._cursor[0] = 0
         self._state[0] = 0
+
+    def reclaim(self, keep=()) -> None:
+        """Its producer died or was stopped mid-job (none is attached now): the slots it
+        reserved or published that the consumer does not hold (the runs in ``keep``)
+        are free again, and a cancelled ring takes frames again."""
+        held = np.zeros(self.slots, bool)
+        for run in keep:
+            held[run.first:run.stop] = True
+        self._slot_state[~held] = FREE
+        self._state[0] = 0
+        self._word.bump()
 
     # -- both ----------------------------------------------------------------------
     def cancel(self) -> None:

@@ -1,5 +1,8 @@
 """Processors used by the tests (loaded by the GPU worker as ``tests.processors:NAME``)."""
+import os
+import signal
 import time
+from pathlib import Path
 
 
 def failing(device):
@@ -54,8 +57,9 @@ class _Probe:
     calls; ``end()`` returns that record, with how many handlers are open or were closed
     in this worker (a handler the engine forgets to end or close stays open)."""
 
-    def __init__(self, fail_on=None, hold_s=0.0, end_value=None):
+    def __init__(self, fail_on=None, hold_s=0.0, end_value=None, gated=False):
         self.fail_on, self.hold_s, self.end_value = fail_on, hold_s, end_value
+        self.gated = gated
 
     def begin(self, video):
         probe = self
@@ -66,6 +70,8 @@ class _Probe:
                 _OPEN.add(self)
 
             def __call__(self, frames, frame_numbers):
+                if probe.gated:
+                    _gate(frame_numbers)
                 _CALLS[0] += 1
                 self.order.append(_CALLS[0])
                 self.batches.append(list(frame_numbers))
@@ -95,6 +101,46 @@ class _Probe:
 
 def per_video(device):
     return _Probe()
+
+
+def _gate(frame_numbers) -> None:
+    """A batch holding frame ENGINE_TEST_GATE_FRAME says so (the file GATE.reached) and
+    waits until the test opens the gate (GATE.open): a test kills a worker at a known
+    point of a job. Bounded: it gives up after a minute."""
+    gate = Path(os.environ["ENGINE_TEST_GATE"])
+    if int(os.environ["ENGINE_TEST_GATE_FRAME"]) not in frame_numbers:
+        return
+    opened = gate.with_suffix(".open")
+    if not opened.exists():
+        gate.with_suffix(".reached").touch()
+    deadline = time.monotonic() + 60
+    while not opened.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def gated(device):
+    """``engine.processors:stats`` behind the gate."""
+    from engine.processors import stats
+    inner = stats(device)
+
+    def proc(frames, frame_numbers):
+        _gate(frame_numbers)
+        return inner(frames, frame_numbers)
+    return proc
+
+
+def per_video_gated(device):
+    return _Probe(gated=True)
+
+
+def dies_on_frame_5(device):
+    """A model that takes its process down (a segfault in a native library, an OOM
+    kill) on the batch holding frame 5: a poison input for the GPU worker."""
+    def proc(frames, frame_numbers):
+        if 5 in frame_numbers:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [{} for _ in frame_numbers]
+    return proc
 
 
 def per_video_slow(device):

@@ -20,10 +20,12 @@ from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, En
                              FetchHead, FetchRange, FetchStats, GpuJob, HeadInfo, JobDone,
                              NeedBytes, RangeDone, RangeFailed, ReadWhole, RingReady,
                              SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
+from engine import resume
 from engine.pipeline import Pipeline
 from engine.plan import RangePlan
 from engine.selection import Selection
-from engine.shm import AvailabilityMap, SharedBlock
+from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
+from engine.shm.ring import SlotRun
 from engine.shm.block import PREFIX, SHM_DIR
 
 URL = "https://cdn.test/clip.mp4"
@@ -405,25 +407,240 @@ def test_a_lost_fetcher_s_ranges_go_to_the_other_one(longer_clip):
     assert h.report()["ok"]
 
 
-def test_a_lost_decoder_fails_its_job_with_a_decode_error(clip):
-    h = Harness(clip)
+# ---------------------------------------------------------------- a worker lost mid-job
+# (engine.resume): the job goes on after the frames that survive, the processor sees
+# ascending frames, none twice.
+
+
+def _decoding(h: Harness) -> Job:
     job = h.submit()
     h.head(job)
     h.fetch_all(job)
     assert job.phase is Phase.DECODING
-    h.step(h.p.worker_lost, h.workers["decoder0"], "killed by signal SIGSEGV")
-    report = h.report()
-    assert report["error_kind"] == "DecodeError" and "SIGSEGV" in report["error"]
+    return job
 
 
-def test_a_lost_gpu_worker_fails_the_jobs_it_served(clip):
+def _batch(h: Harness, job: Job, first: int, last: int, slot: int = 0) -> BatchReady:
+    numbers = list(range(first, last + 1))
+    msg = BatchReady(job=job.id, first_slot=slot, count=len(numbers), frame_numbers=numbers,
+                     decoded_at=time.monotonic())
+    h.msg("decoder0", msg)
+    return msg
+
+
+def _answer(h: Harness, batch: BatchReady, per_video: bool = False) -> None:
+    h.msg("gpu", BatchResults(job=batch.job, first_slot=batch.first_slot, count=batch.count,
+                              frame_numbers=batch.frame_numbers,
+                              results=[{"n": n} for n in batch.frame_numbers],
+                              per_video=per_video))
+
+
+def _lose(h: Harness, name: str, cause: str = "killed by signal SIGKILL") -> None:
+    """The worker dies; the supervisor restarts it (same name) and it says Hello."""
+    h.workers[name].alive = False
+    h.step(h.p.worker_lost, h.workers[name], cause)
+    h.workers[name].alive = True
+    h.step(h.p.dispatch)
+
+
+def _finish(h: Harness, job: Job, batches, frames: int, missing=()) -> dict:
+    for b in batches:
+        _answer(h, b)
+    h.msg("decoder0", DecodeDone(job=job.id, frames=frames, missing=list(missing)))
+    h.msg("gpu", VideoResult(job=job.id))
+    return h.report()
+
+
+def test_a_lost_decoder_s_job_goes_on_after_the_frames_it_handed_on(clip):
     h = Harness(clip)
+    job = _decoding(h)
+    first = h.to_worker("decoder0", DecodeJob)[0]
+    ring = FrameRing.attach(first.ring)
+    for _ in range(7):          # the decoder wrote frames 0-5 and was writing frame 6
+        ring.reserve(0)
+    ring.publish(SlotRun(0, 6))
+    done, pending = _batch(h, job, 0, 1), _batch(h, job, 2, 5, slot=2)
+    _answer(h, done)
+    _lose(h, "decoder0", "killed by signal SIGSEGV")
+    again = h.to_worker("decoder0", DecodeJob)[1]
+    # frames 6-49 only, from the keyframe before frame 6; the same ring, the same GPU job
+    assert again.selected == list(range(6, 50)) and again.ring == first.ring
+    assert again.spans[0][0] == 0 and again.spans[-1][1] == 49
+    assert len(h.to_worker("gpu", GpuJob)) == 1
+    # the unanswered batch's slots stay with the GPU worker; the lost decoder's slot is free
+    assert list(ring.states()[:7]) == [0, 0, 2, 2, 2, 2, 0]
+    ring.close()
+    rest = _batch(h, job, 6, 49, slot=6)
+    report = _finish(h, job, [pending, rest], 44)
+    assert report["ok"] and [r["frame_number"] for r in report["results"]] == list(range(50))
+    assert report["frames_processed"] == 50 and report["video"]["frames"] == 50
+
+
+def test_a_decoder_lost_after_its_last_batch_leaves_nothing_to_decode(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    batch = _batch(h, job, 0, 49)
+    _lose(h, "decoder0")
+    assert len(h.to_worker("decoder0", DecodeJob)) == 1 and job.phase is Phase.DRAINING
+    _answer(h, batch)
+    h.msg("gpu", VideoResult(job=job.id))
+    assert h.report()["ok"] and h.report()["frames_processed"] == 50
+
+
+def test_a_frame_the_lost_decoder_could_not_decode_stays_missing(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    batches = [_batch(h, job, 0, 2), _batch(h, job, 4, 9, slot=3)]   # frame 3: corrupt
+    _lose(h, "decoder0")
+    assert h.to_worker("decoder0", DecodeJob)[1].selected == list(range(10, 50))
+    report = _finish(h, job, batches + [_batch(h, job, 10, 49, slot=9)], 40)
+    assert not report["ok"] and report["missing_frames"] == [3]
+    assert report["frames_processed"] == 49 and "1 of 50 frames" in report["error"]
+
+
+def test_a_streamed_job_s_new_decoder_skips_what_was_delivered():
+    data = b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 2000
+    h = Harness(data)
     job = h.submit()
     h.head(job)
     h.fetch_all(job)
-    h.step(h.p.worker_lost, h.workers["gpu"], "killed by signal SIGKILL")
+    h.msg("decoder0", StreamInfo(job=job.id, codec="h264", width=64, height=48, fps=25.0))
+    ring, = h.to_worker("decoder0", RingReady)
+    batch = _batch(h, job, 0, 6)
+    _lose(h, "decoder0")
+    again = h.to_worker("decoder0", DecodeJob)[1]
+    assert again.resume_after == 6 and again.ring == ring.ring and again.backend == "pyav"
+    assert len(h.to_worker("gpu", GpuJob)) == 1
+    report = _finish(h, job, [batch, _batch(h, job, 7, 9, slot=7)], 3)
+    assert report["ok"] and report["frames_processed"] == 10 and report["frames_selected"] == 10
+
+
+def test_a_decoder_that_dies_twice_on_a_job_fails_it_with_one_line(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    _lose(h, "decoder0", "killed by signal SIGSEGV")
+    assert job.phase is Phase.DECODING
+    _lose(h, "decoder0", "killed by signal SIGSEGV")
     report = h.report()
-    assert report["error_kind"] == "ProcessorError" and "GPU worker crashed" in report["error"]
+    assert report["error_kind"] == "DecodeError" and "\n" not in report["error"]
+    assert "decoder process died 2 times on this job (last: killed by signal SIGSEGV)" \
+        in report["error"]
+    assert len(h.to_worker("decoder0", DecodeJob)) == 2
+
+
+def test_a_lost_gpu_worker_s_unanswered_batches_are_decoded_again(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    first = h.to_worker("decoder0", DecodeJob)[0]
+    answered, lost = _batch(h, job, 0, 4), _batch(h, job, 5, 9, slot=5)
+    _answer(h, answered)
+    _lose(h, "gpu")
+    # the decoder is still at it: its ring is cancelled, its next batches are dropped
+    ring = FrameRing.attach(first.ring)
+    with pytest.raises(Cancelled):
+        ring.reserve(0)
+    _batch(h, job, 10, 14, slot=10)
+    assert h.to_worker("gpu", BatchReady) == [answered, lost]
+    h.msg("decoder0", DecodeDone(job=job.id, frames=0, missing=[], error="cancelled"))
+    # once it has stopped: the new GPU worker gets the job, the decoder frames 5 on
+    assert len(h.to_worker("gpu", GpuJob)) == 2
+    again = h.to_worker("decoder0", DecodeJob)[1]
+    assert again.selected == list(range(5, 50)) and ring.reserve(0) is not None
+    ring.close()
+    report = _finish(h, job, [_batch(h, job, 5, 49, slot=11)], 45)
+    assert report["ok"] and [r["frame_number"] for r in report["results"]] == list(range(50))
+
+
+def test_a_batch_that_comes_before_the_gpu_worker_s_death_is_handled_waits_for_it(clip):
+    """The GPU worker's process is gone, its death not yet handled (the supervisor sees
+    the decoder's messages first): the job is not failed, its death redoes the batch."""
+    h = Harness(clip)
+    job = _decoding(h)
+    _answer(h, _batch(h, job, 0, 3))
+    h.workers["gpu"].alive = False
+    _batch(h, job, 4, 49, slot=4)
+    h.msg("decoder0", DecodeDone(job=job.id, frames=50, missing=[]))
+    assert job.phase is Phase.DRAINING and not job.finished
+    h.step(h.p.worker_lost, h.workers["gpu"], "killed by signal SIGKILL")
+    h.workers["gpu"].alive = True
+    h.step(h.p.dispatch)
+    assert h.to_worker("decoder0", DecodeJob)[1].selected == list(range(4, 50))
+    report = _finish(h, job, [_batch(h, job, 4, 49, slot=4)], 46)
+    assert report["ok"] and [r["frame_number"] for r in report["results"]] == list(range(50))
+
+
+def test_a_gpu_worker_lost_while_ending_is_asked_again(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    batch = _batch(h, job, 0, 49)
+    _answer(h, batch)
+    h.msg("decoder0", DecodeDone(job=job.id, frames=50, missing=[]))
+    assert job.phase is Phase.ENDING
+    _lose(h, "gpu")
+    # every result is in: no decode, the new worker ends the video
+    assert len(h.to_worker("decoder0", DecodeJob)) == 1
+    assert len(h.to_worker("gpu", GpuJob)) == 2 and len(h.to_worker("gpu", EndVideo)) == 2
+    h.msg("gpu", VideoResult(job=job.id))
+    assert h.report()["ok"] and h.report()["frames_processed"] == 50
+
+
+def test_a_per_video_processor_s_video_starts_again_from_frame_0(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    batch = _batch(h, job, 0, 49)
+    _answer(h, batch, per_video=True)
+    h.msg("decoder0", DecodeDone(job=job.id, frames=50, missing=[]))
+    _lose(h, "gpu")
+    assert job.results == {} and job.phase is Phase.DECODING
+    again = h.to_worker("decoder0", DecodeJob)[1]
+    assert again.selected == list(range(50)) and len(h.to_worker("gpu", GpuJob)) == 2
+    report = _finish(h, job, [_batch(h, job, 0, 49)], 50)
+    assert report["ok"] and report["frames_processed"] == 50
+
+
+def test_a_per_video_processor_whose_results_reached_the_client_fails_the_job(clip):
+    h = Harness(clip)
+    h.step(h.p.submit, h.client, Submit(token=1, url=URL, stream=True))
+    job = next(iter(h.p.jobs.values()))
+    h.head(job)
+    h.fetch_all(job)
+    _answer(h, _batch(h, job, 0, 4), per_video=True)
+    _lose(h, "gpu")
+    report = h.report()
+    assert report["error_kind"] == "ProcessorError" and "\n" not in report["error"]
+    assert "GPU worker crashed (killed by signal SIGKILL) after results of this video " \
+        "reached the client" in report["error"]
+
+
+def test_a_gpu_worker_that_dies_twice_on_a_job_fails_it(clip):
+    h = Harness(clip)
+    job = _decoding(h)
+    _lose(h, "gpu")
+    h.msg("decoder0", DecodeDone(job=job.id, frames=0, missing=[], error="cancelled"))
+    _lose(h, "gpu", "exited with code 139")
+    report = h.report()
+    assert report["error_kind"] == "ProcessorError"
+    assert "GPU worker died 2 times on this job (last: exited with code 139)" in report["error"]
+
+
+def test_resume_decisions():
+    assert resume.after_decoder_loss([]) == -1
+    assert resume.after_decoder_loss([0, 1, 2, 4]) == 4
+    assert resume.after_gpu_loss([], per_video=True, client_has_results=True) == -1
+    assert resume.after_gpu_loss([0, 1, 2], per_video=False, client_has_results=True) == 2
+    assert resume.after_gpu_loss([0, 1, 2], per_video=True, client_has_results=False) == -1
+    assert resume.after_gpu_loss([0, 1, 2], per_video=True, client_has_results=True) is None
+    assert resume.expected(None, 4) == [0, 1, 2, 3]
+    assert resume.expected([3, 9], None) == [3, 9]
+    assert resume.expected_streamed((2, 8), True, 5) == [2]
+    assert resume.expected_streamed(None, True, 2) == [0, 1, 2]
+    assert resume.expected_streamed(None, False, 2) == []
+    assert resume.rest([3, 9, 12], 9) == [12]
+    assert resume.gaps([0, 1, 2, 3, 4], 3, [0, 2]) == [1, 3]
+    losses: dict = {}
+    assert resume.gave_up(losses, "gpu", URL, "x") is None
+    assert resume.gave_up(losses, "decoder", URL, "x") is None
+    assert "GPU worker died 2 times" in resume.gave_up(losses, "gpu", URL, "x")
 
 
 def test_the_deadline_fails_a_job_in_any_phase(clip):

@@ -74,6 +74,7 @@ class Soak:
                 self.count("good ok")
             elif not report.ok and self.killed_at >= started - 1:
                 self.count(f"good failed by a kill: {report.error_kind}")
+                print(f"  failed by a kill: {report.error}", flush=True)
             else:
                 self.count("UNEXPECTED good failure")
                 print(f"  unexpected: {report.error or report.frames_processed}", flush=True)

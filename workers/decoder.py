@@ -8,7 +8,8 @@ to the GPU worker. The first batch leaves with one frame (early first result); l
 ones double up to ``ENGINE_BATCH``, or leave early when decoding has to wait for bytes.
 
 A decoder backend that crashes (decord can segfault on bad input) takes down only this
-process; the supervisor fails that job and starts a new decoder.
+process; the supervisor starts a new decoder, which goes on with the job after the last
+frame this one handed on (``engine.resume``).
 """
 from __future__ import annotations
 
@@ -288,6 +289,8 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     limit = job.frame_limit       # a partial job's cap; the table's count is only expected
     done: set[int] = set()
     error = None
+    after = -1 if job.resume_after is None else job.resume_after
+    passed = 0                    # frames an earlier decoder of the job delivered
     try:
         wanted = None
         if job.selection and Selection.of(**job.selection).needs_count:
@@ -317,6 +320,11 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         height, width = ring.height, ring.width
 
         def put(number, frame) -> None:
+            nonlocal passed
+            if number <= after:
+                passed += 1
+                choice.chosen.add(number)
+                return
             _, dest = batcher.slot()
             if frame.width == width and frame.height == height:
                 dest[...] = rgb24(frame)
@@ -390,7 +398,8 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         if expected is None:      # streamed: only gaps below the last frame are known
             expected = max(done) + 1 if done else 0
         missing = sorted(set(range(expected)) - done)
-    if not done and error is None:
+    missing = [n for n in missing if n > after]   # the earlier decoders' gaps are known
+    if not done and not passed and error is None:
         error = "no frame could be decoded (corrupt or unsupported video)"
     return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error)
 

@@ -224,7 +224,7 @@ class GpuWorker:
                 staged.ring.release(run)
             self.link.send(BatchResults(job=msg.job, first_slot=run.first, count=run.count,
                                         frame_numbers=msg.frame_numbers, results=results,
-                                        error=error))
+                                        error=error, per_video=state.handler is not None))
 
 
 def _one_line(exc: Exception) -> str:
