@@ -5,8 +5,9 @@ as a user starts it), real nginx, real processes. What is checked:
 
 * no process in the tree is one the supervisor does not start and watch (no
   ``multiprocess`` resource tracker), and SIGPIPE is ignored, not at its default action;
-* SIGKILL to each child in turn, mid-job: the job completes or fails with a one-line
-  error, the supervisor stays up, the next job succeeds, nothing is left behind;
+* SIGKILL to each child in turn, mid-job: the job completes frame-exact (it resumes on
+  the restarted worker), the supervisor stays up, the next job succeeds, nothing is left
+  behind;
 * a stall: a decoder under SIGSTOP (no heartbeat) and a processor in an endless loop
   (heartbeats, no progress) are killed and replaced within the configured timeout; the
   job fails naming the stage, the next job does not wait for them.
@@ -187,18 +188,14 @@ def test_kill_any_child_mid_job_serve_mode_keeps_serving(tmp_path, cdn, slow_cdn
             os.kill(pid, signal.SIGKILL)
             report, error = job.outcome(120)
             ended = time.monotonic() - killed
-            if error is not None:     # a clear one-line error naming what died
-                assert "\n" not in str(error) and ("decoder" in str(error)
-                                                   or "GPU" in str(error)), error
-            else:
-                assert_matches(report, reference(sn44_clips["sn44"]))
+            assert error is None, error     # the job resumes on the restarted worker
+            assert_matches(report, reference(sn44_clips["sn44"]))
             wait_for(lambda: roles(c)[role]["pid"] not in (None, pid), 30, "the restart")
             s.remember()
             again = c.process(cdn.url("small.mp4"), processor="engine.processors:stats")
             assert_matches(again, reference(small_clips["small"]))
-        print(f"\n{role} SIGKILL mid-job (serve mode): job "
-              f"{'completed exact' if error is None else 'failed: ' + str(error)} "
-              f"{ended:.2f} s after the kill; next job ok")
+        print(f"\n{role} SIGKILL mid-job (serve mode): job completed exact {ended:.2f} s "
+              "after the kill; next job ok")
 
 
 def test_sigstopped_decoder_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips):
