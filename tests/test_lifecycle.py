@@ -301,6 +301,19 @@ def test_a_sparse_selection_fetches_only_its_gops(longer_moov_end):
     h.p.take()
 
 
+@pytest.mark.parametrize("selection, selects", [(dict(count=4), 4), (dict(), 50)])
+def test_max_selected_refuses_a_larger_selection(clip, selection, selects):
+    h = Harness(clip, max_selected=3)
+    job = h.submit(**selection)
+    h.head(job)
+    h.fetch_all(job)
+    report = h.report()
+    assert not report["ok"] and report["error_kind"] == ErrorKind.SELECTION
+    assert report["error"].endswith(f"the job selects {selects} frames, over the limit of 3 "
+                                    "(ENGINE_MAX_SELECTED)")
+    assert h.to_worker("decoder0", DecodeJob) == []
+
+
 def test_a_selection_past_the_end_fails_with_the_frame_count(clip):
     h = Harness(clip)
     job = h.submit(frames=[50])
