@@ -567,6 +567,10 @@ class Pipeline:
         job.plan.extend(job.size)
         job.linear = not seekable
         job.frame_limit = job.max_frames if job.selection.everything else None
+        most = self.config.max_selected
+        if most is not None and job.selection.everything:
+            # its count is learned by decoding: stop one past the limit, then refuse
+            job.frame_limit = min(job.frame_limit or most + 1, most + 1)
         job.readable_end = job.size
         self.decode_queue.append(job.id)
         self._dispatch_decodes()
@@ -893,6 +897,9 @@ class Pipeline:
         if job.way == "streamed":
             job.decoder_backend = "pyav"
             selection = None if job.selection.everything else job.selection.to_dict()
+            most = self.config.max_selected
+            if selection is not None and most is not None:
+                selection["max_frames"] = min(selection["max_frames"] or most + 1, most + 1)
             return DecodeJob(**common, backend="pyav", seekable=not job.linear,
                              selection=selection, ring=job.ring.name if job.ring else None)
         track = job.track
@@ -1011,6 +1018,8 @@ class Pipeline:
         job.decoded, job.missing = frames, missing
         if job.frames_selected is None:     # streamed: learned by decoding
             job.frames_selected = frames + len(missing)
+            if not self._within_max_selected(job):
+                return
         if msg.error and not frames:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: {job.truncated or msg.error}")
             return

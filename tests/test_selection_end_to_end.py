@@ -258,3 +258,14 @@ def test_serve_mode_takes_the_selection(cdn, clips, tmp_path):
             got = c.frames(cdn.url("gop-moov-end.mp4"), frames=[5, 130])
         assert got.frame_numbers == [5, 130]
         assert np.array_equal(got.array, plain_rgb(clips["gop-moov-end"])[[5, 130]])
+
+
+def test_max_selected_on_both_ways(cdn, clips):
+    with Engine(processor="engine.processors:null", device="cpu", max_selected=5) as eng:
+        assert eng.report(cdn.url("gop.mp4"), count=5).ok
+        for name in ("gop.mp4", "gop.mkv"):
+            for selection in (dict(every=7), dict()):
+                report = eng.report(cdn.url(name), **selection)
+                assert not report.ok and report.error.endswith(
+                    "over the limit of 5 (ENGINE_MAX_SELECTED)"), report.error
+        assert eng.report(cdn.url("gop.mkv"), frames=[1, 200]).ok
