@@ -269,3 +269,12 @@ def test_max_selected_on_both_ways(cdn, clips):
                 assert not report.ok and report.error.endswith(
                     "over the limit of 5 (ENGINE_MAX_SELECTED)"), report.error
         assert eng.report(cdn.url("gop.mkv"), frames=[1, 200]).ok
+
+
+def test_decord_backend_picks_by_index(cdn, clips):
+    """decord reads the whole file and picks the selected indices: the same frames."""
+    with Engine(processor="engine.processors:stats", device="cpu", decoder="decord") as eng:
+        for selection in (dict(count=5), dict(frames=[3, 120, 259]), dict(fps=2.0)):
+            report = eng.process(cdn.url("gop-moov-end.mp4"), **selection)
+            assert report.decoder == "decord"
+            check(report, clips["gop-moov-end"], **selection)
