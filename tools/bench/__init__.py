@@ -9,7 +9,8 @@ spread over all of them. The modes, one module each:
   physical floor; ``--model-bound`` (``model_bound``) puts a GPU model's stand-in in
   every contender's place of the processor;
 * ``fetch`` (``--fetch``): the transfer alone, against httpx, aria2c and the link;
-* ``sparse`` (``--sparse``): a few frames of a long video, against what VLM servers run.
+* ``sparse`` (``--sparse``): a few frames of a long video, against what VLM servers run;
+* ``cluster`` (``--cluster``): one engine against a Ray cluster of two simulated GPU nodes.
 
 They share one small framework: each contender is a ``Contender`` (``contenders``:
 ``prepare`` once off the clock, ``run`` once per round returning a measurement dict), a
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--fetch" in argv:
         from engine.tools.bench.fetch import fetch_main
         return fetch_main([x for x in argv if x != "--fetch"])
+    if "--cluster" in argv:
+        from engine.tools.bench.cluster import main as cluster_main
+        return cluster_main([x for x in argv if x != "--cluster"])
     if "--sparse" in argv:
         from engine.tools.bench.sparse import main as sparse_main
         return sparse_main([x for x in argv if x != "--sparse"])

@@ -1,4 +1,4 @@
-"""``python -m engine.tools.cluster_bench``: one engine against a Ray cluster of two simulated
+"""``python -m engine bench --cluster``: one engine against a Ray cluster of two simulated
 GPU nodes, on a model-bound load.
 
 8 concurrent jobs (``--jobs``) of the small clip (50 frames) with a processor that holds
@@ -15,11 +15,12 @@ import argparse
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from engine.tools.bench.context import REPO
 
 
 def wait(device):
@@ -56,16 +57,16 @@ def _first_result(eng, url: str, runs: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.tools.cluster_bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m engine bench --cluster", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--ms-per-frame", type=float, default=20.0)
     ap.add_argument("--runs", type=int, default=5, help="first-result samples per engine")
     a = ap.parse_args(argv)
 
-    root = str(Path(__file__).resolve().parent.parent)
     os.environ["ENGINE_WAIT_MS_PER_FRAME"] = str(a.ms_per_frame)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
+                                                             os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # every address on 127.0.0.1
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     cdn = NginxCDN(tmp / "root", tmp / "nginx").start()
     os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)
     url = cdn.url("small.mp4")
-    spec = "engine.tools.cluster_bench:wait"
+    spec = "engine.tools.bench.cluster:wait"
     opts = dict(processor=spec, device="cpu", fetchers=1, connections=2, decoders=2)
     try:
         with Engine(cluster="", **opts) as eng:
@@ -123,6 +124,3 @@ def main(argv=None) -> int:
           f"(+{(cluster_first - local_first) * 1000:.1f} ms)")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
