@@ -28,62 +28,70 @@ def parse_fetch_args(argv):
 
 
 def fetch_checks(summary: dict, prof, size: int) -> list[dict]:
-    """The issue's goals, on the medians. Throughput is defined two ways:
-    end to end = size / download_done (submit to last byte local), and
-    after one RTT = size / (download_done - RTT) (the request's unavoidable round trip
-    taken out: what the transfer itself reached). Informational: size / (download_done -
-    first_byte), the rate once the first byte is in (the engine's first byte is its head
-    request's)."""
-    checks = []
-    w = summary.get("engine-warm", {})
-    dl = w.get("download_done", {}).get("median")
-    fb = w.get("first_byte", {}).get("median")
-    cap = prof.total_bps
-    rtt = prof.rtt_s
-    if dl and cap:
-        target = 0.9 * cap
-        for label, denom, goal in (("end to end: size / download_done", dl, True),
-                                   ("after one RTT: size / (download_done - RTT)", dl - rtt, True),
-                                   ("after first byte: size / (download_done - first_byte)",
-                                    dl - fb if fb is not None else None, False)):
-            if not denom or denom <= 0:
-                continue
-            rate = size / denom
-            checks.append({"goal": "warm engine >= 0.9 x aggregate capacity", "how": label,
-                           "value": rate, "target": target, "ratio": rate / cap,
-                           "pass": rate >= target if goal else None,
-                           "text": f"{rate / 1e6:.1f} MB/s = {rate / cap:.2f} x capacity "
-                                   f"(goal >= {target / 1e6:.1f} MB/s)"})
-    else:
-        checks.append({"goal": "warm engine >= 0.9 x aggregate capacity", "how": "-", "pass": None,
-                       "text": "n/a (" + ("the link is unlimited" if not cap else "no engine-warm run")
-                               + ")"})
-    ar = summary.get("aria2", {}).get("download_done", {}).get("median")
-    if dl and ar:
-        checks.append({"goal": "no slower than aria2", "how": "engine-warm download_done vs aria2 wall",
-                       "value": dl, "target": ar, "ratio": dl / ar, "pass": dl <= ar,
-                       "text": f"{dl:.3f} s vs {ar:.3f} s = {dl / ar:.2f} x aria2's time"})
-        cold = summary.get("engine-cold", {}).get("download_done", {}).get("median")
-        if cold:
-            checks.append({"goal": "no slower than aria2", "pass": None,
-                           "how": "engine-cold (start-up excluded) vs aria2 wall, both on new "
-                                  "connections",
-                           "value": cold, "target": ar, "ratio": cold / ar,
-                           "text": f"{cold:.3f} s vs {ar:.3f} s = {cold / ar:.2f} x aria2's time"})
-    else:
-        why = summary.get("aria2", {}).get("skipped") or "no successful aria2/engine-warm run"
-        checks.append({"goal": "no slower than aria2", "how": "-", "pass": None, "text": f"n/a ({why})"})
-    if fb is not None and rtt > 0:
-        checks.append({"goal": "warm time-to-first-byte within 1.2 x one RTT",
-                       "how": "engine-warm first_byte / RTT", "value": fb, "target": 1.2 * rtt,
-                       "ratio": fb / rtt, "pass": fb <= 1.2 * rtt,
-                       "text": f"{fb * 1000:.0f} ms = {fb / rtt:.2f} x RTT ({rtt * 1000:.0f} ms; "
-                               f"goal <= {1.2 * rtt * 1000:.0f} ms)"})
-    else:
-        checks.append({"goal": "warm time-to-first-byte within 1.2 x one RTT", "how": "-", "pass": None,
-                       "text": "n/a (" + ("RTT is 0 on this profile" if fb is not None
-                                          else "no engine-warm run") + ")"})
+    """The issue's goals, on the medians."""
+    warm = summary.get("engine-warm", {})
+    dl = warm.get("download_done", {}).get("median")
+    fb = warm.get("first_byte", {}).get("median")
+    return (_capacity_checks(dl, fb, prof, size) + _aria2_checks(summary, dl)
+            + [_first_byte_check(fb, prof.rtt_s)])
+
+
+def _capacity_checks(dl, fb, prof, size: int) -> list[dict]:
+    """Throughput is defined two ways: end to end = size / download_done (submit to last
+    byte local), and after one RTT = size / (download_done - RTT) (the request's
+    unavoidable round trip taken out: what the transfer itself reached). Informational:
+    size / (download_done - first_byte), the rate once the first byte is in (the engine's
+    first byte is its head request's)."""
+    goal, cap = "warm engine >= 0.9 x aggregate capacity", prof.total_bps
+    if not (dl and cap):
+        return [{"goal": goal, "how": "-", "pass": None,
+                 "text": "n/a (" + ("the link is unlimited" if not cap else "no engine-warm run")
+                         + ")"}]
+    checks, target = [], 0.9 * cap
+    for label, denom, gating in (("end to end: size / download_done", dl, True),
+                                 ("after one RTT: size / (download_done - RTT)", dl - prof.rtt_s,
+                                  True),
+                                 ("after first byte: size / (download_done - first_byte)",
+                                  dl - fb if fb is not None else None, False)):
+        if not denom or denom <= 0:
+            continue
+        rate = size / denom
+        checks.append({"goal": goal, "how": label, "value": rate, "target": target,
+                       "ratio": rate / cap, "pass": rate >= target if gating else None,
+                       "text": f"{rate / 1e6:.1f} MB/s = {rate / cap:.2f} x capacity "
+                               f"(goal >= {target / 1e6:.1f} MB/s)"})
     return checks
+
+
+def _aria2_checks(summary: dict, dl) -> list[dict]:
+    goal = "no slower than aria2"
+    ar = summary.get("aria2", {}).get("download_done", {}).get("median")
+    if not (dl and ar):
+        why = summary.get("aria2", {}).get("skipped") or "no successful aria2/engine-warm run"
+        return [{"goal": goal, "how": "-", "pass": None, "text": f"n/a ({why})"}]
+    checks = [{"goal": goal, "how": "engine-warm download_done vs aria2 wall",
+               "value": dl, "target": ar, "ratio": dl / ar, "pass": dl <= ar,
+               "text": f"{dl:.3f} s vs {ar:.3f} s = {dl / ar:.2f} x aria2's time"}]
+    cold = summary.get("engine-cold", {}).get("download_done", {}).get("median")
+    if cold:
+        checks.append({"goal": goal, "pass": None,
+                       "how": "engine-cold (start-up excluded) vs aria2 wall, both on new "
+                              "connections",
+                       "value": cold, "target": ar, "ratio": cold / ar,
+                       "text": f"{cold:.3f} s vs {ar:.3f} s = {cold / ar:.2f} x aria2's time"})
+    return checks
+
+
+def _first_byte_check(fb, rtt: float) -> dict:
+    goal = "warm time-to-first-byte within 1.2 x one RTT"
+    if fb is None or rtt <= 0:
+        return {"goal": goal, "how": "-", "pass": None,
+                "text": "n/a (" + ("RTT is 0 on this profile" if fb is not None
+                                   else "no engine-warm run") + ")"}
+    return {"goal": goal, "how": "engine-warm first_byte / RTT", "value": fb,
+            "target": 1.2 * rtt, "ratio": fb / rtt, "pass": fb <= 1.2 * rtt,
+            "text": f"{fb * 1000:.0f} ms = {fb / rtt:.2f} x RTT ({rtt * 1000:.0f} ms; "
+                    f"goal <= {1.2 * rtt * 1000:.0f} ms)"}
 
 
 def render_fetch(summary: dict, rows: list[str], prof, size: int, checks: list[dict]) -> str:
