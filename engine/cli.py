@@ -219,9 +219,6 @@ def cmd_diagnose(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"] and "--cluster" in argv:   # one engine against a Ray cluster
-        from engine.tools.cluster_bench import main as cluster_bench_main
-        return cluster_bench_main([a for a in argv[1:] if a != "--cluster"])
     if argv[:1] == ["bench"]:   # bench parses its own options (argparse REMAINDER drops --x)
         from engine.tools.bench import main as bench_main
         return bench_main(argv[1:])
