@@ -8,7 +8,6 @@ import itertools
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass, field, fields
 
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from engine.config import Config, check_device
 from engine.errors import EngineClosed, EngineError, error_from
 from engine.messages import (CancelJob, JobDone, Prewarm, ReleaseFrames, ResultBatch,
                              StatusQuery, Submit)
+from engine.report import Batch, Frames, Report, VideoResult, raise_for
 from engine.selection import Selection
 from engine.shm import SharedBlock, ShmError
 
@@ -36,15 +36,7 @@ def submit_message(token: int, url: str, stream: bool = False, *,
                   selection=Selection.of(**selection), return_frames=return_frames)
 
 
-@dataclass
-class Frames:
-    """``frames()``: the selected frames, RGB, in frame order."""
-    array: np.ndarray = field(repr=False)     # uint8 [N, H, W, 3]
-    frame_numbers: list[int]
-    report: "Report"
-
-
-def take_frames(report: "Report", send) -> Frames:
+def take_frames(report: Report, send) -> Frames:
     """Copy a finished ``frames`` job's frames out of its output block; then the engine
     may unlink it (``send(ReleaseFrames)``)."""
     raise_for(report)
@@ -104,61 +96,6 @@ def reap(process: subprocess.Popen) -> None:
     from engine.shm.block import unlink_block
     for name in owned_blocks(process.pid):
         unlink_block(name)
-
-
-
-
-@dataclass
-class Report:
-    """One job's outcome: the contract's report, as attributes (``to_dict`` for JSON)."""
-    url: str
-    ok: bool
-    error: str | None
-    video: dict
-    frames_processed: int
-    timings_s: dict
-    fetch: dict
-    results: list = field(repr=False)
-    decoder: str | None = None
-    missing_frames: list = field(default_factory=list)
-    error_kind: str | None = None
-    plan: str | None = None        # "planned" (sample tables) or "streamed"
-    node: str | None = None        # where the job ran, on a cluster
-    video_result: object = None      # a per-video processor's end() value
-    selection: dict = field(default_factory=dict)   # what was asked, normalised
-    frames_selected: int | None = None   # frames the selection picked
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Report":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Batch:
-    """Results of consecutive frames, in frame order, as the engine produced them, and
-    how far the job was then."""
-    frame_numbers: list[int]
-    results: list
-    bytes_done: int = 0            # fetched so far
-    bytes_total: int = 0           # the file's size
-    frames_total: int | None = None   # frames the job will produce
-
-
-@dataclass
-class VideoResult:
-    """The last item of ``stream`` for a per-video processor: its ``end()`` value."""
-    value: object
-
-
-def raise_for(report: Report) -> None:
-    if not report.ok:
-        exc = error_from(report.error_kind, report.error or "job failed")
-        exc.report = report
-        raise exc
 
 
 class EngineClient:
@@ -241,7 +178,7 @@ class EngineClient:
         return self._job(submit_message(next(self._tokens), url, stream, processor=processor,
                                         **selection))
 
-    def frames(self, url: str, **selection) -> "Frames":
+    def frames(self, url: str, **selection) -> Frames:
         """The selected frames themselves (all by default: mind the memory), moved through
         shared memory: ``.array`` (uint8 ``[N, H, W, 3]`` RGB), ``.frame_numbers``,
         ``.report``. Raises like ``process``."""
@@ -256,8 +193,7 @@ class EngineClient:
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
-                    yield Batch(msg.frame_numbers, msg.results, msg.bytes_done,
-                                msg.bytes_total, msg.frames_total)
+                    yield msg.batch
                 elif isinstance(msg, JobDone):
                     yield Report.from_dict(msg.report)
                     return

@@ -14,12 +14,8 @@ import sys
 
 from engine.config import Config, ConfigError, check_device
 from engine.errors import EngineError
+from engine.report import TIMINGS
 from engine.selection import Selection, options_of
-
-STAGES = [("connect", "connect"), ("first_byte", "first byte"), ("moov_ready", "moov ready"),
-          ("first_frame", "first frame"), ("first_result", "first result"),
-          ("download_done", "download done"), ("decode_done", "decode done"), ("total", "total")]
-
 
 def bounding_stage(t: dict) -> str:
     """Which stage the job waited on last: the network, the decoder or the processor."""
@@ -55,7 +51,7 @@ def summary(report) -> str:
                  f"{f['bytes'] / 1e6:.2f} MB")
     total = t.get("total") or 0
     width = 40
-    for key, label in STAGES:
+    for key, label in TIMINGS:
         at = t.get(key)
         if at is None:
             lines.append(f"  {label:<14}      -")

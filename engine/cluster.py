@@ -19,9 +19,10 @@ import time
 import uuid
 from dataclasses import replace
 
-from engine.api import Batch, EngineClient, Frames, Report, raise_for
+from engine.api import EngineClient
 from engine.config import Config, check_device
-from engine.errors import EngineBusy, EngineClosed, EngineError, ErrorKind
+from engine.errors import EngineBusy, EngineClosed, EngineError
+from engine.report import Batch, Frames, Report, raise_for
 from engine.selection import Selection
 
 log = logging.getLogger("engine")
@@ -125,7 +126,7 @@ class EngineActor:
                     return
                 if job in self._cancelled:
                     return
-                yield {"batch": item.__dict__}
+                yield item
         finally:
             self._cancelled.discard(job)
 
@@ -339,9 +340,9 @@ class ClusterEngine(EngineClient):
                     job, url, processor, selection, stream)
                 for ref in gen:
                     item = ray.get(ref)
-                    if "batch" in item:
+                    if isinstance(item, Batch):
                         delivered = True
-                        yield Batch(**item["batch"])
+                        yield item
                     else:
                         finished = True
                         yield Report.from_dict(item)
@@ -351,16 +352,16 @@ class ClusterEngine(EngineClient):
                 self._lost(slot, exc)
                 tries += 1
                 if delivered or tries > len(self._slots):
-                    yield self._failed(url, f"node {slot.node} was lost mid-job"
+                    yield Report.failed(url, f"node {slot.node} was lost mid-job"
                                        + (" after delivering results" if delivered else ""),
-                                       slot.node)
+                                       node=slot.node)
                     return
                 log.warning("node %s lost before job %s delivered anything: retrying", slot.node,
                             url)
                 avoid.add(slot.index)
             except ray.exceptions.RayError as exc:
-                yield self._failed(url, f"on node {slot.node}: "
-                                   + (str(exc).strip().splitlines() or [repr(exc)])[-1], slot.node)
+                yield Report.failed(url, f"on node {slot.node}: "
+                                   + (str(exc).strip().splitlines() or [repr(exc)])[-1], node=slot.node)
                 return
             finally:
                 self._release(slot)
@@ -379,23 +380,15 @@ class ClusterEngine(EngineClient):
         try:
             array, numbers, report = ray.get(slot.handle.frames.remote(url, selection))
         except ray.exceptions.RayError as exc:
-            report = self._failed(url, f"on node {slot.node}: "
+            report = Report.failed(url, f"on node {slot.node}: "
                                   + (str(exc).strip().splitlines() or [repr(exc)])[-1],
-                                  slot.node).to_dict()
+                                  node=slot.node).to_dict()
             array, numbers = None, []
         finally:
             self._release(slot)
         report = Report.from_dict(report)
         raise_for(report)
         return Frames(array, numbers, report)
-
-    @staticmethod
-    def _failed(url: str, error: str, node: str) -> Report:
-        fetch = {"http_version": None, "connections_new": 0, "connections_reused": 0,
-                 "ranges": 0, "retries": 0, "bytes": 0}
-        return Report(url=url, ok=False, error=error, video={}, frames_processed=0,
-                      timings_s={}, fetch=fetch, results=[], error_kind=ErrorKind.ENGINE,
-                      node=node)
 
     def prewarm(self, origins) -> int:
         """Every engine opens pooled connections to these origins; returns how many."""
@@ -505,8 +498,8 @@ def serve_cluster(args, address: str, path: str) -> int:
 
     def job(conn, send, msg: Submit, cancelled: threading.Event):
         if msg.return_frames:
-            failed = ClusterEngine._failed(msg.url, "frames() of a served cluster: use "
-                                           "Engine(cluster=ADDRESS).frames", "-")
+            failed = Report.failed(msg.url, "frames() of a served cluster: use "
+                                           "Engine(cluster=ADDRESS).frames", node="-")
             send(JobDone(token=msg.token, report=failed.to_dict()))
             return
         try:
@@ -515,13 +508,11 @@ def serve_cluster(args, address: str, path: str) -> int:
                 if cancelled.is_set():
                     return
                 if isinstance(item, Batch):
-                    send(ResultBatch(token=msg.token, frame_numbers=item.frame_numbers,
-                                     results=item.results, bytes_done=item.bytes_done,
-                                     bytes_total=item.bytes_total, frames_total=item.frames_total))
+                    send(ResultBatch(token=msg.token, batch=item))
                 else:
                     send(JobDone(token=msg.token, report=item.to_dict()))
         except EngineError as exc:
-            failed = ClusterEngine._failed(msg.url, str(exc), "-")
+            failed = Report.failed(msg.url, str(exc), node="-")
             send(JobDone(token=msg.token, report=failed.to_dict()))
 
     def client(conn):
