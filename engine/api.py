@@ -25,6 +25,8 @@ from engine.selection import Selection
 from engine.shm import SharedBlock, ShmError
 
 START_TIMEOUT_S = 120.0
+CLUSTER_START_TIMEOUT_S = 300.0   # Ray joined, an actor placed and its engine up
+CLUSTER_STOP_S = 60.0             # every actor's engine stopped, then the actors
 
 
 def submit_message(token: int, url: str, stream: bool = False, *,
@@ -73,11 +75,12 @@ def engine_config(processor: str | None, device: str | None, config: Config | No
 
 
 def spawn(config: Config) -> tuple[subprocess.Popen, socket.socket]:
-    """Start a supervisor (it starts its workers): its process and our end of its socket.
-    The blocking and the asyncio engines both start theirs here."""
+    """Start a supervisor (it starts its workers), or a cluster's dispatcher: its process
+    and our end of its socket. The blocking and the asyncio engines both start theirs here."""
     mine, theirs = socket.socketpair()
+    module = "engine.cluster" if config.cluster else "engine.supervisor"
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
+        [sys.executable, "-m", module, str(theirs.fileno())],
         pass_fds=[theirs.fileno()], env=_child_env())
     theirs.close()
     with Connection(os.dup(mine.fileno())) as conn:
@@ -85,10 +88,10 @@ def spawn(config: Config) -> tuple[subprocess.Popen, socket.socket]:
     return process, mine
 
 
-def reap(process: subprocess.Popen) -> None:
+def reap(process: subprocess.Popen, wait_s: float = 8.0) -> None:
     """Wait for a supervisor told to stop (kill it if it does not); remove its segments."""
     try:
-        process.wait(8.0)
+        process.wait(wait_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(2.0)
@@ -254,29 +257,23 @@ class EngineClient:
 
 
 class Engine(EngineClient):
-    """Spawns a supervisor and its workers; ``close`` (or leaving ``with``) stops them all.
+    """Spawns an engine and owns it; ``close`` (or leaving ``with``) stops it all.
 
-    ``cluster=ADDRESS`` (default ``ENGINE_CLUSTER``; "" for this machine) returns a
-    ``ClusterEngine`` instead: the same interface over one engine per GPU of a Ray cluster.
+    ``cluster=ADDRESS`` (default ``ENGINE_CLUSTER``; "" for this machine): one engine per
+    GPU of a Ray cluster, driven by a child process (``engine.cluster``) that speaks the
+    local engine's messages, so this client is the same either way.
     """
-
-    def __new__(cls, *args, cluster: str | None = None, **kwargs):
-        if cluster is None:
-            cluster = (kwargs.get("config") or Config.from_env()).cluster
-        if cluster:
-            from engine.cluster import ClusterEngine
-            return ClusterEngine(cluster, *args, **kwargs)
-        return super().__new__(cls)
 
     def __init__(self, processor: str | None = None, device: str | None = None, *,
                  config: Config | None = None, cluster: str | None = None, **overrides):
-        self.config = engine_config(processor, device, config, overrides)
+        self.config = engine_config(processor, device, config, dict(overrides, cluster=cluster))
         self._process, mine = spawn(self.config)
         super().__init__(Connection(mine.detach()))
         token, q = self._open(0)
         try:
             self._send(StatusQuery(token=0))
-            reply = self._get(q, START_TIMEOUT_S)
+            reply = self._get(q, CLUSTER_START_TIMEOUT_S if self.config.cluster
+                              else START_TIMEOUT_S)
         except EngineError:
             self.close()
             raise
@@ -310,7 +307,7 @@ class Engine(EngineClient):
         proc = getattr(self, "_process", None)
         if proc is None:
             return
-        reap(proc)
+        reap(proc, CLUSTER_STOP_S if self.config.cluster else 8.0)
         self._process = None
 
     def __del__(self):

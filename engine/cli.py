@@ -185,7 +185,7 @@ def cmd_status(args) -> int:
         print(json.dumps(st, indent=1))
         return 0
     if "engines" in st:     # an engine serving over a cluster
-        from engine.cluster import format_status
+        from engine.cluster.server import format_status
         print(format_status(st))
         return 0
     print(f"{'role':<12}{'pid':>8}  {'state':<10}{'cpu%':>6}{'rss MB':>9}{'fds':>6}"
