@@ -14,12 +14,8 @@ import sys
 
 from engine.config import Config, ConfigError, check_device
 from engine.errors import EngineError
+from engine.report import TIMINGS
 from engine.selection import Selection, options_of
-
-STAGES = [("connect", "connect"), ("first_byte", "first byte"), ("moov_ready", "moov ready"),
-          ("first_frame", "first frame"), ("first_result", "first result"),
-          ("download_done", "download done"), ("decode_done", "decode done"), ("total", "total")]
-
 
 def bounding_stage(t: dict) -> str:
     """Which stage the job waited on last: the network, the decoder or the processor."""
@@ -55,7 +51,7 @@ def summary(report) -> str:
                  f"{f['bytes'] / 1e6:.2f} MB")
     total = t.get("total") or 0
     width = 40
-    for key, label in STAGES:
+    for key, label in TIMINGS:
         at = t.get(key)
         if at is None:
             lines.append(f"  {label:<14}      -")
@@ -189,7 +185,7 @@ def cmd_status(args) -> int:
         print(json.dumps(st, indent=1))
         return 0
     if "engines" in st:     # an engine serving over a cluster
-        from engine.cluster import format_status
+        from engine.cluster.server import format_status
         print(format_status(st))
         return 0
     print(f"{'role':<12}{'pid':>8}  {'state':<10}{'cpu%':>6}{'rss MB':>9}{'fds':>6}"

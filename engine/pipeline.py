@@ -31,8 +31,9 @@ from engine.ledger import Ledger
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
                              RangeDone, RangeFailed, ReadWhole, ResultBatch, RingReady,
-                             SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
+                             SegmentReady, StreamInfo, Submit, VideoEnded, WholeBody)
 from engine.plan import Piece, RangePlan, fetch_end
+from engine.report import Batch
 from engine.selection import Selection, byte_regions, gop_spans, pick
 from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
 from engine.shm.block import free_bytes, unlink_block
@@ -95,7 +96,7 @@ class Pipeline:
                          BatchResults: self.on_results, HeadInfo: self.on_head,
                          RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
                          DecodeDone: self.on_decode_done, StreamInfo: self.on_stream_info,
-                         VideoResult: self.on_video_result, WholeBody: self.on_whole_body}
+                         VideoEnded: self.on_video_ended, WholeBody: self.on_whole_body}
 
     # ------------------------------------------------------------------ outbox and workers
     def take(self) -> list[Send]:
@@ -987,10 +988,9 @@ class Pipeline:
         for n, result in zip(msg.frame_numbers, msg.results):
             job.results[n] = result
         if job.stream:
-            self._reply(job.client, ResultBatch(
-                token=job.token, frame_numbers=list(msg.frame_numbers), results=msg.results,
-                bytes_done=job.fetch.bytes, bytes_total=job.size,
-                frames_total=job.frames_selected))
+            self._reply(job.client, ResultBatch(token=job.token, batch=Batch(
+                list(msg.frame_numbers), msg.results, bytes_done=job.fetch.bytes,
+                bytes_total=job.size, frames_total=job.frames_selected)))
         self._maybe_finish(job)
 
     def on_decode_done(self, w, msg: DecodeDone) -> None:
@@ -1052,7 +1052,7 @@ class Pipeline:
             self.ledger.of(gpu.name).jobs.add(job.id)
             self._send(gpu, EndVideo(job=job.id))
 
-    def on_video_result(self, w, msg: VideoResult) -> None:
+    def on_video_ended(self, w, msg: VideoEnded) -> None:
         job = self._live(msg.job)
         if job is None or job.phase is not Phase.ENDING:
             return
