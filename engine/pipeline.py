@@ -831,7 +831,8 @@ class Pipeline:
             try:
                 job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"), *shape)
             except ShmError as exc:
-                self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
+                self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}; a container needs a "
+                          "larger --shm-size")
                 return False
             self.shm_in_use += job.ring.block.size
         return True

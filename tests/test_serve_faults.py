@@ -8,9 +8,10 @@ as a user starts it), real nginx, real processes. What is checked:
 * SIGKILL to each child in turn, mid-job: the job completes frame-exact (it resumes on
   the restarted worker), the supervisor stays up, the next job succeeds, nothing is left
   behind;
-* a stall: a decoder under SIGSTOP (no heartbeat) and a processor in an endless loop
-  (heartbeats, no progress) are killed and replaced within the configured timeout; the
-  job fails naming the stage, the next job does not wait for them.
+* a stall: a decoder under SIGSTOP (no heartbeat) or frozen in C code is killed and
+  replaced within the configured timeout and its job resumes exact; a processor in an
+  endless loop (heartbeats, no progress) stalls every GPU worker it meets, so its job
+  fails naming the stage after the second; the next job does not wait for them.
 
 Figures (time to detect and recover) are printed; run with ``-s``.
 """
@@ -198,8 +199,11 @@ def test_kill_any_child_mid_job_serve_mode_keeps_serving(tmp_path, cdn, slow_cdn
               "after the kill; next job ok")
 
 
-def test_sigstopped_decoder_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips):
-    with served(tmp_path, ENGINE_DECODERS=1, ENGINE_HEARTBEAT_TIMEOUT_S=2) as s:
+def test_sigstopped_decoder_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips,
+                                                   sn44_clips):
+    """No heartbeat: the decoder is killed and replaced; its job resumes on the new one."""
+    with served(tmp_path, processor="engine.processors:stats", ENGINE_DECODERS=1,
+                ENGINE_HEARTBEAT_TIMEOUT_S=2) as s:
         job = Job(s.path, slow_cdn.url("/sn44.mp4"))
         with s.client() as c:
             wait_for(lambda: (j := c.status()["jobs_in_flight"]) and j[0]["frames_done"] > 0,
@@ -207,18 +211,18 @@ def test_sigstopped_decoder_is_killed_and_replaced(tmp_path, cdn, slow_cdn, smal
             pid = roles(c)["decoder0"]["pid"]
             stopped = time.monotonic()
             os.kill(pid, signal.SIGSTOP)
-            report, error = job.outcome(60)
-            detected = time.monotonic() - stopped
-            assert error is not None and "decoder" in str(error) and "heartbeat" in str(error), \
-                (report, error)
+            report, error = job.outcome(90)
+            done = time.monotonic() - stopped
+            assert error is None, error
+            assert_matches(report, reference(sn44_clips["sn44"]))
             info = wait_for(lambda: (d := roles(c)["decoder0"])["pid"] not in (None, pid) and d,
                             30, "the decoder to be replaced")
             assert "heartbeat" in info["last_restart_cause"]
             s.remember()
             again = c.process(cdn.url("small.mp4"))
             assert again.ok and again.frames_processed == 50
-        print(f"\nSIGSTOP decoder: detected and its job failed {detected:.2f} s later "
-              f"(ENGINE_HEARTBEAT_TIMEOUT_S=2): {error}")
+        print(f"\nSIGSTOP decoder: replaced (ENGINE_HEARTBEAT_TIMEOUT_S=2), its job resumed "
+              f"and completed exact {done:.2f} s after the stop")
 
 
 def test_processor_in_an_endless_loop_is_killed_and_replaced(tmp_path, cdn, small_clips):
@@ -229,13 +233,15 @@ def test_processor_in_an_endless_loop_is_killed_and_replaced(tmp_path, cdn, smal
                 c.process(cdn.url("small.mp4"), processor="tests.processors:spin")
             detected = time.monotonic() - started
             message = str(info.value)
-            assert "GPU worker" in message and "stalled" in message, message
+            # each new worker stalls on it again: the second loss gives the input up
+            assert "GPU worker" in message and "2 times" in message and "stalled" in message, \
+                message
             s.remember()
             # the next job does not wait for the stuck worker: a new one takes it
             again = c.process(cdn.url("small.mp4"))
             assert again.ok and again.frames_processed == 50
             gpu = roles(c)["gpu"]
-            assert gpu["restarts"] == 1 and "stalled" in gpu["last_restart_cause"]
+            assert gpu["restarts"] == 2 and "stalled" in gpu["last_restart_cause"]
         print(f"\nprocessor endless loop: job failed {detected:.2f} s after submit "
               f"(ENGINE_STALL_TIMEOUT_S=3): {message}")
 
@@ -258,9 +264,10 @@ while True:                      # stay attached (detaching would thaw it) until
 """
 
 
-def test_decoder_main_thread_frozen_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips):
-    with served(tmp_path, ENGINE_DECODERS=1, ENGINE_HEARTBEAT_TIMEOUT_S=3,
-                ENGINE_STALL_TIMEOUT_S=3) as s:
+def test_decoder_main_thread_frozen_is_killed_and_replaced(tmp_path, cdn, slow_cdn, small_clips,
+                                                           sn44_clips):
+    with served(tmp_path, processor="engine.processors:stats", ENGINE_DECODERS=1,
+                ENGINE_HEARTBEAT_TIMEOUT_S=3, ENGINE_STALL_TIMEOUT_S=3) as s:
         job = Job(s.path, slow_cdn.url("/sn44.mp4"))
         with s.client() as c:
             wait_for(lambda: (j := c.status()["jobs_in_flight"]) and j[0]["frames_done"] > 0,
@@ -273,10 +280,11 @@ def test_decoder_main_thread_frozen_is_killed_and_replaced(tmp_path, cdn, slow_c
                 freezer.wait(5)
                 pytest.skip(f"cannot ptrace here: {line or freezer.returncode}")
             frozen = time.monotonic()
-            report, error = job.outcome(60)
-            detected = time.monotonic() - frozen
+            report, error = job.outcome(90)
+            done = time.monotonic() - frozen
             freezer.wait(10)
-            assert error is not None and "decoder" in str(error), (report, error)
+            assert error is None, error      # resumed on the new decoder
+            assert_matches(report, reference(sn44_clips["sn44"]))
             info = wait_for(lambda: (d := roles(c)["decoder0"])["pid"] not in (None, pid) and d,
                             30, "the decoder to be replaced")
             cause = info["last_restart_cause"]
@@ -284,7 +292,8 @@ def test_decoder_main_thread_frozen_is_killed_and_replaced(tmp_path, cdn, slow_c
             s.remember()
             again = c.process(cdn.url("small.mp4"))
             assert again.ok and again.frames_processed == 50
-        print(f"\ndecoder main thread frozen: job failed {detected:.2f} s later ({cause})")
+        print(f"\ndecoder main thread frozen: replaced ({cause}), its job resumed and "
+              f"completed exact {done:.2f} s after the freeze")
 
 
 def test_a_bug_in_the_loop_fails_only_that_job_and_the_engine_goes_on(cdn, small_clips):
