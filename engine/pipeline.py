@@ -7,16 +7,15 @@ request, a tick, a worker's death -- moves the jobs it concerns through their ph
 (``engine.job.Phase``) and leaves what must be sent in its outbox (``take``); it never
 touches a pipe or a socket, so its tests drive it with events and read the outbox.
 What each worker holds is in ``self.ledger``. It runs in the supervisor's one thread, so
-job state needs no locks. It creates and unlinks every segment a job uses (video,
-availability map, frame ring) and counts them against ENGINE_MAX_BYTES; workers only
-attach by name.
+job state needs no locks. Every segment a job uses (video, availability map, frame ring,
+output) is made and given back through its ``Memory`` (``engine.memory``), the one part
+that touches /dev/shm; workers only attach by name.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Callable
 from urllib.parse import urlsplit
@@ -28,27 +27,25 @@ from engine.config import Config
 from engine.errors import ErrorKind, SelectionError
 from engine.job import Job, Phase
 from engine.ledger import Ledger
+from engine.memory import ADMITTED, WAIT, Memory
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
                              RangeDone, RangeFailed, ReadWhole, ResultBatch, RingReady,
                              SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
 from engine.plan import Piece, RangePlan, fetch_end
 from engine.selection import Selection, byte_regions, gop_spans, pick
-from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
-from engine.shm.block import free_bytes, unlink_block
+from engine.shm import ShmError
 from engine.shm.ring import SlotRun
 
 log = logging.getLogger("engine.supervisor")
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 PROBE_BYTES = 64 * 1024  # a partial job reads this much at a header past the head
-RING_POOL = 2          # finished rings kept per frame size
 SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.05   # doubled at each attempt of a range
 UNKNOWN_LENGTH_RESERVE = 4 << 20   # counted for a body of unknown length (it reserves as it grows)
 COLLECT = "engine.processors:collect"   # Engine.frames' processor
-OUTPUT_MAX_BYTES = 1 << 40   # a streamed job's output block, reserved only as frames fill it
 
 
 def looks_like_html(head: bytes) -> bool:
@@ -75,21 +72,17 @@ class Pipeline:
     ``role`` (fetcher, decoder, gpu) and ``ready`` (said Hello: takes work).
     """
 
-    def __init__(self, config: Config, roster: Callable[[], list]):
+    def __init__(self, config: Config, roster: Callable[[], list], memory: Memory | None = None):
         self.config = config
+        self.memory = memory or Memory(config)
         self.roster = roster
         self.stopping = False           # the engine is shutting down: no new jobs
         self.outbox: list[Send] = []
         self.ledger = Ledger()
         self.jobs: dict[int, Job] = {}
         self.job_ids = itertools.count(1)
-        self.shm_in_use = 0
         self.decode_queue: list[int] = []
         self.rr = 0
-        self.ring_pool: dict[tuple, list] = {}
-        self.ring_reserved: dict[int, int] = {}   # job -> bytes held for its ring until moov
-        self.outputs: dict[str, object] = {}   # output block -> the client yet to take it
-        self.warned_small_ring = False
         self.decoder_backend = self._pick_backend()
         self.handlers = {RangeDone: self.on_range_done, BatchReady: self.on_batch,
                          BatchResults: self.on_results, HeadInfo: self.on_head,
@@ -173,12 +166,12 @@ class Pipeline:
             if now > job.deadline and job.phase is Phase.WAITING_MEMORY:
                 self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: engine busy: waited "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S) for shared "
-                          f"memory that other jobs held ({self.shm_in_use / 1e6:.0f} MB)")
+                          f"memory that other jobs held ({self.memory.in_use / 1e6:.0f} MB)")
             elif now > job.deadline:
                 self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: job exceeded its deadline of "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
             elif job.phase is Phase.WAITING_MEMORY:
-                if self._memory_back(job.segment_bytes):
+                if self.memory.back(job.segment_bytes):
                     # a new id: the fetchers have ended the old one (EndJob at _admit)
                     del self.jobs[job.id]
                     job.id = next(self.job_ids)
@@ -197,9 +190,8 @@ class Pipeline:
     def fail_all(self, kind: str, why: str, client=None) -> None:
         """Fail every live job (of ``client`` only, if given): '<url>: <why>'; frames
         waiting for that client go too."""
-        for name, owner in list(self.outputs.items()):
-            if client is not None and owner is client:
-                self.release_output(client, name)
+        if client is not None:
+            self.memory.release_outputs_of(client)
         for job in self.live:
             if client is None or job.client is client:
                 if client is not None:
@@ -372,12 +364,9 @@ class Pipeline:
         if not self._admit(job, w, job.segment_bytes):
             return
         try:
-            name = segment_name(os.getpid(), job.id)
-            job.segment = SharedBlock.create(name, job.size, reserve=job.segment_bytes)
-            job.amap = AvailabilityMap.create(name + ".map", job.size, length_known=not unknown)
+            self.memory.create_segment(job)
         except ShmError as exc:
             return self._refuse(job, w, ErrorKind.FETCH, str(exc))
-        self.shm_in_use += job.shm_bytes()
         ready = SegmentReady(job=job.id, segment=job.segment.name, amap=job.amap.name)
         for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
             self._send(f, ready)
@@ -408,72 +397,24 @@ class Pipeline:
         self.fail(job, kind, f"{job.url}: {why}")
 
     # ------------------------------------------------------------------ shared memory
-    def _room(self, need: int = 0) -> int:
-        """Bytes a new segment may take in /dev/shm now (other programs use it too), less
-        what admitted jobs hold for rings they have yet to create. Idle pooled rings are
-        given back when they stand in the way."""
-        if free_bytes() - sum(self.ring_reserved.values()) < need:
-            self._drop_ring_pool()
-        return free_bytes() - sum(self.ring_reserved.values())
-
     def _admit(self, job: Job, w, size: int) -> bool:
-        """Room for the video (ENGINE_MAX_BYTES for the videos of all jobs in flight) and
-        a frame ring (/dev/shm), or the job waits -- its head dropped, to be fetched again
-        when memory is back -- while other jobs hold memory, bounded by its deadline;
+        """The job's video and frames fit, or it waits -- its head dropped, to be fetched
+        again when memory is back -- while other jobs hold memory, bounded by its deadline;
         alone and still too big, it fails at once."""
-        ring = self.config.ring_bytes
-        videos = sum(j.video_bytes() for j in self.live)
-        room = self._room(size + ring)
-        busy = bool(videos or self.ring_reserved or self.shm_in_use)
-        small_ring = 4 << 20   # a few frames: the ring shrinks to fit at the moov
-        if videos + size <= self.config.max_bytes and \
-                (size + ring <= room or (not busy and size + small_ring <= room)):
-            self.ring_reserved[job.id] = min(ring, room - size)
+        verdict = self.memory.admit(job.id, size)
+        if verdict == ADMITTED:
             return True
         for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
             self._send(f, SegmentReady(job=job.id, segment=None, amap=None))
             self._send(f, EndJob(job=job.id))
         self.ledger.drop_job(job.id)
-        if busy:
+        if verdict == WAIT:
             log.info("%s waits for shared memory (jobs in flight hold %.0f MB)",
-                     job.url, self.shm_in_use / 1e6)
+                     job.url, self.memory.in_use / 1e6)
             job.to(Phase.WAITING_MEMORY)
-            return False
-        self.fail(job, ErrorKind.FETCH, f"{job.url}: the video ({size / 1e6:.0f} MB) and its "
-                  f"frames do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
-                  "(/dev/shm; a container needs a larger --shm-size)")
+        else:
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: {verdict}")
         return False
-
-    def _memory_back(self, size: int) -> bool:
-        """Worth fetching a waiting job's head again: its video would be admitted now."""
-        videos = sum(j.video_bytes() for j in self.live)
-        if not (videos or self.ring_reserved or self.shm_in_use):
-            return True    # alone: admitted with what there is, or failed clearly
-        return videos + size <= self.config.max_bytes and \
-            size + self.config.ring_bytes <= self._room(size + self.config.ring_bytes)
-
-    def _ring_slots(self, job: Job, height: int, width: int) -> int | None:
-        """Two batches of frames, bounded by ENGINE_RING_MB and what was reserved for the
-        ring at admission; smaller (the decoder's batches shrink with it) when memory is
-        tight. None: not even two frames fit."""
-        cfg = self.config
-        if cfg.ring_slots:
-            return cfg.ring_slots
-        want = 2 * cfg.batch
-        frame = height * width * 3
-        room = min(cfg.ring_bytes, self._room(FrameRing.bytes_for(want, height, width)))
-        fit = (room - FrameRing.bytes_for(0, height, width)) // frame
-        if fit >= want:
-            return want
-        if fit < 2:
-            return None
-        if not self.warned_small_ring:
-            self.warned_small_ring = True
-            log.warning("shared memory is tight: a %dx%d frame ring gets %d slots (%.0f MB), "
-                        "batches shrink to %d frames; give the engine more /dev/shm "
-                        "(docker run --shm-size=1g) or raise ENGINE_RING_MB", width, height,
-                        fit, fit * frame / 1e6, fit // 2)
-        return int(fit)
 
     def _plan_after_head(self, job: Job, prefix=None) -> None:
         """Walk the box headers and plan the remaining ranges: from the first bytes of the
@@ -785,71 +726,36 @@ class Pipeline:
         return why
 
     def _make_output(self, job: Job, height: int, width: int) -> bool:
-        """Engine.frames: the block the selected frames go into, all reserved when their
-        count is known (planned), else reserved as they come (streamed)."""
         if not job.return_frames:
             return True
-        frame = height * width * 3
-        count = job.frames_selected or self.config.max_selected
-        size = frame * count if count else OUTPUT_MAX_BYTES // frame * frame
         try:
-            job.output = SharedBlock.create(segment_name(os.getpid(), job.id, ".out"), size,
-                                            reserve=size if job.frames_selected else frame)
+            self.memory.create_output(job, height, width, self.config.max_selected)
         except ShmError as exc:
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the "
-                      f"{count or ''} selected frames ({exc}; a container needs a larger "
-                      "--shm-size)")
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
             return False
         return True
 
     def release_output(self, client, name: str) -> None:
         """A client copied its frames out (or went away): the block goes."""
-        if name in self.outputs and (client is None or self.outputs[name] is client):
-            del self.outputs[name]
-            unlink_block(name)
+        self.memory.release_output(client, name)
 
     def _make_ring(self, job: Job, height: int, width: int) -> bool:
-        self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
         # Both ways pass here with the header's picture size before any frame is decoded
         too_big = fences.pixels_refusal(width, height, self.config.max_pixels)
         if too_big:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: {too_big}")
             return False
-        slots = self._ring_slots(job, height, width)
-        if slots is None:
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the frames "
-                      f"of a {width}x{height} video (/dev/shm; a container needs "
-                      "a larger --shm-size)")
+        try:
+            self.memory.create_ring(job, height, width)
+        except ShmError as exc:
+            self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
             return False
-        shape = (slots, height, width)
-        pooled = self.ring_pool.get(shape)
-        if pooled:
-            job.ring = pooled.pop()     # already counted in shm_in_use
-            job.ring.reset()
-        else:
-            try:
-                job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"), *shape)
-            except ShmError as exc:
-                self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}")
-                return False
-            self.shm_in_use += job.ring.block.size
         return True
 
     def close(self) -> None:
         """The engine stops: give back the pooled rings and frames nobody took (live jobs
         are failed first)."""
-        self._drop_ring_pool()
-        for name in list(self.outputs):
-            self.release_output(None, name)
-
-    def _drop_ring_pool(self) -> None:
-        """Give back the idle pooled rings (a job needs their room)."""
-        for rings in self.ring_pool.values():
-            for ring in rings:
-                self.shm_in_use -= ring.block.size
-                ring.unlink()
-                ring.close()
-            rings.clear()
+        self.memory.close()
 
     def _check_download(self, job: Job) -> None:
         if job.plan.finished and job.head_done and not job.fetched:
@@ -1077,16 +983,6 @@ class Pipeline:
 
     def _release(self, job: Job) -> None:
         """Stop everything the job has going and give back its memory."""
-        # A ring whose job ended cleanly (decoder and GPU worker done with it) is kept for
-        # the next job of the same frame size; any other is cancelled and unlinked.
-        keep = None
-        if job.ring is not None and job.phase is Phase.DONE and job.outstanding == 0:
-            shape = (job.ring.slots, job.ring.height, job.ring.width)
-            if len(self.ring_pool.setdefault(shape, [])) < RING_POOL:
-                keep = job.ring
-        for shared in (job.amap, job.ring):
-            if shared is not None and shared is not keep:
-                shared.cancel()
         if job.plan is not None:
             job.plan.drop_pending()
         if job.id in self.decode_queue:
@@ -1095,21 +991,5 @@ class Pipeline:
             if w.role in ("fetcher", "gpu") or self.ledger.of(w.name).decoding == job.id:
                 self._send(w, EndJob(job=job.id))
         self.ledger.drop_job(job.id)
-        self.shm_in_use -= job.shm_bytes()
-        self.ring_reserved.pop(job.id, None)
-        if keep is not None:   # a pooled ring still holds its memory
-            self.ring_pool[(keep.slots, keep.height, keep.width)].append(keep)
-            self.shm_in_use += keep.block.size
-        for shared in (job.segment, job.amap, job.ring):
-            if shared is not None and shared is not keep:
-                shared.unlink()
-                shared.close()
-        job.segment = job.amap = job.ring = None
-        if job.output is not None:   # kept for its client to copy out (ReleaseFrames)
-            if job.phase is Phase.DONE and job.client is not None:
-                self.outputs[job.output.name] = job.client
-            else:
-                job.output.unlink()
-            job.output.close()
-            job.output = None
+        self.memory.release(job, clean=job.phase is Phase.DONE)
         self.jobs.pop(job.id, None)
