@@ -22,36 +22,30 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from engine import fences, mp4, resume
+from engine import fences, resume
 from engine.config import Config
 from engine.errors import ErrorKind, SelectionError
 from engine.job import Job, Phase
 from engine.ledger import Ledger
+from engine.locate import (PLANNED, Locator, Refuse, Stream, choose_streamed, head_refusal,
+                           needs_seeking, selected_refusal)
 from engine.memory import ADMITTED, WAIT, Memory
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
                              RangeDone, RangeFailed, ReadWhole, ResultBatch, RingReady,
                              SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
-from engine.plan import Piece, RangePlan, fetch_end
-from engine.selection import Selection, byte_regions, gop_spans, pick
+from engine.plan import Piece, RangePlan
+from engine.selection import Selection, gop_spans
 from engine.shm import ShmError
 from engine.shm.ring import SlotRun
 
 log = logging.getLogger("engine.supervisor")
 
-HTML_TYPES = ("text/html", "application/xhtml+xml")
-PROBE_BYTES = 64 * 1024  # a partial job reads this much at a header past the head
 SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
 MAX_RANGE_ATTEMPTS = 4
 RETRY_BACKOFF_S = 0.05   # doubled at each attempt of a range
 UNKNOWN_LENGTH_RESERVE = 4 << 20   # counted for a body of unknown length (it reserves as it grows)
 COLLECT = "engine.processors:collect"   # Engine.frames' processor
-
-
-def looks_like_html(head: bytes) -> bool:
-    """An error or landing page where a video was expected (whatever its Content-Type)."""
-    text = bytes(head[:512]).lstrip().lower()
-    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
 
 @dataclass(frozen=True)
@@ -84,6 +78,7 @@ class Pipeline:
         self.decode_queue: list[int] = []
         self.rr = 0
         self.decoder_backend = self._pick_backend()
+        self.locator = Locator(config, self.decoder_backend)
         self.handlers = {RangeDone: self.on_range_done, BatchReady: self.on_batch,
                          BatchResults: self.on_results, HeadInfo: self.on_head,
                          RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
@@ -349,17 +344,9 @@ class Pipeline:
         unknown = msg.size is None    # no Content-Length: a segment of ENGINE_MAX_BYTES grows
         job.final_url, job.ranged, job.unknown_length = msg.url, msg.ranged, unknown
         job.size = cfg.max_bytes if unknown else msg.size
-        if not unknown and msg.size > cfg.max_bytes:
-            return self._refuse(job, w, ErrorKind.FETCH, f"file is {msg.size} bytes, over the "
-                                f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
-        if msg.size == 0:
-            return self._refuse(job, w, ErrorKind.FETCH, "empty file (the server sent 0 bytes)")
-        # Content-Type is only a hint (text/plain, octet-stream or none may carry a video);
-        # an HTML page is what a server sends instead of one, and is refused.
-        if msg.content_type.split(";")[0].strip().lower() in HTML_TYPES \
-                or looks_like_html(msg.prefix):
-            return self._refuse(job, w, ErrorKind.DECODE, "server sent "
-                                f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
+        refused = head_refusal(msg, cfg.max_bytes)
+        if refused:
+            return self._refuse(job, w, refused.kind, refused.why)
         job.segment_bytes = min(UNKNOWN_LENGTH_RESERVE, job.size) if unknown else job.size
         if not self._admit(job, w, job.segment_bytes):
             return
@@ -387,9 +374,9 @@ class Pipeline:
             # One body, no ranges to plan, and no event until it has all arrived: decode it
             # as it arrives instead of waiting for its end.
             self._stream(job, "no Content-Length" if unknown else "no Range support",
-                         self._needs_seeking(msg.prefix))
+                         needs_seeking(msg.prefix))
         elif msg.prefix:
-            self._plan_after_head(job, msg.prefix)
+            self._go(job, self.locator.after_head(job, msg.prefix))
 
     def _refuse(self, job: Job, w, kind: ErrorKind, why: str) -> None:
         """The head's answer ends the job: its fetcher stops waiting for a segment."""
@@ -416,103 +403,27 @@ class Pipeline:
             self.fail(job, ErrorKind.FETCH, f"{job.url}: {verdict}")
         return False
 
-    def _plan_after_head(self, job: Job, prefix=None) -> None:
-        """Walk the box headers and plan the remaining ranges: from the first bytes of the
-        head as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head.
-        What cannot be planned (not MP4, no moov, a fragmented file) is streamed."""
-        if job.phase is not Phase.HEAD:
-            return
-        final = prefix is None
-        try:
-            found = mp4.walk(self._present_reader(job) if final else mp4.reader_of(prefix),
-                             job.size)
-        except mp4.NotMP4 as exc:
-            self._stream(job, str(exc))
-            return
-        if found.moov is None and found.need is not None and not final:
-            return                      # the prefix says too little: wait for the head
-        if found.moov is not None:
-            self._found_moov(job, found)
-        elif found.need is None:
-            self._stream(job, "no moov box")
-        else:
-            # The next header lies past the head (a long mdat or free box): fetch from
-            # there first -- all of the rest for a full job, which needs it anyway.
-            job.to(Phase.LOCATING)
-            job.moov_layout = found.layout
-            end = job.size if not job.partial else min(job.size, found.need + PROBE_BYTES)
-            job.plan.urgent(found.need, end)
-            job.probed_until = end
-            if not job.partial:
-                job.plan.extend(job.size)
-
-    def _present_reader(self, job: Job):
-        """``read`` for ``mp4.walk`` over the bytes of the segment that have arrived."""
-        mm, amap = job.segment.mm, job.amap
-        return lambda pos, n: bytes(mm[pos:pos + n]) if amap.present(pos, n) else None
-
-    def _walk_on(self, job: Job) -> None:
-        """More bytes are in while the moov is still unknown: walk the headers again."""
-        try:
-            found = mp4.walk(self._present_reader(job), job.size)
-        except mp4.NotMP4 as exc:
-            self._stream(job, str(exc))
-            return
-        if found.moov is not None:
-            self._found_moov(job, found)
-        elif found.need is None:
-            self._stream(job, "no moov box")
-        elif job.partial and found.need >= job.probed_until:
-            job.probed_until = min(job.size, found.need + PROBE_BYTES)
-            job.plan.urgent(found.need, job.probed_until)
-
-    def _found_moov(self, job: Job, found) -> None:
-        if job.phase is Phase.HEAD:
-            job.to(Phase.LOCATING)
-        moov = found.moov
-        job.moov_layout = found.layout
-        job.moov = (moov.offset, moov.offset + moov.size)
-        if found.layout == "end":
-            job.plan.urgent(max(moov.offset, job.probed_until), job.moov[1])
-            if not job.partial:
-                job.plan.extend(moov.offset)
-        else:
-            job.plan.extend(job.moov[1] if job.partial else job.size)
-        self._check_moov(job)
-
-    @staticmethod
-    def _needs_seeking(prefix: bytes) -> bool:
-        """An MP4 whose mdat comes before its moov cannot be read front to back (FFmpeg
-        needs the moov before the samples): its decoder may seek, and waits for the end
-        of a body of unknown length where it seeks there."""
-        try:
-            return mp4.walk(mp4.reader_of(prefix), 1 << 62).layout == "end"
-        except mp4.NotMP4:
-            return False
+    def _go(self, job: Job, outcome) -> None:
+        """Act on what locating the job concluded (None: wait for more bytes)."""
+        if isinstance(outcome, Stream):
+            self._stream(job, outcome.why, outcome.seekable)
+        elif isinstance(outcome, Refuse):
+            self.fail(job, outcome.kind, f"{job.url}: {outcome.why}")
+        elif outcome is PLANNED:
+            track = job.track
+            if self._make_ring(job, track.height, track.width) and \
+                    self._make_output(job, track.height, track.width):
+                self.decode_queue.append(job.id)
+                self._dispatch_decodes()
 
     def _stream(self, job: Job, why: str, seekable: bool = True) -> None:
-        """The second way through a job: fetch front to back, let FFmpeg probe and decode
-        while the bytes arrive; the frame count is learned by decoding."""
+        """The second way through a job (``engine.locate``)."""
         if job.phase not in (Phase.HEAD, Phase.LOCATING):
             return
-        n = min(512, job.size)
-        head = bytes(job.segment.mm[:n]) if job.amap.present(0, n) else b""
-        if looks_like_html(head):
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent an HTML page, not a video")
+        refused = choose_streamed(job, why, seekable, self.config.max_selected)
+        if refused:
+            self.fail(job, refused.kind, f"{job.url}: {refused.why}")
             return
-        log.info("%s: streamed, not planned (%s)", job.url, why)
-        if why.startswith("truncated file"):
-            job.truncated = why
-        job.to(Phase.STREAMED)
-        job.way, job.moov, job.moov_layout, job.track = "streamed", None, None, None
-        job.plan.extend(job.size)
-        job.linear = not seekable
-        job.frame_limit = job.max_frames if job.selection.everything else None
-        most = self.config.max_selected
-        if most is not None and job.selection.everything:
-            # its count is learned by decoding: stop one past the limit, then refuse
-            job.frame_limit = min(job.frame_limit or most + 1, most + 1)
-        job.readable_end = job.size
         self.decode_queue.append(job.id)
         self._dispatch_decodes()
 
@@ -551,9 +462,9 @@ class Pipeline:
     def _after_bytes(self, job: Job) -> None:
         if not job.head_done and job.amap.present(0, job.head_len):
             job.head_done = True
-            self._plan_after_head(job)
+            self._go(job, self.locator.after_head(job))
         if not job.finished:
-            self._check_moov(job)
+            self._go(job, self.locator.on_bytes(job))
         if not job.finished:
             self._check_download(job)
 
@@ -613,117 +524,6 @@ class Pipeline:
             self._send(w, FetchRange(job=job.id, url=job.final_url, segment=job.segment.name,
                                      amap=job.amap.name, offset=piece.offset, end=piece.end,
                                      attempt=piece.attempt))
-
-    def _check_moov(self, job: Job) -> None:
-        if job.phase is not Phase.LOCATING:
-            return
-        if job.moov is None:
-            if job.head_done:
-                self._walk_on(job)
-            return
-        start, end = job.moov
-        if not job.amap.present(start, end - start):
-            return
-        job.mark("moov_ready")
-        try:
-            # parsed once: it is kept while the boxes after the moov are awaited
-            track = job.track or mp4.parse_moov(memoryview(job.segment.mm)[start:end])
-        except mp4.NotMP4 as exc:
-            self._stream(job, str(exc))
-            return
-        why = self._why_not_planned(job, track)
-        if why is mp4.NOT_YET:
-            job.track = track
-            return
-        if why:
-            # seekable, FFmpeg would visit every fragment's header before the first frame,
-            # i.e. wait for nearly the whole file: it is read front to back
-            self._stream(job, why, seekable=False)
-            return
-        job.track = track
-        job.to(Phase.PLANNED)
-        data_end = int((track.offsets + track.sizes).max())
-        if data_end > job.size:
-            # decode what is there; the report names the frames past the end
-            job.truncated = (f"truncated file: it ends at byte {job.size} but its frames "
-                             f"need {data_end} bytes")
-        limit = track.frame_count
-        if job.max_frames is not None and job.selection.everything:
-            limit = min(limit, job.max_frames)    # else it caps what the selection picks
-        if job.partial_mb is not None:
-            need = track.need_end()
-            budget = int(job.partial_mb * 1024 * 1024)
-            limit = min(limit, int((need <= budget).sum()))
-        job.frame_limit = limit
-        job.readable_end = job.size
-        if limit and (limit < track.frame_count or job.max_frames is not None):
-            # The decoder sees end-of-file exactly at a sample boundary (a cut inside the
-            # next sample would hand it a truncated packet); the plan rounds up to chunks.
-            job.readable_end = fetch_end(self.decoder_backend, track.need_end(), limit, job.size)
-            job.plan.extend(job.readable_end)
-        if limit == 0:
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: no frame fits the partial download limit")
-            return
-        if not job.selection.everything and not self._plan_selection(job, track, limit):
-            return
-        job.frames_selected = len(job.selected) if job.selected is not None else limit
-        if not self._within_max_selected(job):
-            return
-        if self._make_ring(job, track.height, track.width) and \
-                self._make_output(job, track.height, track.width):
-            self.decode_queue.append(job.id)
-            self._dispatch_decodes()
-
-    def _plan_selection(self, job: Job, track, limit: int) -> bool:
-        """Pick the selected frames from the sample table and plan only the bytes of the
-        GOPs that hold them (PyAV; decord reads the whole file and picks by index)."""
-        order = track.presentation_order()
-        pts = track.pts[order]
-        times = (pts - pts[0]) / track.timescale if track.timescale else np.arange(len(pts))
-        try:
-            chosen = pick(job.selection, times)
-        except SelectionError as exc:
-            self.fail(job, ErrorKind.SELECTION, f"{job.url}: {exc}")
-            return False
-        chosen = chosen[chosen < limit]
-        if len(chosen) == 0:
-            self.fail(job, ErrorKind.SELECTION, f"{job.url}: the selection holds no frame of "
-                      f"this video ({track.frame_count} frames over {times[-1]:.2f} s)")
-            return False
-        job.selected = [int(i) for i in chosen]
-        job.frame_limit = None
-        job.readable_end = job.size
-        if self.decoder_backend == "decord":
-            job.plan.extend(job.size)
-            return True
-        job.spans = gop_spans(track.keyframes, order, track.pts, chosen)
-        for lo, hi in byte_regions(track.offsets, track.sizes, job.spans):
-            job.plan.add(lo, hi)
-        return True
-
-    def _within_max_selected(self, job: Job) -> bool:
-        most = self.config.max_selected
-        if most is not None and job.frames_selected is not None and job.frames_selected > most:
-            self.fail(job, ErrorKind.SELECTION, f"{job.url}: the job selects "
-                      f"{job.frames_selected} frames, over the limit of {most} "
-                      "(ENGINE_MAX_SELECTED)")
-            return False
-        return True
-
-    def _why_not_planned(self, job: Job, track) -> str | None:
-        """``mp4.why_not_planned`` on the boxes here; while it is not yet known, the next
-        box header after the moov is fetched first."""
-        try:
-            found = mp4.walk(self._present_reader(job), job.size)
-        except mp4.NotMP4 as exc:
-            return str(exc)
-        why = mp4.why_not_planned(track, found)
-        if why is mp4.NOT_YET:
-            if found.need >= job.probed_until:
-                job.probed_until = min(job.size, found.need + PROBE_BYTES)
-                job.plan.urgent(found.need, job.probed_until)
-            job.plan.raise_to_front(found.need)
-        return why
 
     def _make_output(self, job: Job, height: int, width: int) -> bool:
         if not job.return_frames:
@@ -924,7 +724,9 @@ class Pipeline:
         job.decoded, job.missing = frames, missing
         if job.frames_selected is None:     # streamed: learned by decoding
             job.frames_selected = frames + len(missing)
-            if not self._within_max_selected(job):
+            refused = selected_refusal(job, self.config.max_selected)
+            if refused:
+                self.fail(job, refused.kind, f"{job.url}: {refused.why}")
                 return
         if msg.error and not frames:
             self.fail(job, ErrorKind.DECODE, f"{job.url}: {job.truncated or msg.error}")
