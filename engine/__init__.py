@@ -6,7 +6,8 @@ with it this package, and must not pay for the client API it never uses.
 from engine.errors import (DecodeError, EngineBusy, EngineClosed, EngineError, FetchError,
                            JobTimeout, ProcessorError, SelectionError)
 
-_API = ("Batch", "Engine", "EngineClient", "Frames", "Report", "VideoResult")
+_API = ("Engine", "EngineClient")
+_REPORT = ("Batch", "Frames", "Report", "VideoResult")
 _AIO = ("AsyncEngine", "AsyncEngineClient")
 
 __all__ = ["AsyncEngine", "AsyncEngineClient", "Batch", "DecodeError", "Engine", "EngineBusy",
@@ -18,6 +19,9 @@ def __getattr__(name):
     if name in _API:
         from engine import api
         return getattr(api, name)
+    if name in _REPORT:
+        from engine import report
+        return getattr(report, name)
     if name in _AIO:
         from engine import aio
         return getattr(aio, name)

@@ -16,11 +16,11 @@ from contextlib import aclosing
 
 from multiprocess.reduction import ForkingPickler
 
-from engine.api import (START_TIMEOUT_S, Batch, Frames, Report, VideoResult, engine_config,
-                        raise_for, reap, spawn, submit_message, take_frames)
+from engine.api import START_TIMEOUT_S, engine_config, reap, spawn, submit_message, take_frames
 from engine.config import Config, default_socket_path
 from engine.errors import EngineClosed, EngineError, error_from
 from engine.messages import CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery
+from engine.report import Batch, Frames, Report, VideoResult, raise_for
 
 # multiprocess.connection's framing: the supervisor reads and writes with it.
 _SIZE = struct.Struct("!i")
@@ -40,13 +40,6 @@ async def read_message(reader: asyncio.StreamReader):
     if size == _LONG:
         size, = _LONG_SIZE.unpack(await reader.readexactly(_LONG_SIZE.size))
     return ForkingPickler.loads(await reader.readexactly(size))
-
-
-def _item(msg):
-    if isinstance(msg, ResultBatch):
-        return Batch(msg.frame_numbers, msg.results, msg.bytes_done, msg.bytes_total,
-                     msg.frames_total)
-    return Report.from_dict(msg.report)
 
 
 class AsyncEngineClient:
@@ -183,10 +176,10 @@ class AsyncEngineClient:
                 msg = await self._get(q)
                 if isinstance(msg, JobDone):
                     self._waiting.pop(token, None)   # over: nothing to cancel
-                    yield _item(msg)
+                    yield Report.from_dict(msg.report)
                     return
                 if isinstance(msg, ResultBatch):
-                    yield _item(msg)
+                    yield msg.batch
         finally:
             if self._waiting.pop(token, None) is not None and not self._closed:
                 self._cancel(token)

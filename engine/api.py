@@ -8,7 +8,6 @@ import itertools
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass, field, fields
 
 import socket
 import subprocess
@@ -21,10 +20,13 @@ from engine.config import Config, check_device
 from engine.errors import EngineClosed, EngineError, error_from
 from engine.messages import (CancelJob, JobDone, Prewarm, ReleaseFrames, ResultBatch,
                              StatusQuery, Submit)
+from engine.report import Batch, Frames, Report, VideoResult, raise_for
 from engine.selection import Selection
 from engine.shm import SharedBlock, ShmError
 
 START_TIMEOUT_S = 120.0
+CLUSTER_START_TIMEOUT_S = 300.0   # Ray joined, an actor placed and its engine up
+CLUSTER_STOP_S = 60.0             # every actor's engine stopped, then the actors
 
 
 def submit_message(token: int, url: str, stream: bool = False, *,
@@ -36,15 +38,7 @@ def submit_message(token: int, url: str, stream: bool = False, *,
                   selection=Selection.of(**selection), return_frames=return_frames)
 
 
-@dataclass
-class Frames:
-    """``frames()``: the selected frames, RGB, in frame order."""
-    array: np.ndarray = field(repr=False)     # uint8 [N, H, W, 3]
-    frame_numbers: list[int]
-    report: "Report"
-
-
-def take_frames(report: "Report", send) -> Frames:
+def take_frames(report: Report, send) -> Frames:
     """Copy a finished ``frames`` job's frames out of its output block; then the engine
     may unlink it (``send(ReleaseFrames)``)."""
     raise_for(report)
@@ -81,11 +75,12 @@ def engine_config(processor: str | None, device: str | None, config: Config | No
 
 
 def spawn(config: Config) -> tuple[subprocess.Popen, socket.socket]:
-    """Start a supervisor (it starts its workers): its process and our end of its socket.
-    The blocking and the asyncio engines both start theirs here."""
+    """Start a supervisor (it starts its workers), or a cluster's dispatcher: its process
+    and our end of its socket. The blocking and the asyncio engines both start theirs here."""
     mine, theirs = socket.socketpair()
+    module = "engine.cluster" if config.cluster else "engine.supervisor"
     process = subprocess.Popen(
-        [sys.executable, "-m", "engine.supervisor", str(theirs.fileno())],
+        [sys.executable, "-m", module, str(theirs.fileno())],
         pass_fds=[theirs.fileno()], env=_child_env())
     theirs.close()
     with Connection(os.dup(mine.fileno())) as conn:
@@ -93,10 +88,10 @@ def spawn(config: Config) -> tuple[subprocess.Popen, socket.socket]:
     return process, mine
 
 
-def reap(process: subprocess.Popen) -> None:
+def reap(process: subprocess.Popen, wait_s: float = 8.0) -> None:
     """Wait for a supervisor told to stop (kill it if it does not); remove its segments."""
     try:
-        process.wait(8.0)
+        process.wait(wait_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(2.0)
@@ -104,61 +99,6 @@ def reap(process: subprocess.Popen) -> None:
     from engine.shm.block import unlink_block
     for name in owned_blocks(process.pid):
         unlink_block(name)
-
-
-
-
-@dataclass
-class Report:
-    """One job's outcome: the contract's report, as attributes (``to_dict`` for JSON)."""
-    url: str
-    ok: bool
-    error: str | None
-    video: dict
-    frames_processed: int
-    timings_s: dict
-    fetch: dict
-    results: list = field(repr=False)
-    decoder: str | None = None
-    missing_frames: list = field(default_factory=list)
-    error_kind: str | None = None
-    plan: str | None = None        # "planned" (sample tables) or "streamed"
-    node: str | None = None        # where the job ran, on a cluster
-    video_result: object = None      # a per-video processor's end() value
-    selection: dict = field(default_factory=dict)   # what was asked, normalised
-    frames_selected: int | None = None   # frames the selection picked
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Report":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Batch:
-    """Results of consecutive frames, in frame order, as the engine produced them, and
-    how far the job was then."""
-    frame_numbers: list[int]
-    results: list
-    bytes_done: int = 0            # fetched so far
-    bytes_total: int = 0           # the file's size
-    frames_total: int | None = None   # frames the job will produce
-
-
-@dataclass
-class VideoResult:
-    """The last item of ``stream`` for a per-video processor: its ``end()`` value."""
-    value: object
-
-
-def raise_for(report: Report) -> None:
-    if not report.ok:
-        exc = error_from(report.error_kind, report.error or "job failed")
-        exc.report = report
-        raise exc
 
 
 class EngineClient:
@@ -241,7 +181,7 @@ class EngineClient:
         return self._job(submit_message(next(self._tokens), url, stream, processor=processor,
                                         **selection))
 
-    def frames(self, url: str, **selection) -> "Frames":
+    def frames(self, url: str, **selection) -> Frames:
         """The selected frames themselves (all by default: mind the memory), moved through
         shared memory: ``.array`` (uint8 ``[N, H, W, 3]`` RGB), ``.frame_numbers``,
         ``.report``. Raises like ``process``."""
@@ -256,8 +196,7 @@ class EngineClient:
             while True:
                 msg = self._get(q)
                 if isinstance(msg, ResultBatch):
-                    yield Batch(msg.frame_numbers, msg.results, msg.bytes_done,
-                                msg.bytes_total, msg.frames_total)
+                    yield msg.batch
                 elif isinstance(msg, JobDone):
                     yield Report.from_dict(msg.report)
                     return
@@ -318,29 +257,23 @@ class EngineClient:
 
 
 class Engine(EngineClient):
-    """Spawns a supervisor and its workers; ``close`` (or leaving ``with``) stops them all.
+    """Spawns an engine and owns it; ``close`` (or leaving ``with``) stops it all.
 
-    ``cluster=ADDRESS`` (default ``ENGINE_CLUSTER``; "" for this machine) returns a
-    ``ClusterEngine`` instead: the same interface over one engine per GPU of a Ray cluster.
+    ``cluster=ADDRESS`` (default ``ENGINE_CLUSTER``; "" for this machine): one engine per
+    GPU of a Ray cluster, driven by a child process (``engine.cluster``) that speaks the
+    local engine's messages, so this client is the same either way.
     """
-
-    def __new__(cls, *args, cluster: str | None = None, **kwargs):
-        if cluster is None:
-            cluster = (kwargs.get("config") or Config.from_env()).cluster
-        if cluster:
-            from engine.cluster import ClusterEngine
-            return ClusterEngine(cluster, *args, **kwargs)
-        return super().__new__(cls)
 
     def __init__(self, processor: str | None = None, device: str | None = None, *,
                  config: Config | None = None, cluster: str | None = None, **overrides):
-        self.config = engine_config(processor, device, config, overrides)
+        self.config = engine_config(processor, device, config, dict(overrides, cluster=cluster))
         self._process, mine = spawn(self.config)
         super().__init__(Connection(mine.detach()))
         token, q = self._open(0)
         try:
             self._send(StatusQuery(token=0))
-            reply = self._get(q, START_TIMEOUT_S)
+            reply = self._get(q, CLUSTER_START_TIMEOUT_S if self.config.cluster
+                              else START_TIMEOUT_S)
         except EngineError:
             self.close()
             raise
@@ -374,7 +307,7 @@ class Engine(EngineClient):
         proc = getattr(self, "_process", None)
         if proc is None:
             return
-        reap(proc)
+        reap(proc, CLUSTER_STOP_S if self.config.cluster else 8.0)
         self._process = None
 
     def __del__(self):

@@ -14,12 +14,8 @@ import sys
 
 from engine.config import Config, ConfigError, check_device
 from engine.errors import EngineError
+from engine.report import TIMINGS
 from engine.selection import Selection, options_of
-
-STAGES = [("connect", "connect"), ("first_byte", "first byte"), ("moov_ready", "moov ready"),
-          ("first_frame", "first frame"), ("first_result", "first result"),
-          ("download_done", "download done"), ("decode_done", "decode done"), ("total", "total")]
-
 
 def bounding_stage(t: dict) -> str:
     """Which stage the job waited on last: the network, the decoder or the processor."""
@@ -55,7 +51,7 @@ def summary(report) -> str:
                  f"{f['bytes'] / 1e6:.2f} MB")
     total = t.get("total") or 0
     width = 40
-    for key, label in STAGES:
+    for key, label in TIMINGS:
         at = t.get(key)
         if at is None:
             lines.append(f"  {label:<14}      -")
@@ -189,7 +185,7 @@ def cmd_status(args) -> int:
         print(json.dumps(st, indent=1))
         return 0
     if "engines" in st:     # an engine serving over a cluster
-        from engine.cluster import format_status
+        from engine.cluster.server import format_status
         print(format_status(st))
         return 0
     print(f"{'role':<12}{'pid':>8}  {'state':<10}{'cpu%':>6}{'rss MB':>9}{'fds':>6}"
@@ -219,9 +215,6 @@ def cmd_diagnose(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"] and "--cluster" in argv:   # one engine against a Ray cluster
-        from engine.tools.cluster_bench import main as cluster_bench_main
-        return cluster_bench_main([a for a in argv[1:] if a != "--cluster"])
     if argv[:1] == ["bench"]:   # bench parses its own options (argparse REMAINDER drops --x)
         from engine.tools.bench import main as bench_main
         return bench_main(argv[1:])

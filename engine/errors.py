@@ -71,3 +71,18 @@ def error_from(kind: ErrorKind | str | None, message: str) -> EngineError:
         return ErrorKind(kind or ErrorKind.ENGINE).exception(message)
     except ValueError:   # a kind this version does not know (a newer node of a cluster)
         return EngineError(message)
+
+
+_KINDS = {cls: kind for kind, cls in _CLASSES.items()}
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    """The kind an error travels as: that of its nearest class with one, so a subclass
+    (a cluster's ``ClusterBusy``) arrives as what it is (``EngineBusy``)."""
+    return next((_KINDS[c] for c in type(exc).__mro__ if c in _KINDS), ErrorKind.ENGINE)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first, else its class's name."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -18,7 +18,8 @@ from engine.errors import ErrorKind
 from engine.job import Job, Phase
 from engine.locate import selected_refusal
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndVideo, GpuJob,
-                             ResultBatch, RingReady, StreamInfo, VideoResult)
+                             ResultBatch, RingReady, StreamInfo, VideoEnded)
+from engine.report import Batch
 from engine.selection import gop_spans
 from engine.shm import ShmError
 from engine.shm.ring import SlotRun
@@ -240,10 +241,9 @@ class Handoff:
         for n, result in zip(msg.frame_numbers, msg.results):
             job.results[n] = result
         if job.stream:
-            self._reply(job.client, ResultBatch(
-                token=job.token, frame_numbers=list(msg.frame_numbers), results=msg.results,
-                bytes_done=job.fetch.bytes, bytes_total=job.size,
-                frames_total=job.frames_selected))
+            self._reply(job.client, ResultBatch(token=job.token, batch=Batch(
+                list(msg.frame_numbers), msg.results, bytes_done=job.fetch.bytes,
+                bytes_total=job.size, frames_total=job.frames_selected)))
         self._maybe_finish(job)
 
     def on_decode_done(self, w, msg: DecodeDone) -> None:
@@ -307,7 +307,7 @@ class Handoff:
             self.ledger.of(gpu.name).jobs.add(job.id)
             self._send(gpu, EndVideo(job=job.id))
 
-    def on_video_result(self, w, msg: VideoResult) -> None:
+    def on_video_ended(self, w, msg: VideoEnded) -> None:
         job = self._live(msg.job)
         if job is None or job.phase is not Phase.ENDING:
             return

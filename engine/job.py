@@ -1,4 +1,4 @@
-"""One job's state in the supervisor, its lifecycle, and the report the contract defines.
+"""One job's state in the supervisor and its lifecycle; it fills the report (``engine.report``).
 
 A job's phase is one field, ``Job.phase``; every allowed move is in ``TRANSITIONS`` and
 goes through ``Job.to``. Fetching runs beside the later phases (a job decodes while its
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import ErrorKind
 from engine.plan import RangePlan
+from engine.report import TIMING_KEYS, FetchTally, Report
 from engine.selection import Selection
 
 class Phase(enum.Enum):
@@ -54,42 +55,6 @@ TERMINAL = frozenset({_P.DONE, _P.FAILED})
 
 class BadTransition(RuntimeError):
     pass
-
-
-TIMING_KEYS = ("connect", "first_byte", "moov_ready", "first_frame", "first_result",
-               "download_done", "decode_done", "total")
-
-
-@dataclass
-class FetchTally:
-    """What a job's requests cost and brought: the report's ``fetch``."""
-    http_version: str = ""
-    connections_new: int = 0
-    connections_reused: int = 0
-    ranges: int = 0
-    retries: int = 0
-    bytes: int = 0
-    sha256: str | None = None
-    versions: dict = field(default_factory=dict)    # requests per HTTP version
-
-    def count_request(self, stats) -> None:
-        if stats is None:
-            return
-        if stats.new_connection:
-            self.connections_new += 1
-        else:
-            self.connections_reused += 1
-        if stats.http_version:
-            self.http_version = stats.http_version
-            self.versions[stats.http_version] = self.versions.get(stats.http_version, 0) + 1
-
-    def report(self) -> dict:
-        return {"http_version": self.http_version or None,
-                "connections_new": self.connections_new,
-                "connections_reused": self.connections_reused,
-                "ranges": self.ranges, "retries": self.retries, "bytes": self.bytes,
-                "requests_by_version": dict(self.versions),
-                **({"sha256": self.sha256} if self.sha256 else {})}
 
 
 @dataclass
@@ -200,19 +165,10 @@ class Job:
                  "moov": self.moov_layout}
         timings = {key: self.timings.get(key) for key in TIMING_KEYS}
         results = [{"frame_number": n, "result": self.results[n]} for n in sorted(self.results)]
-        return {
-            "url": self.url, "ok": self.error is None, "error": self.error,
-            "video": video,
-            "frames_processed": len(self.results),
-            "timings_s": timings,
-            "fetch": self.fetch.report(),
-            "decoder": self.decoder_backend or None,
-            "plan": self.way,
-            "missing_frames": list(self.missing),
-            "error_kind": self.error_kind,
-            "results": results,
-            "node": None,
-            "video_result": self.video_result,
-            "selection": self.selection.to_dict(),
-            "frames_selected": self.frames_selected,
-        }
+        return Report(
+            url=self.url, ok=self.error is None, error=self.error, video=video,
+            frames_processed=len(self.results), timings_s=timings, fetch=self.fetch.report(),
+            decoder=self.decoder_backend or None, plan=self.way,
+            missing_frames=list(self.missing), error_kind=self.error_kind, results=results,
+            video_result=self.video_result, selection=self.selection.to_dict(),
+            frames_selected=self.frames_selected).to_dict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import ErrorKind
+from engine.report import Batch
 from engine.selection import Selection
 
 # ---------------------------------------------------------------- client <-> supervisor
@@ -48,14 +49,9 @@ class CancelJob:
 
 @dataclass(frozen=True, kw_only=True)
 class ResultBatch:
-    """Results of consecutive frames, sent to a client that streams, with the job's
-    progress (bytes fetched so far, the file's size, the frames it will have)."""
+    """A batch of results for a client that streams: what it yields, as it is."""
     token: int
-    frame_numbers: list[int]
-    results: list
-    bytes_done: int = 0
-    bytes_total: int = 0
-    frames_total: int | None = None
+    batch: Batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,7 +287,7 @@ class DecodeDone:
 
 
 @dataclass(frozen=True, kw_only=True)
-class VideoResult:
+class VideoEnded:
     """Answer to ``EndVideo``: ``end()``'s value (None for a per-frame processor)."""
     job: int
     value: object = None

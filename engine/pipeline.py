@@ -32,7 +32,7 @@ from engine.ledger import Ledger
 from engine.locate import Locator
 from engine.memory import Memory
 from engine.messages import (BatchReady, BatchResults, DecodeDone, EndJob, HeadInfo, JobDone,
-                             NeedBytes, RangeDone, RangeFailed, StreamInfo, Submit, VideoResult,
+                             NeedBytes, RangeDone, RangeFailed, StreamInfo, Submit, VideoEnded,
                              WholeBody)
 from engine.selection import Selection
 
@@ -76,7 +76,7 @@ class Pipeline(Fetching, Handoff):
                          BatchResults: self.on_results, HeadInfo: self.on_head,
                          RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
                          DecodeDone: self.on_decode_done, StreamInfo: self.on_stream_info,
-                         VideoResult: self.on_video_result, WholeBody: self.on_whole_body}
+                         VideoEnded: self.on_video_ended, WholeBody: self.on_whole_body}
 
     # ------------------------------------------------------------------ outbox and workers
     def take(self) -> list[Send]:

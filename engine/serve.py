@@ -41,7 +41,7 @@ def serve(args) -> int:
     cluster = getattr(args, "cluster", None)
     cluster = Config.from_env().cluster if cluster is None else cluster
     if cluster:
-        from engine.cluster import serve_cluster
+        from engine.cluster.server import serve_cluster
         return serve_cluster(args, cluster, path)
     config = Config.from_env().with_(processor=args.processor, device=args.device,
                                      max_frames=Selection.of(max_frames=args.max_frames).max_frames)

@@ -91,7 +91,9 @@ def test_runner_rotates_skips_and_derives_rows():
     import time
     from types import SimpleNamespace
 
-    from engine.tools.bench import Contender, Runner, summarize
+    from engine.tools.bench.contenders import Contender
+    from engine.tools.bench.runner import Runner
+    from engine.tools.bench.tables import summarize
 
     class Ctx:
         a = SimpleNamespace(runs=3, budget=1e9)

@@ -32,8 +32,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from engine import Engine, EngineError
-from engine.cluster import ClusterBusy, ClusterEngine, format_status, node_name
+from engine import Engine, EngineBusy, EngineClosed, EngineError
+from engine.cluster import ClusterBusy, ClusterEngine, node_name
+from engine.cluster.server import format_status
+from engine.errors import error_from, kind_of
 from engine.shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
 
@@ -67,8 +69,10 @@ def cluster(cdn):
 
 @pytest.fixture(scope="module")
 def eng(cluster, cdn):
-    engine = Engine(cluster=cluster.address, processor=WAIT, device="cpu", fetchers=1,
-                    connections=2, decoders=1, job_timeout_s=60.0, prewarm=(cdn.url("/"),))
+    """The dispatcher itself, in this process (``Engine(cluster=...)`` runs one in a child)."""
+    engine = ClusterEngine(cluster.address, processor=WAIT, device="cpu", fetchers=1,
+                           connections=2, decoders=1, job_timeout_s=60.0,
+                           prewarm=(cdn.url("/"),))
     engine.seen_pids = set()
     yield engine
     engine.close()
@@ -115,8 +119,13 @@ def test_unreachable_or_malformed_cluster_address_is_one_line(address, text, cdn
     assert text in done.stderr and "Traceback" not in done.stderr
 
 
-def test_engine_cluster_returns_a_cluster_engine_on_every_gpu(eng, cluster):
-    assert isinstance(eng, ClusterEngine)
+def test_an_unreachable_cluster_raises_its_kind_through_the_child():
+    from engine.demo.nginx import free_port
+    with pytest.raises(EngineClosed, match="cannot join the Ray cluster"):
+        Engine(cluster=f"127.0.0.1:{free_port()}")
+
+
+def test_a_cluster_engine_on_every_gpu(eng, cluster):
     _wait_for(lambda: _up_on_all_nodes(eng, cluster), "an engine up on each GPU node")
     engines = _engines(eng)
     assert sorted(e["node"] for e in engines) == sorted(_names(cluster))
@@ -169,8 +178,10 @@ def test_every_engine_full_then_cluster_busy(eng, cdn):
             jobs = [pool.submit(eng.report, url, max_frames=150) for _ in range(4)]
             _wait_for(lambda: sum(e["jobs_in_flight"] for e in _engines(eng)) == 4,
                       "four jobs in flight")
-            with pytest.raises(ClusterBusy, match="cluster busy"):
+            with pytest.raises(ClusterBusy, match="cluster busy") as busy:
                 eng.process(url, max_frames=10)
+            # what a served cluster sends: the kind, which the client raises as EngineBusy
+            assert type(error_from(kind_of(busy.value), "busy")) is EngineBusy
             assert all(j.result().ok for j in jobs)
     finally:
         eng.busy_wait_s = eng.config.job_timeout_s
@@ -290,6 +301,27 @@ def test_a_processor_that_cannot_load_fails_the_start_clearly(cluster):
     with pytest.raises(EngineError, match="stand-in model weights missing"):
         Engine(cluster=cluster.address, processor="tests.processors:broken_factory",
                device="cpu", fetchers=1, decoders=1)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        assert not ray.util.list_named_actors(all_namespaces=True)
+    finally:
+        ray.shutdown()
+
+
+def test_engine_with_a_cluster_is_an_engine(cluster, cdn, small_clips):
+    """``Engine(cluster=...)``: the local engine's client, its dispatcher in a child."""
+    with Engine(cluster=cluster.address, processor=WAIT, device="cpu", fetchers=1,
+                decoders=1) as eng:
+        assert isinstance(eng, Engine)
+        report = eng.process(cdn.url("small.mp4"))
+        assert report.frames_processed == 50 and report.node in _names(cluster)
+        got = eng.frames(cdn.url("small.mp4"), count=3)
+        child = eng.pid
+    assert got.frame_numbers == [0, 24, 49] and got.report.node in _names(cluster)
+    with av.open(str(small_clips["small"])) as c:
+        plain = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert np.array_equal(got.array, np.stack([plain[i] for i in (0, 24, 49)]))
+    assert not owned_blocks(child)
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
         assert not ray.util.list_named_actors(all_namespaces=True)

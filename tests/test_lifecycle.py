@@ -20,7 +20,7 @@ from engine.memory import Memory
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, FetchStats, GpuJob, HeadInfo, JobDone,
                              NeedBytes, RangeDone, RangeFailed, ReadWhole, RingReady,
-                             SegmentReady, StreamInfo, Submit, VideoResult, WholeBody)
+                             SegmentReady, StreamInfo, Submit, VideoEnded, WholeBody)
 from engine import resume
 from engine.pipeline import Pipeline
 from engine.plan import RangePlan
@@ -213,7 +213,7 @@ def _run_planned(h: Harness, job: Job, frames: int) -> None:
     assert job.phase is Phase.DECODING       # results in, but the decoder has not finished
     h.msg("decoder0", DecodeDone(job=job.id, frames=frames, missing=[]))
     assert job.phase is Phase.ENDING and h.to_worker("gpu", EndVideo) == [EndVideo(job=job.id)]
-    h.msg("gpu", VideoResult(job=job.id, value={"events": []}))
+    h.msg("gpu", VideoEnded(job=job.id, value={"events": []}))
     assert job.phase is Phase.DONE
 
 
@@ -463,7 +463,7 @@ def _finish(h: Harness, job: Job, batches, frames: int, missing=()) -> dict:
     for b in batches:
         _answer(h, b)
     h.msg("decoder0", DecodeDone(job=job.id, frames=frames, missing=list(missing)))
-    h.msg("gpu", VideoResult(job=job.id))
+    h.msg("gpu", VideoEnded(job=job.id))
     return h.report()
 
 
@@ -499,7 +499,7 @@ def test_a_decoder_lost_after_its_last_batch_leaves_nothing_to_decode(clip):
     _lose(h, "decoder0")
     assert len(h.to_worker("decoder0", DecodeJob)) == 1 and job.phase is Phase.DRAINING
     _answer(h, batch)
-    h.msg("gpu", VideoResult(job=job.id))
+    h.msg("gpu", VideoEnded(job=job.id))
     assert h.report()["ok"] and h.report()["frames_processed"] == 50
 
 
@@ -596,7 +596,7 @@ def test_a_gpu_worker_lost_while_ending_is_asked_again(clip):
     # every result is in: no decode, the new worker ends the video
     assert len(h.to_worker("decoder0", DecodeJob)) == 1
     assert len(h.to_worker("gpu", GpuJob)) == 2 and len(h.to_worker("gpu", EndVideo)) == 2
-    h.msg("gpu", VideoResult(job=job.id))
+    h.msg("gpu", VideoEnded(job=job.id))
     assert h.report()["ok"] and h.report()["frames_processed"] == 50
 
 

@@ -24,7 +24,7 @@ import time
 
 import httpx
 
-from engine.tools.bench import REPO, Context, _parser
+from engine.tools.bench.context import REPO, Context, options_parser
 
 CONTENDERS = ("reference", "engine")
 
@@ -179,8 +179,8 @@ def render(runs: dict[str, list[dict]], ctx: Context) -> str:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    ap = _parser("python -m engine.tools.turbovision_bench", __doc__.split("\n\n")[0],
-                 runs=3, timeout=120.0, budget=600.0)
+    ap = options_parser("python -m engine.tools.turbovision_bench", __doc__.split("\n\n")[0],
+                        runs=3, timeout=120.0, budget=600.0)
     a = ap.parse_args(argv)
     a.processor = "examples.turbovision_miner.spotter:video_spotter"
     return a

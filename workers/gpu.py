@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from engine.config import Config
 from engine.messages import (BatchReady, BatchResults, EndJob, EndVideo, GpuJob, Shutdown,
-                             VideoResult)
+                             VideoEnded)
 from engine import processors
 from engine.shm import FrameRing, ShmError
 from engine.shm.ring import SlotRun
@@ -165,7 +165,7 @@ class GpuWorker:
                 json.dumps(value)     # fail here, clearly, rather than in the report's writer
             except Exception as exc:
                 value, error = None, self._failed(state.spec, exc, "end()")
-        self.link.send(VideoResult(job=msg.job, value=value, error=error))
+        self.link.send(VideoEnded(job=msg.job, value=value, error=error))
 
     @staticmethod
     def _failed(spec: str, exc: Exception, where: str = "") -> str:

@@ -1,27 +1,24 @@
-"""The engine on a Ray cluster: one ordinary engine per GPU on every node, one entry point.
-
-Ray places the engines (an actor per GPU, or per unit of the custom resource ``engine`` on
-nodes without GPUs), restarts a dead one, and carries the results back (a streaming
-generator per job: batch by batch, as on one machine). This module only chooses the engine
-for each job (fewest in flight, at most ``cluster_jobs_per_engine`` each) and retries a job
-whose engine was lost before it delivered anything.
-
-Ray is an optional dependency (``pip install -e ".[cluster]"``): nothing here imports it
-until a cluster is asked for.
+"""The dispatcher of a cluster: ``ClusterEngine`` starts an engine per GPU (an actor per
+GPU, or per unit of the custom resource ``engine`` on nodes without GPUs), chooses the
+engine for each job (fewest in flight, at most ``cluster_jobs_per_engine`` each) and
+retries a job whose engine was lost before it delivered anything. Ray places the
+engines, restarts a dead one, and carries the results back (a streaming generator per
+job: batch by batch, as on one machine).
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
 from dataclasses import replace
 
-from engine.api import Batch, EngineClient, Frames, Report, raise_for
+from engine.api import EngineClient
+from engine.cluster.actor import EngineActor, node_name
 from engine.config import Config, check_device
-from engine.errors import EngineBusy, EngineClosed, EngineError, ErrorKind
+from engine.errors import EngineBusy, EngineClosed, EngineError, first_line
+from engine.report import Batch, Frames, Report, raise_for
 from engine.selection import Selection
 
 log = logging.getLogger("engine")
@@ -42,12 +39,6 @@ def _ray():
     except ImportError:
         raise EngineError('a cluster needs Ray: pip install -e ".[cluster]"') from None
     return ray
-
-
-def node_name(ip: str, node_id: str) -> str:
-    """Names a node in reports and errors: its address, and the start of Ray's id (several
-    nodes may share an address, as in a simulated cluster)."""
-    return f"{ip}/{node_id[:8]}"
 
 
 def _cause(exc: Exception) -> str:
@@ -72,69 +63,6 @@ def _probe(address: str) -> None:
     except OSError as exc:
         raise EngineClosed(f"cannot join the Ray cluster at {address}: "
                            f"{exc.strerror or exc}") from None
-
-
-class EngineActor:
-    """Runs inside a Ray actor: an ordinary local engine (its supervisor started with
-    subprocess + exec, never a fork of the Ray worker), pinned to the actor's GPU through
-    the CUDA_VISIBLE_DEVICES Ray set, which the supervisor inherits."""
-
-    def __init__(self, config: Config):
-        import ray
-        from engine.api import Engine
-        ctx = ray.get_runtime_context()
-        self.node = node_name(ray.util.get_node_ip_address(), ctx.get_node_id())
-        self.gpus = [str(g) for g in ray.get_gpu_ids()]
-        self.restarted = bool(ctx.was_current_actor_reconstructed)
-        self._cancelled: set[str] = set()
-        # cluster="": this engine is the local one, whatever ENGINE_CLUSTER says here
-        self.engine = Engine(config=config, cluster="")
-
-    def info(self) -> dict:
-        return {"node": self.node, "gpus": self.gpus, "pid": self.engine.pid,
-                "actor_pid": os.getpid(), "restarted": self.restarted,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-
-    def prewarm(self, origins) -> int:
-        return self.engine.prewarm(list(origins))
-
-    def frames(self, url: str, selection: dict):
-        """``Engine.frames`` here; the array goes back through Ray's object store."""
-        try:
-            got = self.engine.frames(url, **selection)
-        except EngineError as exc:
-            report = getattr(exc, "report", None)
-            if report is None:
-                raise
-            return None, [], {**report.to_dict(), "node": self.node}
-        return got.array, got.frame_numbers, {**got.report.to_dict(), "node": self.node}
-
-    def status(self) -> dict:
-        return self.engine.status()
-
-    def run(self, job: str, url: str, processor, selection: dict, stream: bool):
-        """The job's batches (as dicts) then its report; a cancelled job stops at the next
-        batch (leaving the loop closes the local job's generator, which cancels it)."""
-        try:
-            for item in self.engine.submit(url, processor=processor, stream=stream,
-                                           **selection):
-                if isinstance(item, Report):
-                    report = item.to_dict()
-                    report["node"] = self.node
-                    yield report
-                    return
-                if job in self._cancelled:
-                    return
-                yield {"batch": item.__dict__}
-        finally:
-            self._cancelled.discard(job)
-
-    def cancel(self, job: str) -> None:
-        self._cancelled.add(job)
-
-    def shutdown(self) -> None:
-        """Ray's kill skips exit handlers: the engine is stopped here, before it."""
-        self.engine.close()
 
 
 class _Slot:
@@ -289,7 +217,7 @@ class ClusterEngine(EngineClient):
         with self._lock:
             if slot.up:
                 slot.up = False
-                slot.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                slot.last_error = first_line(exc)
                 slot.pending = slot.handle.info.remote()
 
     # -- dispatch ----------------------------------------------------------------------
@@ -339,9 +267,9 @@ class ClusterEngine(EngineClient):
                     job, url, processor, selection, stream)
                 for ref in gen:
                     item = ray.get(ref)
-                    if "batch" in item:
+                    if isinstance(item, Batch):
                         delivered = True
-                        yield Batch(**item["batch"])
+                        yield item
                     else:
                         finished = True
                         yield Report.from_dict(item)
@@ -351,16 +279,15 @@ class ClusterEngine(EngineClient):
                 self._lost(slot, exc)
                 tries += 1
                 if delivered or tries > len(self._slots):
-                    yield self._failed(url, f"node {slot.node} was lost mid-job"
+                    yield Report.failed(url, f"node {slot.node} was lost mid-job"
                                        + (" after delivering results" if delivered else ""),
-                                       slot.node)
+                                       node=slot.node)
                     return
                 log.warning("node %s lost before job %s delivered anything: retrying", slot.node,
                             url)
                 avoid.add(slot.index)
             except ray.exceptions.RayError as exc:
-                yield self._failed(url, f"on node {slot.node}: "
-                                   + (str(exc).strip().splitlines() or [repr(exc)])[-1], slot.node)
+                yield Report.failed(url, f"on node {slot.node}: {_cause(exc)}", node=slot.node)
                 return
             finally:
                 self._release(slot)
@@ -379,23 +306,14 @@ class ClusterEngine(EngineClient):
         try:
             array, numbers, report = ray.get(slot.handle.frames.remote(url, selection))
         except ray.exceptions.RayError as exc:
-            report = self._failed(url, f"on node {slot.node}: "
-                                  + (str(exc).strip().splitlines() or [repr(exc)])[-1],
-                                  slot.node).to_dict()
+            report = Report.failed(url, f"on node {slot.node}: {_cause(exc)}",
+                                   node=slot.node).to_dict()
             array, numbers = None, []
         finally:
             self._release(slot)
         report = Report.from_dict(report)
         raise_for(report)
         return Frames(array, numbers, report)
-
-    @staticmethod
-    def _failed(url: str, error: str, node: str) -> Report:
-        fetch = {"http_version": None, "connections_new": 0, "connections_reused": 0,
-                 "ranges": 0, "retries": 0, "bytes": 0}
-        return Report(url=url, ok=False, error=error, video={}, frames_processed=0,
-                      timings_s={}, fetch=fetch, results=[], error_kind=ErrorKind.ENGINE,
-                      node=node)
 
     def prewarm(self, origins) -> int:
         """Every engine opens pooled connections to these origins; returns how many."""
@@ -460,129 +378,3 @@ class ClusterEngine(EngineClient):
             self.close()
         except Exception:
             pass
-
-
-def format_status(st: dict) -> str:
-    """``python -m engine status`` for a cluster: one row per engine, then the nodes."""
-    lines = [f"cluster {st['cluster']}: {len(st['engines'])} engines, "
-             f"{st['jobs_per_engine']} jobs each at most",
-             f"{'node':<26}{'state':<10}{'gpus':<8}{'pid':>8}{'jobs':>6}{'done':>6}"
-             f"{'restarts':>9}{'segments':>9}"]
-    for e in st["engines"]:
-        shm = ((e.get("engine") or {}).get("shared_memory") or {}).get("segments", "-")
-        lines.append(f"{e['node']:<26}{e['state']:<10}{','.join(e['gpus']) or '-':<8}"
-                     f"{e['pid'] or '-':>8}{e['jobs_in_flight']:>6}{e['jobs_done']:>6}"
-                     f"{e['restarts']:>9}{shm:>9}")
-    lines.append("nodes: " + ", ".join(
-        f"{n['node']} ({'alive' if n['alive'] else 'dead'}, {n['gpus']} GPU"
-        + (f", {n['engine_units']} engine" if n["engine_units"] else "") + ")"
-        for n in st["nodes"]))
-    return "\n".join(lines)
-
-
-def serve_cluster(args, address: str, path: str) -> int:
-    """Serve mode over a cluster: the local engine's socket and messages, so a miner that
-    uses ``Engine.connect(socket)`` changes nothing; each job goes to the cluster."""
-    import signal
-    import sys
-
-    from multiprocess.connection import Listener
-
-    from engine.messages import CancelJob, JobDone, Prewarm, Reply, ResultBatch, StatusQuery, Submit
-
-    cluster = ClusterEngine(address, processor=args.processor, device=args.device,
-                            max_frames=Selection.of(max_frames=args.max_frames).max_frames)
-    old = os.umask(0o177)   # 0600, as the local engine's socket: only this user submits
-    try:
-        listener = Listener(path, family="AF_UNIX")
-    except OSError as exc:
-        cluster.close()
-        raise EngineError(f"cannot listen on {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    stop = threading.Event()
-    conns: list = []
-
-    def job(conn, send, msg: Submit, cancelled: threading.Event):
-        if msg.return_frames:
-            failed = ClusterEngine._failed(msg.url, "frames() of a served cluster: use "
-                                           "Engine(cluster=ADDRESS).frames", "-")
-            send(JobDone(token=msg.token, report=failed.to_dict()))
-            return
-        try:
-            for item in cluster.submit(msg.url, processor=msg.processor, stream=msg.stream,
-                                       **msg.selection.to_dict()):
-                if cancelled.is_set():
-                    return
-                if isinstance(item, Batch):
-                    send(ResultBatch(token=msg.token, frame_numbers=item.frame_numbers,
-                                     results=item.results, bytes_done=item.bytes_done,
-                                     bytes_total=item.bytes_total, frames_total=item.frames_total))
-                else:
-                    send(JobDone(token=msg.token, report=item.to_dict()))
-        except EngineError as exc:
-            failed = ClusterEngine._failed(msg.url, str(exc), "-")
-            send(JobDone(token=msg.token, report=failed.to_dict()))
-
-    def client(conn):
-        lock = threading.Lock()
-        cancels: dict[int, threading.Event] = {}
-
-        def send(m):
-            with lock:
-                try:
-                    conn.send(m)
-                except (OSError, EOFError):
-                    pass
-        while not stop.is_set():
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                break
-            if isinstance(msg, Submit):
-                cancels[msg.token] = threading.Event()
-                threading.Thread(target=job, args=(conn, send, msg, cancels[msg.token]),
-                                 daemon=True).start()
-            elif isinstance(msg, CancelJob):
-                cancels.get(msg.token, threading.Event()).set()
-            elif isinstance(msg, (StatusQuery, Prewarm)):
-                try:
-                    payload = (cluster.status() if isinstance(msg, StatusQuery)
-                               else {"opened": cluster.prewarm(list(msg.origins))})
-                    send(Reply(token=msg.token, payload=payload))
-                except EngineError as exc:
-                    send(Reply(token=msg.token, payload={}, error=str(exc),
-                               kind=type(exc).__name__))
-        for event in cancels.values():   # a client that hangs up cancels its jobs
-            event.set()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn = listener.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            threading.Thread(target=client, args=(conn,), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threading.Thread(target=accept, name="cluster-accept", daemon=True).start()
-    print(f"engine serving on {path} over the Ray cluster at {address} (pid {os.getpid()}); "
-          "stop with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        listener.close()
-        for conn in conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
-        cluster.close()
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    return 0

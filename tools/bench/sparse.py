@@ -23,7 +23,12 @@ import time
 
 import numpy as np
 
-from engine.tools import bench as B
+from engine.tools.bench.contenders import Contender, Worker
+from engine.tools.bench.context import Context, machine_info, options_parser, parse_options
+from engine.tools.bench.measure import Clock, TreeMeter, decoded, report_fields
+from engine.tools.bench.runner import Runner
+from engine.tools.bench.tables import fmt_stage, num, summarize, table
+from engine.tools.bench.workers import httpx_trace, temp_mp4
 
 SPARSE_CONTENDERS = ("engine", "engine-all", "vllm-cv2", "pyav-whole", "pyav-seek")
 COUNT = 32
@@ -33,10 +38,10 @@ def _linspace(n: int, count: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, count).astype(int).tolist()))
 
 
-def _whole_get(url: str, clock: B.Clock) -> bytes:
+def _whole_get(url: str, clock: Clock) -> bytes:
     import httpx
     with httpx.Client(timeout=60.0) as client:
-        response = client.get(url, extensions={"trace": B._httpx_trace(clock, False)})
+        response = client.get(url, extensions={"trace": httpx_trace(clock, False)})
         response.raise_for_status()
     clock.mark("download_done")
     return response.content
@@ -45,10 +50,10 @@ def _whole_get(url: str, clock: B.Clock) -> bytes:
 def worker_vllm_cv2(a) -> dict:
     """vLLM's OpenCV video loader, after ``MediaConnector`` read the whole body."""
     import cv2
-    meter = B.TreeMeter().start()
-    clock = B.Clock()
+    meter = TreeMeter().start()
+    clock = Clock()
     content = _whole_get(a.url, clock)
-    with B._temp_mp4("vllm") as path:
+    with temp_mp4("vllm") as path:
         with open(path, "wb") as fh:
             fh.write(content)
         cap = cv2.VideoCapture(path)
@@ -67,16 +72,16 @@ def worker_vllm_cv2(a) -> dict:
         finally:
             cap.release()
     clock.mark("total")
-    return B._decoded(clock, len(frames), meter, None if frames else "OpenCV gave no frame",
-                      bytes=len(content), conns_new=1, conns_reused=0)
+    return decoded(clock, len(frames), meter, None if frames else "OpenCV gave no frame",
+                   bytes=len(content), conns_new=1, conns_reused=0)
 
 
 def worker_pyav_whole(a) -> dict:
     """The whole body, then PyAV decoding every frame, converting the selected ones."""
     import av
     from engine.workers.decoder import rgb24
-    meter = B.TreeMeter().start()
-    clock = B.Clock()
+    meter = TreeMeter().start()
+    clock = Clock()
     content = _whole_get(a.url, clock)
     with av.open(io.BytesIO(content)) as c:
         stream = c.streams.video[0]
@@ -85,8 +90,8 @@ def worker_pyav_whole(a) -> dict:
         frames = [rgb24(f) for i, f in enumerate(c.decode(stream)) if i in wanted]
         clock.mark("first_frame")
     clock.mark("total")
-    return B._decoded(clock, len(frames), meter, None if frames else "PyAV gave no frame",
-                      bytes=len(content), conns_new=1, conns_reused=0)
+    return decoded(clock, len(frames), meter, None if frames else "PyAV gave no frame",
+                   bytes=len(content), conns_new=1, conns_reused=0)
 
 
 def worker_pyav_seek(a) -> dict:
@@ -94,8 +99,8 @@ def worker_pyav_seek(a) -> dict:
     up to it (FFmpeg's HTTP reader asks for a new range at each seek)."""
     import av
     from engine.workers.decoder import rgb24
-    meter = B.TreeMeter().start()
-    clock = B.Clock()
+    meter = TreeMeter().start()
+    clock = Clock()
     options = {"ca_file": a.ca, "tls_verify": "1"} if a.ca else {}
     frames = []
     with av.open(a.url, options=options, timeout=60.0) as c:
@@ -112,15 +117,15 @@ def worker_pyav_seek(a) -> dict:
                     clock.mark("first_frame")
                     break
     clock.mark("total")
-    return B._decoded(clock, len(frames), meter, None if frames else "PyAV gave no frame",
-                      bytes=None)
+    return decoded(clock, len(frames), meter, None if frames else "PyAV gave no frame",
+                   bytes=None)
 
 
 WORKERS = {"vllm-cv2": worker_vllm_cv2, "pyav-whole": worker_pyav_whole,
            "pyav-seek": worker_pyav_seek}
 
 
-class EngineJob(B.Contender):
+class EngineJob(Contender):
     """A job on the warm engine; then a one-frame job: its new connections are the pool
     the first one left (``next_conns_new``)."""
 
@@ -134,7 +139,7 @@ class EngineJob(B.Contender):
     def run(self, ctx):
         eng = ctx.eng
         before = ctx.emu.stats()
-        meter = B.TreeMeter(eng.pid).start()
+        meter = TreeMeter(eng.pid).start()
         t0 = time.perf_counter()
         if self.frames:
             try:
@@ -147,7 +152,7 @@ class EngineJob(B.Contender):
         else:
             report = eng.report(ctx.url, processor="engine.processors:null", **self.selection)
             frames = report.frames_processed
-        out = B._report_fields(report, time.perf_counter() - t0)
+        out = report_fields(report, time.perf_counter() - t0)
         out.update(meter.stop(), _emu_before=before, frames=frames)
         out["t"]["total"] = out["wall_s"]
         nxt = eng.report(ctx.url, frames=[0], processor="engine.processors:null")
@@ -156,16 +161,16 @@ class EngineJob(B.Contender):
 
 
 def parse_args(argv):
-    ap = B._parser("python -m engine bench --sparse", "A few frames of a long video: the "
-                   "engine's selection against what VLM servers run today.", runs=3,
-                   timeout=180.0, budget=900.0)
+    ap = options_parser("python -m engine bench --sparse", "A few frames of a long video: the "
+                        "engine's selection against what VLM servers run today.", runs=3,
+                        timeout=180.0, budget=900.0)
     ap.add_argument("--contenders", help=f"comma-separated subset of {','.join(SPARSE_CONTENDERS)}")
     ap.add_argument("--count", type=int, default=COUNT, help=f"frames selected ({COUNT})")
     ap.add_argument("--every-clip", default="sn44", help="part two's clip (sn44)")
     ap.add_argument("--every", type=int, default=5, help="part two's every=N (5)")
     ap.add_argument("--processor", default="engine.processors:null", help=argparse.SUPPRESS)
     ap.set_defaults(clip="long")
-    a = B._parse(ap, argv, SPARSE_CONTENDERS, SPARSE_CONTENDERS)
+    a = parse_options(ap, argv, SPARSE_CONTENDERS, SPARSE_CONTENDERS)
     return a
 
 
@@ -175,21 +180,21 @@ def _render(summary: dict, rows: list[str], size: int) -> str:
         s = summary[c]
         fail = f" ({s['runs_failed']} failed)" if s["runs_failed"] else ""
         share = f"{100 * s['wire_bytes'] / size:.0f}%" if s.get("wire_bytes") else "-"
-        out.append([c + fail, B._fmt_stage(s, "total"), B._num(s.get("ratio_total"), "{:.2f}x"),
-                    B._num(s.get("frames"), "{:.0f}"), share, B._num(s.get("cpu_s")),
-                    B._num(s.get("next_conns_new"), "{:.0f}")])
-    return B._table(out, ["contender", "total s", "total/engine", "frames", "bytes of file",
-                          "CPU s", "next job's new conns"])
+        out.append([c + fail, fmt_stage(s, "total"), num(s.get("ratio_total"), "{:.2f}x"),
+                    num(s.get("frames"), "{:.0f}"), share, num(s.get("cpu_s")),
+                    num(s.get("next_conns_new"), "{:.0f}")])
+    return table(out, ["contender", "total s", "total/engine", "frames", "bytes of file",
+                       "CPU s", "next job's new conns"])
 
 
-def _part(a, argv, prog: str, contenders: list, ref: str) -> tuple[dict, list[str], int, B.Runner]:
-    ctx = B.Context(a, prog, argv)
+def _part(a, argv, prog: str, contenders: list, ref: str) -> tuple[dict, list[str], int, Runner]:
+    ctx = Context(a, prog, argv)
     ctx.head(f"clip: {ctx.video.name} ({ctx.size / 1e6:.2f} MB); {ctx.profile_line}")
-    runner = B.Runner(ctx, "total")
+    runner = Runner(ctx, "total")
     rows = runner.measure(contenders)
-    summary = B.summarize(runner.runs, rows, ("first_frame", "download_done", "total"),
-                          ("wall_s", "cpu_s", "bytes", "wire_bytes", "frames", "next_conns_new"),
-                          {})
+    summary = summarize(runner.runs, rows, ("first_frame", "download_done", "total"),
+                        ("wall_s", "cpu_s", "bytes", "wire_bytes", "frames", "next_conns_new"),
+                        {})
     base = summary.get(ref, {}).get("total")
     for s in summary.values():
         if base and s.get("total"):
@@ -202,9 +207,9 @@ def main(argv: list[str]) -> int:
     timeout = a.timeout
     made = {"engine": EngineJob("engine", frames=True, count=a.count),
             "engine-all": EngineJob("engine-all")}
-    contenders = [made.get(c) or B.Worker(c, timeout, "--count", str(a.count),
-                                          worker=f"sparse:{c}") for c in a.contenders]
-    m = B.machine_info()
+    contenders = [made.get(c) or Worker(c, timeout, "--count", str(a.count),
+                                        worker=f"sparse:{c}") for c in a.contenders]
+    m = machine_info()
     print(f"machine: {m['cpu']}, {m['cores_logical']} logical cores, {m['memory_gb']} GB RAM, "
           f"GPU {m['gpu'] or 'none'}, load average {' '.join(map(str, m['loadavg']))}")
     print(f"\npart one: count={a.count}, ratios against engine")

@@ -1,4 +1,4 @@
-"""``python -m engine.tools.cluster_bench``: one engine against a Ray cluster of two simulated
+"""``python -m engine bench --cluster``: one engine against a Ray cluster of two simulated
 GPU nodes, on a model-bound load.
 
 8 concurrent jobs (``--jobs``) of the small clip (50 frames) with a processor that holds
@@ -15,11 +15,12 @@ import argparse
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from engine.tools.bench.context import REPO
 
 
 def wait(device):
@@ -56,22 +57,14 @@ def _first_result(eng, url: str, runs: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.tools.cluster_bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m engine bench --cluster", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--ms-per-frame", type=float, default=20.0)
     ap.add_argument("--runs", type=int, default=5, help="first-result samples per engine")
     a = ap.parse_args(argv)
+    _environment(a)
 
-    root = str(Path(__file__).resolve().parent.parent)
-    os.environ["ENGINE_WAIT_MS_PER_FRAME"] = str(a.ms_per_frame)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # every address on 127.0.0.1
-    os.environ.setdefault("ENGINE_LOG_LEVEL", "WARNING")
-
-    from engine import Engine
     from engine.demo.clips import cached_clip
     from engine.demo.nginx import NginxCDN
 
@@ -81,37 +74,68 @@ def main(argv=None) -> int:
     cdn = NginxCDN(tmp / "root", tmp / "nginx").start()
     os.environ["SSL_CERT_FILE"] = str(cdn.ca_file)
     url = cdn.url("small.mp4")
-    spec = "engine.tools.cluster_bench:wait"
-    opts = dict(processor=spec, device="cpu", fetchers=1, connections=2, decoders=2)
     try:
-        with Engine(cluster="", **opts) as eng:
-            eng.report(url)     # warm: connections pooled, processor loaded
-            local_wall, frames = _all_jobs(eng, url, a.jobs)
-            local_first = _first_result(eng, url, a.runs)
-
-        import ray
-        from ray.cluster_utils import Cluster
-        c = Cluster(initialize_head=True,
-                    head_node_args={"num_cpus": 1, "include_dashboard": False})
-        for _ in range(2):
-            c.add_node(num_cpus=1, num_gpus=1)
-        try:
-            with Engine(cluster=c.address, **opts) as eng:
-                deadline = time.monotonic() + 180
-                while sum(e["state"] == "up" for e in eng.status()["engines"]) < 2:
-                    if time.monotonic() > deadline:
-                        raise SystemExit("error: the cluster's engines did not start")
-                    time.sleep(0.2)
-                for _ in range(2):      # one warm job on each engine
-                    _all_jobs(eng, url, 2)
-                cluster_wall, cframes = _all_jobs(eng, url, a.jobs)
-                cluster_first = _first_result(eng, url, a.runs)
-            assert not ray.is_initialized()
-        finally:
-            c.shutdown()
+        local = _on_one_engine(url, a)
+        cluster = _on_a_cluster(url, a)
     finally:
         cdn.stop()
+    _print(a, local, cluster)
+    return 0
 
+
+def _environment(a) -> None:
+    """What the processor, Ray's nodes and the engines read, set before any of them starts."""
+    os.environ["ENGINE_WAIT_MS_PER_FRAME"] = str(a.ms_per_frame)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
+                                                             os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"    # every address on 127.0.0.1
+    os.environ.setdefault("ENGINE_LOG_LEVEL", "WARNING")
+
+
+OPTIONS = dict(processor="engine.tools.bench.cluster:wait", device="cpu", fetchers=1,
+               connections=2, decoders=2)
+
+
+def _on_one_engine(url: str, a) -> tuple[float, int, float]:
+    """(wall for all jobs, frames, first result) on one local engine."""
+    from engine import Engine
+    with Engine(cluster="", **OPTIONS) as eng:
+        eng.report(url)     # warm: connections pooled, processor loaded
+        wall, frames = _all_jobs(eng, url, a.jobs)
+        return wall, frames, _first_result(eng, url, a.runs)
+
+
+def _on_a_cluster(url: str, a) -> tuple[float, int, float]:
+    """The same on a simulated cluster: a head without GPUs and two one-GPU nodes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from engine import Engine
+    c = Cluster(initialize_head=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1, num_gpus=1)
+    try:
+        with Engine(cluster=c.address, **OPTIONS) as eng:
+            deadline = time.monotonic() + 180
+            while sum(e["state"] == "up" for e in eng.status()["engines"]) < 2:
+                if time.monotonic() > deadline:
+                    raise SystemExit("error: the cluster's engines did not start")
+                time.sleep(0.2)
+            for _ in range(2):      # one warm job on each engine
+                _all_jobs(eng, url, 2)
+            wall, frames = _all_jobs(eng, url, a.jobs)
+            out = wall, frames, _first_result(eng, url, a.runs)
+        assert not ray.is_initialized()
+        return out
+    finally:
+        c.shutdown()
+
+
+def _print(a, local: tuple, cluster: tuple) -> None:
+    (local_wall, frames, local_first), (cluster_wall, cframes, cluster_first) = local, cluster
     print(f"{a.jobs} concurrent jobs x 50 frames, processor {a.ms_per_frame:g} ms/frame "
           "without CPU")
     print(f"  one engine          {local_wall:6.2f} s  {frames / local_wall:6.1f} frames/s")
@@ -121,8 +145,3 @@ def main(argv=None) -> int:
     print(f"  one engine          {local_first * 1000:6.1f} ms")
     print(f"  cluster             {cluster_first * 1000:6.1f} ms  "
           f"(+{(cluster_first - local_first) * 1000:.1f} ms)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from engine.tools.bench import main
+
+sys.exit(main())
