@@ -7,55 +7,38 @@ request, a tick, a worker's death -- moves the jobs it concerns through their ph
 (``engine.job.Phase``) and leaves what must be sent in its outbox (``take``); it never
 touches a pipe or a socket, so its tests drive it with events and read the outbox.
 What each worker holds is in ``self.ledger``. It runs in the supervisor's one thread, so
-job state needs no locks. It creates and unlinks every segment a job uses (video,
-availability map, frame ring) and counts them against ENGINE_MAX_BYTES; workers only
-attach by name.
+job state needs no locks.
+
+Here are the events, the outbox and a job's start and end; the rest is in its parts:
+``engine.fetching`` (head, ranges, admission), ``engine.locate`` (planned or streamed),
+``engine.handoff`` (decoders, GPU worker, resuming after a death). Every segment a job
+uses is made and given back through its ``Memory`` (``engine.memory``), the one part
+that touches /dev/shm; workers only attach by name.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
-import numpy as np
-
-from engine import fences, mp4, resume
 from engine.config import Config
 from engine.errors import ErrorKind, SelectionError
+from engine.fetching import Fetching
+from engine.handoff import Handoff
 from engine.job import Job, Phase
 from engine.ledger import Ledger
-from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
-                             FetchHead, FetchRange, GpuJob, HeadInfo, JobDone, NeedBytes,
-                             RangeDone, RangeFailed, ReadWhole, ResultBatch, RingReady,
-                             SegmentReady, StreamInfo, Submit, VideoEnded, WholeBody)
-from engine.plan import Piece, RangePlan, fetch_end
-from engine.report import Batch
-from engine.selection import Selection, byte_regions, gop_spans, pick
-from engine.shm import AvailabilityMap, FrameRing, SharedBlock, ShmError, segment_name
-from engine.shm.block import free_bytes, unlink_block
-from engine.shm.ring import SlotRun
+from engine.locate import Locator
+from engine.memory import Memory
+from engine.messages import (BatchReady, BatchResults, DecodeDone, EndJob, HeadInfo, JobDone,
+                             NeedBytes, RangeDone, RangeFailed, StreamInfo, Submit, VideoEnded,
+                             WholeBody)
+from engine.selection import Selection
 
 log = logging.getLogger("engine.supervisor")
 
-HTML_TYPES = ("text/html", "application/xhtml+xml")
-PROBE_BYTES = 64 * 1024  # a partial job reads this much at a header past the head
-RING_POOL = 2          # finished rings kept per frame size
-SPECULATIVE_PARTIAL = 3  # ranges sent with the head of a partial job: [H, 2H), [2H, 4H), [4H, 8H)
-MAX_RANGE_ATTEMPTS = 4
-RETRY_BACKOFF_S = 0.05   # doubled at each attempt of a range
-UNKNOWN_LENGTH_RESERVE = 4 << 20   # counted for a body of unknown length (it reserves as it grows)
 COLLECT = "engine.processors:collect"   # Engine.frames' processor
-OUTPUT_MAX_BYTES = 1 << 40   # a streamed job's output block, reserved only as frames fill it
-
-
-def looks_like_html(head: bytes) -> bool:
-    """An error or landing page where a video was expected (whatever its Content-Type)."""
-    text = bytes(head[:512]).lstrip().lower()
-    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
 
 
 @dataclass(frozen=True)
@@ -69,29 +52,26 @@ class Send:
         return isinstance(self.to, str)
 
 
-class Pipeline:
+class Pipeline(Fetching, Handoff):
     """The jobs in flight.
 
     ``roster()`` lists the worker processes that are alive, as objects with ``name``,
     ``role`` (fetcher, decoder, gpu) and ``ready`` (said Hello: takes work).
     """
 
-    def __init__(self, config: Config, roster: Callable[[], list]):
+    def __init__(self, config: Config, roster: Callable[[], list], memory: Memory | None = None):
         self.config = config
+        self.memory = memory or Memory(config)
         self.roster = roster
         self.stopping = False           # the engine is shutting down: no new jobs
         self.outbox: list[Send] = []
         self.ledger = Ledger()
         self.jobs: dict[int, Job] = {}
         self.job_ids = itertools.count(1)
-        self.shm_in_use = 0
         self.decode_queue: list[int] = []
         self.rr = 0
-        self.ring_pool: dict[tuple, list] = {}
-        self.ring_reserved: dict[int, int] = {}   # job -> bytes held for its ring until moov
-        self.outputs: dict[str, object] = {}   # output block -> the client yet to take it
-        self.warned_small_ring = False
         self.decoder_backend = self._pick_backend()
+        self.locator = Locator(config, self.decoder_backend)
         self.handlers = {RangeDone: self.on_range_done, BatchReady: self.on_batch,
                          BatchResults: self.on_results, HeadInfo: self.on_head,
                          RangeFailed: self.on_range_failed, NeedBytes: self.on_need_bytes,
@@ -122,12 +102,6 @@ class Pipeline:
         starts)."""
         gpus = self._workers("gpu", ready=False)
         return gpus[0] if gpus else None
-
-    def _least_loaded(self, fetchers: list):
-        """The fetcher with a free connection and the fewest requests, or None."""
-        limit = self.config.connections
-        free = [f for f in fetchers if self.ledger.of(f.name).load < limit]
-        return min(free, key=lambda f: self.ledger.of(f.name).load) if free else None
 
     def _pick_backend(self) -> str:
         choice = self.config.decoder
@@ -163,23 +137,18 @@ class Pipeline:
             return
         handler(w, msg)
 
-    def on_need_bytes(self, w, msg: NeedBytes) -> None:
-        job = self.jobs.get(msg.job)
-        if job is not None and job.plan is not None:
-            job.plan.raise_to_front(msg.offset)
-
     def tick(self, now: float) -> None:
         """Deadlines, heads that wait for a fetcher, and pieces and decodes to hand out."""
         for job in self.live:
             if now > job.deadline and job.phase is Phase.WAITING_MEMORY:
                 self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: engine busy: waited "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S) for shared "
-                          f"memory that other jobs held ({self.shm_in_use / 1e6:.0f} MB)")
+                          f"memory that other jobs held ({self.memory.in_use / 1e6:.0f} MB)")
             elif now > job.deadline:
                 self.fail(job, ErrorKind.TIMEOUT, f"{job.url}: job exceeded its deadline of "
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
             elif job.phase is Phase.WAITING_MEMORY:
-                if self._memory_back(job.segment_bytes):
+                if self.memory.back(job.segment_bytes):
                     # a new id: the fetchers have ended the old one (EndJob at _admit)
                     del self.jobs[job.id]
                     job.id = next(self.job_ids)
@@ -198,9 +167,8 @@ class Pipeline:
     def fail_all(self, kind: str, why: str, client=None) -> None:
         """Fail every live job (of ``client`` only, if given): '<url>: <why>'; frames
         waiting for that client go too."""
-        for name, owner in list(self.outputs.items()):
-            if client is not None and owner is client:
-                self.release_output(client, name)
+        if client is not None:
+            self.memory.release_outputs_of(client)
         for job in self.live:
             if client is None or job.client is client:
                 if client is not None:
@@ -212,74 +180,6 @@ class Pipeline:
             if job.client is client and job.token == token:
                 self.fail(job, ErrorKind.ENGINE, f"{job.url}: cancelled")
 
-    def worker_lost(self, w, cause: str) -> None:
-        """A worker died: requeue what a fetcher held; decode again what a decoder or the
-        GPU worker lost (``engine.resume``)."""
-        held = self.ledger.drop_worker(w.name)
-        for job_id, offset in held.ranges:
-            job = self.jobs.get(job_id)
-            if job is not None and job.plan is not None:
-                job.plan.requeue(offset)
-        for job_id in held.heads:
-            job = self._live(job_id)
-            if job is None:
-                continue
-            if job.segment is None:
-                self._start_head(job)
-            elif job.ranged:
-                job.plan.requeue(0)
-            else:
-                self.fail(job, ErrorKind.FETCH, f"{job.url}: fetcher process died during a "
-                          "download without Range support")
-        if held.decoding is not None:
-            job = self._live(held.decoding)
-            if job is not None:
-                self._decoder_lost(job, cause)
-        for job_id in sorted(held.jobs):
-            job = self._live(job_id)
-            if job is not None:
-                self._gpu_lost(job, cause)
-        self._dispatch_decodes()
-
-    def _decoder_lost(self, job: Job, cause: str) -> None:
-        """Its forwarded batches are safe with the GPU worker: go on after them."""
-        why = resume.gave_up(job.losses, "decoder", job.url, cause)
-        if why:
-            self.fail(job, ErrorKind.DECODE, why)
-            return
-        if not job.stopping_decoder:    # else the GPU worker's loss set where to go on
-            job.resume_after = resume.after_decoder_loss(job.forwarded)
-        job.stopping_decoder = False
-        log.warning("%s: decoder lost (%s): a new one goes on after frame %d", job.url, cause,
-                    job.resume_after)
-        self.decode_queue.insert(0, job.id)
-
-    def _gpu_lost(self, job: Job, cause: str) -> None:
-        """Its unanswered batches are lost: decode them again for the next GPU worker,
-        once the job's decoder (if still at it) has stopped."""
-        why = resume.gave_up(job.losses, "gpu", job.url, cause)
-        after = resume.after_gpu_loss(job.results, job.per_video, job.stream)
-        if why or after is None:
-            self.fail(job, ErrorKind.PROCESSOR, why or (
-                f"{job.url}: GPU worker crashed ({cause}) after results of this video "
-                "reached the client: the per-video processor's state is lost"))
-            return
-        if after < 0:
-            job.results.clear()
-        job.unanswered.clear()
-        job.forwarded = [n for n in job.forwarded if n <= after]
-        job.resume_after = after
-        log.warning("%s: GPU worker lost (%s): decoding again after frame %d", job.url, cause,
-                    after)
-        if any(self.ledger.of(d.name).decoding == job.id
-               for d in self._workers("decoder", ready=False)):
-            job.stopping_decoder = True
-            job.ring.cancel()    # the decoder's DecodeDone says it has stopped
-        elif job.id not in self.decode_queue:
-            job.to(Phase.DECODING)
-            self.decode_queue.insert(0, job.id)
-
-    # ------------------------------------------------------------------ fetch
     def submit(self, client, msg: Submit) -> None:
         cfg = self.config
         asked = msg.selection.to_dict() if isinstance(msg.selection, Selection) else {}
@@ -308,760 +208,14 @@ class Pipeline:
         self._start_head(job)
         self._start_speculative(job)
 
-    def _start_speculative(self, job: Job) -> None:
-        """Ask for the bytes after the head right away, on every other free connection,
-        before the size is known: the first frames' bytes arrive one round trip sooner and
-        the link is full from the first byte. Sizes double from the head's up to
-        ENGINE_RANGE_MB, so the first frames come over several connections at once. A
-        partial job asks for less. The fetchers hold the bytes until the segment exists;
-        a file shorter than a range answers 416, which only drops that range."""
-        cfg = self.config
-        offset = cfg.head_bytes
-        fetchers = self._fetchers()
-        if not job.selection.takes_first:
-            return      # the selected frames may lie anywhere: wait for the sample table
-        for _ in range(SPECULATIVE_PARTIAL if job.partial else cfg.fetchers * cfg.connections - 1):
-            w = self._least_loaded(fetchers)
-            if w is None:
-                return
-            end = offset + min(offset, cfg.range_bytes)
-            self.ledger.hold_range(w.name, job.id, offset, end)
-            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=None, amap=None,
-                                     offset=offset, end=end))
-            offset = end
-
-    def _start_head(self, job: Job, attempt: int = 0) -> None:
-        fetchers = self._fetchers() or self._workers("fetcher", ready=False)
-        if not fetchers:   # all restarting: the tick starts it when one is back
-            job.to(Phase.WAITING_FETCHER)
-            job.head_attempt = attempt
-            return
-        job.to(Phase.HEAD)
-        w = min(fetchers, key=lambda f: self.ledger.of(f.name).load)
-        self.ledger.of(w.name).heads.add(job.id)
-        self._send(w, FetchHead(job=job.id, url=job.final_url, length=self.config.head_bytes,
-                                attempt=attempt))
-
-    def on_head(self, w, msg: HeadInfo) -> None:
-        job = self._live(msg.job)
-        if job is None:
-            self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
-            return
-        job.fetch.count_request(msg.stats)
-        job.fetch.ranges += 1
-        if msg.stats.connected is not None:
-            job.mark("connect", msg.stats.connected)
-        else:
-            job.mark("connect", msg.stats.started)
-        job.mark("first_byte", msg.stats.first_byte)
-        cfg = self.config
-        unknown = msg.size is None    # no Content-Length: a segment of ENGINE_MAX_BYTES grows
-        job.final_url, job.ranged, job.unknown_length = msg.url, msg.ranged, unknown
-        job.size = cfg.max_bytes if unknown else msg.size
-        if not unknown and msg.size > cfg.max_bytes:
-            return self._refuse(job, w, ErrorKind.FETCH, f"file is {msg.size} bytes, over the "
-                                f"limit of {cfg.max_bytes} (ENGINE_MAX_BYTES)")
-        if msg.size == 0:
-            return self._refuse(job, w, ErrorKind.FETCH, "empty file (the server sent 0 bytes)")
-        # Content-Type is only a hint (text/plain, octet-stream or none may carry a video);
-        # an HTML page is what a server sends instead of one, and is refused.
-        if msg.content_type.split(";")[0].strip().lower() in HTML_TYPES \
-                or looks_like_html(msg.prefix):
-            return self._refuse(job, w, ErrorKind.DECODE, "server sent "
-                                f"{msg.content_type.split(';')[0] or 'an HTML page'}, not a video")
-        job.segment_bytes = min(UNKNOWN_LENGTH_RESERVE, job.size) if unknown else job.size
-        if not self._admit(job, w, job.segment_bytes):
-            return
-        try:
-            name = segment_name(os.getpid(), job.id)
-            job.segment = SharedBlock.create(name, job.size, reserve=job.segment_bytes)
-            job.amap = AvailabilityMap.create(name + ".map", job.size, length_known=not unknown)
-        except ShmError as exc:
-            return self._refuse(job, w, ErrorKind.FETCH, str(exc))
-        self.shm_in_use += job.shm_bytes()
-        ready = SegmentReady(job=job.id, segment=job.segment.name, amap=job.amap.name)
-        for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
-            self._send(f, ready)
-        job.plan = RangePlan(job.size, cfg.range_bytes)
-        job.head_len = min(cfg.head_bytes, job.size) if msg.ranged else job.size
-        job.plan.planned_until = job.head_len
-        job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
-        if not msg.ranged:
-            job.plan.take_whole(0)                      # and brings every byte
-        for offset, end, _ in self.ledger.ranges_of(job.id):
-            # the ranges sent with the head that are still on their way, and contiguous
-            # with what is planned: part of the plan
-            if not msg.ranged or offset != job.plan.planned_until or offset >= msg.size:
-                break
-            job.plan.inflight[offset] = Piece(offset, min(end, msg.size))
-            job.plan.planned_until = min(end, msg.size)
-        if not msg.ranged:
-            # One body, no ranges to plan, and no event until it has all arrived: decode it
-            # as it arrives instead of waiting for its end.
-            self._stream(job, "no Content-Length" if unknown else "no Range support",
-                         self._needs_seeking(msg.prefix))
-        elif msg.prefix:
-            self._plan_after_head(job, msg.prefix)
-
-    def _refuse(self, job: Job, w, kind: ErrorKind, why: str) -> None:
-        """The head's answer ends the job: its fetcher stops waiting for a segment."""
-        self._send(w, SegmentReady(job=job.id, segment=None, amap=None))
-        self.fail(job, kind, f"{job.url}: {why}")
-
-    # ------------------------------------------------------------------ shared memory
-    def _room(self, need: int = 0) -> int:
-        """Bytes a new segment may take in /dev/shm now (other programs use it too), less
-        what admitted jobs hold for rings they have yet to create. Idle pooled rings are
-        given back when they stand in the way."""
-        if free_bytes() - sum(self.ring_reserved.values()) < need:
-            self._drop_ring_pool()
-        return free_bytes() - sum(self.ring_reserved.values())
-
-    def _admit(self, job: Job, w, size: int) -> bool:
-        """Room for the video (ENGINE_MAX_BYTES for the videos of all jobs in flight) and
-        a frame ring (/dev/shm), or the job waits -- its head dropped, to be fetched again
-        when memory is back -- while other jobs hold memory, bounded by its deadline;
-        alone and still too big, it fails at once."""
-        ring = self.config.ring_bytes
-        videos = sum(j.video_bytes() for j in self.live)
-        room = self._room(size + ring)
-        busy = bool(videos or self.ring_reserved or self.shm_in_use)
-        small_ring = 4 << 20   # a few frames: the ring shrinks to fit at the moov
-        if videos + size <= self.config.max_bytes and \
-                (size + ring <= room or (not busy and size + small_ring <= room)):
-            self.ring_reserved[job.id] = min(ring, room - size)
-            return True
-        for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
-            self._send(f, SegmentReady(job=job.id, segment=None, amap=None))
-            self._send(f, EndJob(job=job.id))
-        self.ledger.drop_job(job.id)
-        if busy:
-            log.info("%s waits for shared memory (jobs in flight hold %.0f MB)",
-                     job.url, self.shm_in_use / 1e6)
-            job.to(Phase.WAITING_MEMORY)
-            return False
-        self.fail(job, ErrorKind.FETCH, f"{job.url}: the video ({size / 1e6:.0f} MB) and its "
-                  f"frames do not fit in the {max(room, 0) / 1e6:.0f} MB of shared memory free "
-                  "(/dev/shm; a container needs a larger --shm-size)")
-        return False
-
-    def _memory_back(self, size: int) -> bool:
-        """Worth fetching a waiting job's head again: its video would be admitted now."""
-        videos = sum(j.video_bytes() for j in self.live)
-        if not (videos or self.ring_reserved or self.shm_in_use):
-            return True    # alone: admitted with what there is, or failed clearly
-        return videos + size <= self.config.max_bytes and \
-            size + self.config.ring_bytes <= self._room(size + self.config.ring_bytes)
-
-    def _ring_slots(self, job: Job, height: int, width: int) -> int | None:
-        """Two batches of frames, bounded by ENGINE_RING_MB and what was reserved for the
-        ring at admission; smaller (the decoder's batches shrink with it) when memory is
-        tight. None: not even two frames fit."""
-        cfg = self.config
-        if cfg.ring_slots:
-            return cfg.ring_slots
-        want = 2 * cfg.batch
-        frame = height * width * 3
-        room = min(cfg.ring_bytes, self._room(FrameRing.bytes_for(want, height, width)))
-        fit = (room - FrameRing.bytes_for(0, height, width)) // frame
-        if fit >= want:
-            return want
-        if fit < 2:
-            return None
-        if not self.warned_small_ring:
-            self.warned_small_ring = True
-            log.warning("shared memory is tight: a %dx%d frame ring gets %d slots (%.0f MB), "
-                        "batches shrink to %d frames; give the engine more /dev/shm "
-                        "(docker run --shm-size=1g) or raise ENGINE_RING_MB", width, height,
-                        fit, fit * frame / 1e6, fit // 2)
-        return int(fit)
-
-    def _plan_after_head(self, job: Job, prefix=None) -> None:
-        """Walk the box headers and plan the remaining ranges: from the first bytes of the
-        head as soon as they arrive (``prefix``, in ``HeadInfo``), else from the whole head.
-        What cannot be planned (not MP4, no moov, a fragmented file) is streamed."""
-        if job.phase is not Phase.HEAD:
-            return
-        final = prefix is None
-        try:
-            found = mp4.walk(self._present_reader(job) if final else mp4.reader_of(prefix),
-                             job.size)
-        except mp4.NotMP4 as exc:
-            self._stream(job, str(exc))
-            return
-        if found.moov is None and found.need is not None and not final:
-            return                      # the prefix says too little: wait for the head
-        if found.moov is not None:
-            self._found_moov(job, found)
-        elif found.need is None:
-            self._stream(job, "no moov box")
-        else:
-            # The next header lies past the head (a long mdat or free box): fetch from
-            # there first -- all of the rest for a full job, which needs it anyway.
-            job.to(Phase.LOCATING)
-            job.moov_layout = found.layout
-            end = job.size if not job.partial else min(job.size, found.need + PROBE_BYTES)
-            job.plan.urgent(found.need, end)
-            job.probed_until = end
-            if not job.partial:
-                job.plan.extend(job.size)
-
-    def _present_reader(self, job: Job):
-        """``read`` for ``mp4.walk`` over the bytes of the segment that have arrived."""
-        mm, amap = job.segment.mm, job.amap
-        return lambda pos, n: bytes(mm[pos:pos + n]) if amap.present(pos, n) else None
-
-    def _walk_on(self, job: Job) -> None:
-        """More bytes are in while the moov is still unknown: walk the headers again."""
-        try:
-            found = mp4.walk(self._present_reader(job), job.size)
-        except mp4.NotMP4 as exc:
-            self._stream(job, str(exc))
-            return
-        if found.moov is not None:
-            self._found_moov(job, found)
-        elif found.need is None:
-            self._stream(job, "no moov box")
-        elif job.partial and found.need >= job.probed_until:
-            job.probed_until = min(job.size, found.need + PROBE_BYTES)
-            job.plan.urgent(found.need, job.probed_until)
-
-    def _found_moov(self, job: Job, found) -> None:
-        if job.phase is Phase.HEAD:
-            job.to(Phase.LOCATING)
-        moov = found.moov
-        job.moov_layout = found.layout
-        job.moov = (moov.offset, moov.offset + moov.size)
-        if found.layout == "end":
-            job.plan.urgent(max(moov.offset, job.probed_until), job.moov[1])
-            if not job.partial:
-                job.plan.extend(moov.offset)
-        else:
-            job.plan.extend(job.moov[1] if job.partial else job.size)
-        self._check_moov(job)
-
-    @staticmethod
-    def _needs_seeking(prefix: bytes) -> bool:
-        """An MP4 whose mdat comes before its moov cannot be read front to back (FFmpeg
-        needs the moov before the samples): its decoder may seek, and waits for the end
-        of a body of unknown length where it seeks there."""
-        try:
-            return mp4.walk(mp4.reader_of(prefix), 1 << 62).layout == "end"
-        except mp4.NotMP4:
-            return False
-
-    def _stream(self, job: Job, why: str, seekable: bool = True) -> None:
-        """The second way through a job: fetch front to back, let FFmpeg probe and decode
-        while the bytes arrive; the frame count is learned by decoding."""
-        if job.phase not in (Phase.HEAD, Phase.LOCATING):
-            return
-        n = min(512, job.size)
-        head = bytes(job.segment.mm[:n]) if job.amap.present(0, n) else b""
-        if looks_like_html(head):
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: server sent an HTML page, not a video")
-            return
-        log.info("%s: streamed, not planned (%s)", job.url, why)
-        if why.startswith("truncated file"):
-            job.truncated = why
-        job.to(Phase.STREAMED)
-        job.way, job.moov, job.moov_layout, job.track = "streamed", None, None, None
-        job.plan.extend(job.size)
-        job.linear = not seekable
-        job.frame_limit = job.max_frames if job.selection.everything else None
-        most = self.config.max_selected
-        if most is not None and job.selection.everything:
-            # its count is learned by decoding: stop one past the limit, then refuse
-            job.frame_limit = min(job.frame_limit or most + 1, most + 1)
-        job.readable_end = job.size
-        self.decode_queue.append(job.id)
-        self._dispatch_decodes()
-
-    def on_range_done(self, w, msg: RangeDone) -> None:
-        self.ledger.release_range(w.name, msg.job, msg.offset)
-        job = self._live(msg.job)
-        if job is None:
-            return
-        job.fetch.bytes += msg.stats.bytes
-        if msg.head and job.unknown_length:    # the body's end: now its length is known
-            job.size = job.head_len = msg.end
-            job.plan.truncate(msg.end)
-        if msg.head:
-            self.ledger.of(w.name).heads.discard(job.id)   # its request was counted at HeadInfo
-        else:
-            job.fetch.count_request(msg.stats)
-            job.fetch.ranges += 1
-        job.plan.done(msg.offset)
-        self._after_bytes(job)
-
-    def on_whole_body(self, w, msg: WholeBody) -> None:
-        """A range answered with the whole file (a CDN edge forwarding a cache miss to an
-        origin without Range): the first such body is read, and this job asks no more
-        ranges (the next job tries them again); another is dropped."""
-        job = self._live(msg.job)
-        read = job is not None and job.plan.take_whole(msg.offset)
-        if not read:
-            self.ledger.release_range(w.name, msg.job, msg.offset)
-            if job is not None:
-                job.plan.done(msg.offset)
-        elif job.ranged:
-            log.info("%s: a range was answered with the whole file: reading it, no more "
-                     "ranges in this job", job.url)
-        self._send(w, ReadWhole(job=msg.job, offset=msg.offset, read=read))
-
-    def _after_bytes(self, job: Job) -> None:
-        if not job.head_done and job.amap.present(0, job.head_len):
-            job.head_done = True
-            self._plan_after_head(job)
-        if not job.finished:
-            self._check_moov(job)
-        if not job.finished:
-            self._check_download(job)
-
-    def on_range_failed(self, w, msg: RangeFailed) -> None:
-        self.ledger.release_range(w.name, msg.job, msg.offset)
-        job = self._live(msg.job)
-        if job is None:
-            return
-        job.fetch.count_request(msg.stats)
-        if msg.head:
-            self.ledger.of(w.name).heads.discard(job.id)
-            if job.phase is Phase.WAITING_MEMORY:
-                return   # its head was dropped on purpose: it waits for memory
-            if job.segment is None:
-                if msg.retryable and msg.attempt + 1 < MAX_RANGE_ATTEMPTS:
-                    job.fetch.retries += 1
-                    self._start_head(job, msg.attempt + 1)
-                else:
-                    self.fail(job, msg.kind, msg.error)
-                return
-            if not job.ranged:
-                self.fail(job, msg.kind, msg.error)
-                return
-        if job.plan is not None and job.plan.single and msg.offset != job.plan.whole:
-            job.plan.done(msg.offset)    # its bytes come with the one body read
-            return
-        if msg.speculative and (job.plan is None or msg.offset not in job.plan.inflight):
-            if msg.retryable:
-                job.fetch.retries += 1    # its bytes are planned (again) like any others
-            return
-        if msg.retryable and job.plan and msg.offset in job.plan.inflight \
-                and job.plan.inflight[msg.offset].attempt + 1 < MAX_RANGE_ATTEMPTS:
-            job.fetch.retries += 1
-            job.plan.retry(msg.offset, msg.written,
-                           RETRY_BACKOFF_S * 2 ** job.plan.inflight[msg.offset].attempt)
-            return
-        self.fail(job, msg.kind, msg.error)
-
-    def _dispatch_ranges(self) -> None:
-        """Hand pending pieces to fetchers with a free connection, jobs in turn."""
-        jobs = [j for j in self.jobs.values() if not j.finished and j.plan and j.plan.pending]
-        if not jobs:
-            return
-        fetchers = self._fetchers()
-        while jobs:
-            w = self._least_loaded(fetchers)
-            if w is None:
-                return
-            self.rr = (self.rr + 1) % len(jobs)
-            job = jobs[self.rr]
-            piece = job.plan.next(slots=self.config.connections * max(1, len(fetchers)),
-                                  missing=lambda p: job.amap.missing(p.offset, p.end))
-            if piece is None:
-                jobs.remove(job)
-                continue
-            self.ledger.hold_range(w.name, job.id, piece.offset, piece.end)
-            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=job.segment.name,
-                                     amap=job.amap.name, offset=piece.offset, end=piece.end,
-                                     attempt=piece.attempt))
-
-    def _check_moov(self, job: Job) -> None:
-        if job.phase is not Phase.LOCATING:
-            return
-        if job.moov is None:
-            if job.head_done:
-                self._walk_on(job)
-            return
-        start, end = job.moov
-        if not job.amap.present(start, end - start):
-            return
-        job.mark("moov_ready")
-        try:
-            # parsed once: it is kept while the boxes after the moov are awaited
-            track = job.track or mp4.parse_moov(memoryview(job.segment.mm)[start:end])
-        except mp4.NotMP4 as exc:
-            self._stream(job, str(exc))
-            return
-        why = self._why_not_planned(job, track)
-        if why is mp4.NOT_YET:
-            job.track = track
-            return
-        if why:
-            # seekable, FFmpeg would visit every fragment's header before the first frame,
-            # i.e. wait for nearly the whole file: it is read front to back
-            self._stream(job, why, seekable=False)
-            return
-        job.track = track
-        job.to(Phase.PLANNED)
-        data_end = int((track.offsets + track.sizes).max())
-        if data_end > job.size:
-            # decode what is there; the report names the frames past the end
-            job.truncated = (f"truncated file: it ends at byte {job.size} but its frames "
-                             f"need {data_end} bytes")
-        limit = track.frame_count
-        if job.max_frames is not None and job.selection.everything:
-            limit = min(limit, job.max_frames)    # else it caps what the selection picks
-        if job.partial_mb is not None:
-            need = track.need_end()
-            budget = int(job.partial_mb * 1024 * 1024)
-            limit = min(limit, int((need <= budget).sum()))
-        job.frame_limit = limit
-        job.readable_end = job.size
-        if limit and (limit < track.frame_count or job.max_frames is not None):
-            # The decoder sees end-of-file exactly at a sample boundary (a cut inside the
-            # next sample would hand it a truncated packet); the plan rounds up to chunks.
-            job.readable_end = fetch_end(self.decoder_backend, track.need_end(), limit, job.size)
-            job.plan.extend(job.readable_end)
-        if limit == 0:
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: no frame fits the partial download limit")
-            return
-        if not job.selection.everything and not self._plan_selection(job, track, limit):
-            return
-        job.frames_selected = len(job.selected) if job.selected is not None else limit
-        if not self._within_max_selected(job):
-            return
-        if self._make_ring(job, track.height, track.width) and \
-                self._make_output(job, track.height, track.width):
-            self.decode_queue.append(job.id)
-            self._dispatch_decodes()
-
-    def _plan_selection(self, job: Job, track, limit: int) -> bool:
-        """Pick the selected frames from the sample table and plan only the bytes of the
-        GOPs that hold them (PyAV; decord reads the whole file and picks by index)."""
-        order = track.presentation_order()
-        pts = track.pts[order]
-        times = (pts - pts[0]) / track.timescale if track.timescale else np.arange(len(pts))
-        try:
-            chosen = pick(job.selection, times)
-        except SelectionError as exc:
-            self.fail(job, ErrorKind.SELECTION, f"{job.url}: {exc}")
-            return False
-        chosen = chosen[chosen < limit]
-        if len(chosen) == 0:
-            self.fail(job, ErrorKind.SELECTION, f"{job.url}: the selection holds no frame of "
-                      f"this video ({track.frame_count} frames over {times[-1]:.2f} s)")
-            return False
-        job.selected = [int(i) for i in chosen]
-        job.frame_limit = None
-        job.readable_end = job.size
-        if self.decoder_backend == "decord":
-            job.plan.extend(job.size)
-            return True
-        job.spans = gop_spans(track.keyframes, order, track.pts, chosen)
-        for lo, hi in byte_regions(track.offsets, track.sizes, job.spans):
-            job.plan.add(lo, hi)
-        return True
-
-    def _within_max_selected(self, job: Job) -> bool:
-        most = self.config.max_selected
-        if most is not None and job.frames_selected is not None and job.frames_selected > most:
-            self.fail(job, ErrorKind.SELECTION, f"{job.url}: the job selects "
-                      f"{job.frames_selected} frames, over the limit of {most} "
-                      "(ENGINE_MAX_SELECTED)")
-            return False
-        return True
-
-    def _why_not_planned(self, job: Job, track) -> str | None:
-        """``mp4.why_not_planned`` on the boxes here; while it is not yet known, the next
-        box header after the moov is fetched first."""
-        try:
-            found = mp4.walk(self._present_reader(job), job.size)
-        except mp4.NotMP4 as exc:
-            return str(exc)
-        why = mp4.why_not_planned(track, found)
-        if why is mp4.NOT_YET:
-            if found.need >= job.probed_until:
-                job.probed_until = min(job.size, found.need + PROBE_BYTES)
-                job.plan.urgent(found.need, job.probed_until)
-            job.plan.raise_to_front(found.need)
-        return why
-
-    def _make_output(self, job: Job, height: int, width: int) -> bool:
-        """Engine.frames: the block the selected frames go into, all reserved when their
-        count is known (planned), else reserved as they come (streamed)."""
-        if not job.return_frames:
-            return True
-        frame = height * width * 3
-        count = job.frames_selected or self.config.max_selected
-        size = frame * count if count else OUTPUT_MAX_BYTES // frame * frame
-        try:
-            job.output = SharedBlock.create(segment_name(os.getpid(), job.id, ".out"), size,
-                                            reserve=size if job.frames_selected else frame)
-        except ShmError as exc:
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the "
-                      f"{count or ''} selected frames ({exc}; a container needs a larger "
-                      "--shm-size)")
-            return False
-        return True
-
     def release_output(self, client, name: str) -> None:
         """A client copied its frames out (or went away): the block goes."""
-        if name in self.outputs and (client is None or self.outputs[name] is client):
-            del self.outputs[name]
-            unlink_block(name)
-
-    def _make_ring(self, job: Job, height: int, width: int) -> bool:
-        self.ring_reserved.pop(job.id, None)   # the ring itself is counted from now on
-        # Both ways pass here with the header's picture size before any frame is decoded
-        too_big = fences.pixels_refusal(width, height, self.config.max_pixels)
-        if too_big:
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: {too_big}")
-            return False
-        slots = self._ring_slots(job, height, width)
-        if slots is None:
-            self.fail(job, ErrorKind.FETCH, f"{job.url}: no room in shared memory for the frames "
-                      f"of a {width}x{height} video (/dev/shm; a container needs "
-                      "a larger --shm-size)")
-            return False
-        shape = (slots, height, width)
-        pooled = self.ring_pool.get(shape)
-        if pooled:
-            job.ring = pooled.pop()     # already counted in shm_in_use
-            job.ring.reset()
-        else:
-            try:
-                job.ring = FrameRing.create(segment_name(os.getpid(), job.id, ".ring"), *shape)
-            except ShmError as exc:
-                self.fail(job, ErrorKind.FETCH, f"{job.url}: {exc}; a container needs a "
-                          "larger --shm-size")
-                return False
-            self.shm_in_use += job.ring.block.size
-        return True
+        self.memory.release_output(client, name)
 
     def close(self) -> None:
         """The engine stops: give back the pooled rings and frames nobody took (live jobs
         are failed first)."""
-        self._drop_ring_pool()
-        for name in list(self.outputs):
-            self.release_output(None, name)
-
-    def _drop_ring_pool(self) -> None:
-        """Give back the idle pooled rings (a job needs their room)."""
-        for rings in self.ring_pool.values():
-            for ring in rings:
-                self.shm_in_use -= ring.block.size
-                ring.unlink()
-                ring.close()
-            rings.clear()
-
-    def _check_download(self, job: Job) -> None:
-        if job.plan.finished and job.head_done and not job.fetched:
-            if all(job.amap.present(lo, hi - lo) for lo, hi in job.plan.regions() if hi > lo):
-                job.fetched = True
-                job.mark("download_done")
-                if self.config.report_sha256:
-                    digest = hashlib.sha256()
-                    for lo, hi in job.plan.regions():
-                        digest.update(job.segment.mm[lo:hi])
-                    job.fetch.sha256 = digest.hexdigest()
-                if job.max_frames is not None or job.partial_mb is not None:
-                    log.info("Partial video downloaded successfully (%.1f MB)",
-                             job.fetch.bytes / 1e6)
-
-    # ------------------------------------------------------------------ decode
-    def _dispatch_decodes(self) -> None:
-        gpu = self._gpu()
-        if gpu is None:
-            return   # restarting: decodes wait for it, as ranges wait for their fetchers
-        while self.decode_queue:
-            free = [w for w in self._workers("decoder")
-                    if self.ledger.of(w.name).decoding is None]
-            if not free:
-                return
-            job = self._live(self.decode_queue.pop(0))
-            if job is None:
-                continue
-            w = free[0]
-            job.to(Phase.DECODING)
-            if job.ring is not None and job.id not in self.ledger.of(gpu.name).jobs:
-                self._start_gpu(gpu, job)   # a streamed job's waits for StreamInfo
-            msg = self._decode_job(job)
-            if job.resume_after is not None:
-                msg = self._resumed(job, msg)
-            if msg is not None:
-                self.ledger.of(w.name).decoding = job.id
-                self._send(w, msg)
-
-    def _decode_job(self, job: Job) -> DecodeJob:
-        job.decoder_backend = self.decoder_backend
-        common = dict(job=job.id, segment=job.segment.name, amap=job.amap.name,
-                      size=job.size, batch=self.config.batch, frame_limit=job.frame_limit,
-                      readable_end=job.readable_end, regions=job.plan.regions())
-        if job.way == "streamed":
-            job.decoder_backend = "pyav"
-            selection = None if job.selection.everything else job.selection.to_dict()
-            most = self.config.max_selected
-            if selection is not None and most is not None:
-                selection["max_frames"] = min(selection["max_frames"] or most + 1, most + 1)
-            return DecodeJob(**common, backend="pyav", seekable=not job.linear,
-                             selection=selection, ring=job.ring.name if job.ring else None)
-        track = job.track
-        return DecodeJob(**common, backend=self.decoder_backend, ring=job.ring.name,
-                         need_end=[int(x) for x in track.need_end()], moov=job.moov,
-                         expected=track.frame_count, stream_index=track.index,
-                         selected=job.selected, spans=job.spans)
-
-    def _resumed(self, job: Job, msg: DecodeJob) -> DecodeJob | None:
-        """The decode after a lost worker: only the frames after ``job.resume_after``
-        (None: none is left, the job drains)."""
-        after = job.resume_after
-        if job.ring is not None:
-            job.ring.reclaim([SlotRun(b.first_slot, b.count) for b in job.unanswered])
-        if job.way == "streamed":
-            return replace(msg, resume_after=after)
-        todo = resume.rest(resume.expected(job.selected, job.frame_limit), after)
-        if not todo:
-            self._decoded(job, DecodeDone(job=job.id, frames=0, missing=[]))
-            return None
-        spans = None
-        if msg.backend == "pyav":
-            track = job.track
-            spans = gop_spans(track.keyframes, track.presentation_order(), track.pts,
-                              np.asarray(todo))
-        return replace(msg, selected=todo, spans=spans)
-
-    def on_stream_info(self, w, msg: StreamInfo) -> None:
-        """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
-        job = self._live(msg.job)
-        if job is None or self.ledger.of(w.name).decoding != msg.job:
-            self._send(w, RingReady(job=msg.job, ring=None))
-            return
-        job.track = msg
-        if not self._make_ring(job, msg.height, msg.width) \
-                or not self._make_output(job, msg.height, msg.width):
-            return                  # failed: its EndJob tells the decoder
-        gpu = self._gpu()
-        if gpu is None:
-            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
-            return
-        self._start_gpu(gpu, job)
-        self._send(w, RingReady(job=job.id, ring=job.ring.name))
-
-    def _start_gpu(self, gpu, job: Job) -> None:
-        """The GPU worker attaches the job's ring; from now on its death fails the job."""
-        self.ledger.of(gpu.name).jobs.add(job.id)
-        self._send(gpu, GpuJob(job=job.id, ring=job.ring.name, processor=job.processor,
-                               video=self._video_info(job)))
-
-    @staticmethod
-    def _video_info(job: Job) -> dict:
-        """What a per-video processor's ``begin`` gets (``engine.processors.Video``)."""
-        t = job.track
-        return {"url": job.url, "width": t.width, "height": t.height, "fps": t.fps,
-                "frames": job.frames_selected if job.frames_selected is not None
-                else job.frame_limit, "codec": t.codec, "selection": job.selection.to_dict(),
-                "output": job.output.name if job.output is not None else None}
-
-    def on_batch(self, w, msg: BatchReady) -> None:
-        job = self._live(msg.job)
-        if job is None or job.stopping_decoder:
-            return     # stopping: these frames are decoded again
-        job.mark("first_frame", msg.decoded_at)
-        gpu = self._gpu()
-        if gpu is None and not self.ledger.serving(job.id):
-            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
-            return
-        job.unanswered.append(msg)
-        job.forwarded.extend(msg.frame_numbers)
-        if gpu is not None:     # else it died, and its death (yet to be handled) redoes this
-            self.ledger.of(gpu.name).jobs.add(job.id)
-            self._send(gpu, msg)
-
-    def on_results(self, w, msg: BatchResults) -> None:
-        job = self._live(msg.job)
-        if job is None:
-            return
-        job.unanswered = [b for b in job.unanswered if b.frame_numbers != msg.frame_numbers]
-        job.per_video = msg.per_video
-        if msg.error:
-            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: {msg.error}")
-            return
-        job.mark("first_result")
-        for n, result in zip(msg.frame_numbers, msg.results):
-            job.results[n] = result
-        if job.stream:
-            self._reply(job.client, ResultBatch(token=job.token, batch=Batch(
-                list(msg.frame_numbers), msg.results, bytes_done=job.fetch.bytes,
-                bytes_total=job.size, frames_total=job.frames_selected)))
-        self._maybe_finish(job)
-
-    def on_decode_done(self, w, msg: DecodeDone) -> None:
-        held = self.ledger.of(w.name)
-        if held.decoding == msg.job:
-            held.decoding = None
-        job = self._live(msg.job)
-        if job is not None and job.stopping_decoder:   # stopped: decode again (GPU lost)
-            job.stopping_decoder = False
-            self.decode_queue.insert(0, job.id)
-            job = None
-        self._dispatch_decodes()
-        if job is not None:
-            self._decoded(job, msg)
-
-    def _decoded(self, job: Job, msg: DecodeDone) -> None:
-        job.to(Phase.DRAINING)
-        job.mark("decode_done")
-        frames, missing = msg.frames, msg.missing
-        if job.resume_after is not None:    # the earlier decoders' part, and its gaps
-            kept = [n for n in job.forwarded if n <= job.resume_after]
-            frames += len(kept)
-            missing = sorted(set(missing) | set(resume.gaps(
-                self._expected_upto(job), job.resume_after, kept)))
-        job.decoded, job.missing = frames, missing
-        if job.frames_selected is None:     # streamed: learned by decoding
-            job.frames_selected = frames + len(missing)
-            if not self._within_max_selected(job):
-                return
-        if msg.error and not frames:
-            self.fail(job, ErrorKind.DECODE, f"{job.url}: {job.truncated or msg.error}")
-            return
-        # Frames are missing: the report keeps every frame that was decoded, and says
-        # which are not there and why; it is never ok.
-        problem = msg.error or (f"{len(missing)} of {frames + len(missing)} "
-                                "frames could not be decoded" if missing else None)
-        if problem:
-            job.error = f"{job.url}: " + "; ".join(filter(None, (job.truncated, problem)))
-            job.error_kind = ErrorKind.DECODE
-        self._maybe_finish(job)
-
-    def _expected_upto(self, job: Job) -> list[int]:
-        if job.way == "streamed":
-            return resume.expected_streamed(job.selection.frames, job.selection.everything,
-                                            job.resume_after)
-        return resume.expected(job.selected, job.frame_limit)
-
-    def _maybe_finish(self, job: Job) -> None:
-        """Every frame has its result: ask the GPU worker for the video's result (a
-        per-video processor's ``end()``); the report goes out with its answer."""
-        if job.phase is Phase.DRAINING and job.outstanding == 0:
-            gpu = self._gpu()
-            if gpu is None:     # dead: unless its death (yet to be handled) redoes the job
-                if not self.ledger.serving(job.id):
-                    self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not "
-                              "running")
-                return
-            job.to(Phase.ENDING)
-            self.ledger.of(gpu.name).jobs.add(job.id)
-            self._send(gpu, EndVideo(job=job.id))
-
-    def on_video_ended(self, w, msg: VideoEnded) -> None:
-        job = self._live(msg.job)
-        if job is None or job.phase is not Phase.ENDING:
-            return
-        if msg.error:
-            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: {msg.error}")
-            return
-        job.video_result = msg.value
-        self.finish(job)
+        self.memory.close()
 
     # ------------------------------------------------------------------ end
     def finish(self, job: Job) -> None:
@@ -1078,16 +232,6 @@ class Pipeline:
 
     def _release(self, job: Job) -> None:
         """Stop everything the job has going and give back its memory."""
-        # A ring whose job ended cleanly (decoder and GPU worker done with it) is kept for
-        # the next job of the same frame size; any other is cancelled and unlinked.
-        keep = None
-        if job.ring is not None and job.phase is Phase.DONE and job.outstanding == 0:
-            shape = (job.ring.slots, job.ring.height, job.ring.width)
-            if len(self.ring_pool.setdefault(shape, [])) < RING_POOL:
-                keep = job.ring
-        for shared in (job.amap, job.ring):
-            if shared is not None and shared is not keep:
-                shared.cancel()
         if job.plan is not None:
             job.plan.drop_pending()
         if job.id in self.decode_queue:
@@ -1096,21 +240,5 @@ class Pipeline:
             if w.role in ("fetcher", "gpu") or self.ledger.of(w.name).decoding == job.id:
                 self._send(w, EndJob(job=job.id))
         self.ledger.drop_job(job.id)
-        self.shm_in_use -= job.shm_bytes()
-        self.ring_reserved.pop(job.id, None)
-        if keep is not None:   # a pooled ring still holds its memory
-            self.ring_pool[(keep.slots, keep.height, keep.width)].append(keep)
-            self.shm_in_use += keep.block.size
-        for shared in (job.segment, job.amap, job.ring):
-            if shared is not None and shared is not keep:
-                shared.unlink()
-                shared.close()
-        job.segment = job.amap = job.ring = None
-        if job.output is not None:   # kept for its client to copy out (ReleaseFrames)
-            if job.phase is Phase.DONE and job.client is not None:
-                self.outputs[job.output.name] = job.client
-            else:
-                job.output.unlink()
-            job.output.close()
-            job.output = None
+        self.memory.release(job, clean=job.phase is Phase.DONE)
         self.jobs.pop(job.id, None)

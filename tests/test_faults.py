@@ -55,7 +55,7 @@ from engine.messages import StatusQuery
 from engine.shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
 from engine.demo.emulator import CdnEmulator, Profile
-from engine.pipeline import RING_POOL    # finished rings kept per frame size
+from engine.memory import RING_POOL      # finished rings kept per frame size
 
 NULL = "engine.processors:null"
 STATS = "engine.processors:stats"

@@ -16,6 +16,7 @@ import pytest
 from engine.config import Config
 from engine.errors import ErrorKind
 from engine.job import TERMINAL, TRANSITIONS, BadTransition, Job, Phase
+from engine.memory import Memory
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, FetchStats, GpuJob, HeadInfo, JobDone,
                              NeedBytes, RangeDone, RangeFailed, ReadWhole, RingReady,
@@ -45,14 +46,16 @@ class Harness:
 
     made: list["Harness"] = []
 
-    def __init__(self, data: bytes, **config):
+    def __init__(self, data: bytes, free=None, **config):
+        """``free``: what /dev/shm has free, as the pipeline's memory reads it."""
         Harness.made.append(self)
         self.data = data
         self.workers = {name: FakeWorker(name, role) for name, role in (
             ("fetcher0", "fetcher"), ("fetcher1", "fetcher"), ("decoder0", "decoder"),
             ("gpu", "gpu"))}
         cfg = Config.from_env({}).with_(**config)
-        self.p = Pipeline(cfg, lambda: [w for w in self.workers.values() if w.alive])
+        self.p = Pipeline(cfg, lambda: [w for w in self.workers.values() if w.alive],
+                          Memory(cfg, free) if free else None)
         self.client = object()
         self.sent: list = []             # every Send so far
         self.pending: dict[tuple[int, int], tuple] = {}   # (job, offset) -> (worker, msg)
@@ -679,6 +682,31 @@ def test_a_job_waits_for_a_fetcher_while_all_restart(clip):
     h.step(h.p.tick, time.monotonic())
     assert job.phase is Phase.HEAD and [s.to for s in h.sent] == ["fetcher0"]
     h.step(h.p.fail, job, ErrorKind.ENGINE, "stop")
+
+
+def test_a_job_waits_for_shared_memory_and_goes_on_when_it_is_back(clip):
+    free = [1 << 34]
+    h = Harness(clip, free=lambda: free[0])
+    first = h.submit()
+    h.head(first)
+    h.fetch_all(first)
+    free[0] = 0                  # /dev/shm filled by others while the first job decodes
+    h.step(h.p.submit, h.client, Submit(token=2, url=URL, selection=Selection.of()))
+    second, = (j for j in h.p.jobs.values() if j.token == 2)
+    h.head(second)
+    assert second.phase is Phase.WAITING_MEMORY and second.segment is None
+    assert EndJob(job=second.id) in h.to_worker("fetcher0", EndJob)
+    h.step(h.p.tick, time.monotonic())
+    assert second.phase is Phase.WAITING_MEMORY
+    _run_planned(h, first, 50)
+    assert h.report()["ok"]
+    free[0] = 1 << 34
+    h.step(h.p.tick, time.monotonic())
+    assert second.phase is Phase.HEAD
+    h.head(second)
+    h.fetch_all(second)
+    assert second.phase is Phase.DECODING and second.fetched
+    h.step(h.p.fail, second, ErrorKind.ENGINE, "stop")
 
 
 def test_a_decoder_blocked_on_bytes_moves_them_to_the_front(longer_clip):
