@@ -31,7 +31,7 @@ $PY -c "import torch, av, httpx; print('python', __import__('sys').version.split
 rc=0
 if [ "$DEVICE" != cpu ]; then
   echo "== CUDA path against the CPU reference"
-  timeout 180 $PY -m pytest -q -p no:cacheprovider -rs tests/test_pipeline.py -k cuda || rc=1
+  timeout 180 $PY -m pytest -q -p no:cacheprovider -rs tests/test_end_to_end.py -k cuda || rc=1
 fi
 echo "== bench, seed profile, stats processor, device $DEVICE"
 timeout 150 $PY -m engine bench --profile seed --runs 2 --device "$DEVICE" \
