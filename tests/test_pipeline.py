@@ -15,15 +15,13 @@ import pytest
 
 from engine.config import Config
 from engine.errors import ErrorKind
-from engine.job import TERMINAL, TRANSITIONS, BadTransition, Job, Phase
+from engine.job import Job, Phase
 from engine.memory import Memory
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndJob, EndVideo,
                              FetchHead, FetchRange, FetchStats, GpuJob, HeadInfo, JobDone,
                              NeedBytes, RangeDone, RangeFailed, ReadWhole, RingReady,
                              SegmentReady, StreamInfo, Submit, VideoEnded, WholeBody)
-from engine import resume
 from engine.pipeline import Pipeline
-from engine.plan import RangePlan
 from engine.selection import Selection
 from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
 from engine.shm.ring import SlotRun
@@ -169,29 +167,6 @@ def no_segment_left():
         h.p.close()
     Harness.made.clear()
     assert _segments_of_this_process() == []
-
-
-# ---------------------------------------------------------------- the transition table
-
-
-def test_every_phase_but_the_ends_can_fail_and_the_ends_are_final():
-    for phase, nxt in TRANSITIONS.items():
-        if phase in TERMINAL:
-            assert nxt == frozenset()
-        else:
-            assert Phase.FAILED in nxt
-    assert set(TRANSITIONS) == set(Phase)
-
-
-def test_a_move_the_table_does_not_allow_is_refused():
-    job = Job(1, 1, None, URL, "p", None, None, False)
-    assert job.phase is Phase.HEAD
-    with pytest.raises(BadTransition, match="HEAD -> DECODING"):
-        job.to(Phase.DECODING)
-    job.to(Phase.FAILED)
-    assert job.finished
-    with pytest.raises(BadTransition):
-        job.to(Phase.DONE)
 
 
 # ---------------------------------------------------------------- the planned way
@@ -639,26 +614,6 @@ def test_a_gpu_worker_that_dies_twice_on_a_job_fails_it(clip):
     assert "GPU worker died 2 times on this job (last: exited with code 139)" in report["error"]
 
 
-def test_resume_decisions():
-    assert resume.after_decoder_loss([]) == -1
-    assert resume.after_decoder_loss([0, 1, 2, 4]) == 4
-    assert resume.after_gpu_loss([], per_video=True, client_has_results=True) == -1
-    assert resume.after_gpu_loss([0, 1, 2], per_video=False, client_has_results=True) == 2
-    assert resume.after_gpu_loss([0, 1, 2], per_video=True, client_has_results=False) == -1
-    assert resume.after_gpu_loss([0, 1, 2], per_video=True, client_has_results=True) is None
-    assert resume.expected(None, 4) == [0, 1, 2, 3]
-    assert resume.expected([3, 9], None) == [3, 9]
-    assert resume.expected_streamed((2, 8), True, 5) == [2]
-    assert resume.expected_streamed(None, True, 2) == [0, 1, 2]
-    assert resume.expected_streamed(None, False, 2) == []
-    assert resume.rest([3, 9, 12], 9) == [12]
-    assert resume.gaps([0, 1, 2, 3, 4], 3, [0, 2]) == [1, 3]
-    losses: dict = {}
-    assert resume.gave_up(losses, "gpu", URL, "x") is None
-    assert resume.gave_up(losses, "decoder", URL, "x") is None
-    assert "GPU worker died 2 times" in resume.gave_up(losses, "gpu", URL, "x")
-
-
 def test_the_deadline_fails_a_job_in_any_phase(clip):
     h = Harness(clip, job_timeout_s=5.0)
     job = h.submit()
@@ -815,66 +770,3 @@ def test_the_whole_file_s_body_that_fails_is_asked_again_whole(longer_clip):
     h.msg(worker, WholeBody(job=job.id, offset=196_608))
     assert h.to_worker(worker, ReadWhole)[-1].read
     h.step(h.p.fail, job, ErrorKind.ENGINE, "stop")
-
-
-def test_range_plan_with_one_body_cuts_no_more_ranges():
-    plan = RangePlan(size=8 << 20, range_bytes=2 << 20)
-    plan.extend(4 << 20)
-    a = plan.next(slots=4)
-    b = plan.next(slots=4)
-    assert plan.take_whole(b.offset) and not plan.take_whole(a.offset)
-    assert plan.inflight[b.offset].end == 8 << 20 and not plan.pending
-    plan.extend(8 << 20)
-    plan.urgent(7 << 20, 8 << 20)
-    assert not plan.pending and plan.regions() == [(0, 8 << 20)]
-    plan.requeue(a.offset)           # its fetcher died: the body brings its bytes
-    assert not plan.pending and a.offset not in plan.inflight
-    rest = plan.retry(b.offset, 3 << 20, backoff=0.0)
-    assert (rest.offset, rest.end) == (3 << 20, 8 << 20) and plan.whole == rest.offset
-    piece = plan.next(slots=4)       # uncut
-    assert (piece.offset, piece.end) == (3 << 20, 8 << 20) and plan.take_whole(piece.offset)
-    plan.done(piece.offset)
-    assert plan.finished and plan.whole is None
-    assert not plan.take_whole(1 << 20)      # a late one, once the body is in: dropped
-
-
-# ---------------------------------------------------------------- the range plan
-
-
-def test_range_plan_orders_urgent_first_then_ascending_and_ramps():
-    plan = RangePlan(size=8 << 20, range_bytes=2 << 20)
-    plan.extend(6 << 20)
-    plan.urgent(7 << 20, 8 << 20)
-    first = plan.next(slots=8)
-    assert (first.offset, first.end) == (7 << 20, 8 << 20)
-    second = plan.next(slots=8)
-    assert second.offset == 0 and second.end == 128 * 1024          # the ramp's first step
-    third = plan.next(slots=8)
-    assert third.offset == second.end and third.end - third.offset == 128 * 1024
-    plan.done(first.offset)
-    assert plan.regions() == [(0, 6 << 20), (7 << 20, 8 << 20)]
-
-
-def test_range_plan_retry_resumes_on_a_chunk_boundary_and_requeue_goes_first():
-    plan = RangePlan(size=4 << 20, range_bytes=2 << 20)
-    plan.extend(4 << 20)
-    a = plan.next(slots=1)
-    b = plan.next(slots=1)
-    rest = plan.retry(a.offset, a.offset + 100_000, backoff=10.0)
-    assert rest.offset == a.offset + 65536 and rest.attempt == 1
-    assert plan.next(slots=1).offset > b.offset     # in back-off: skipped for now
-    plan.requeue(b.offset)
-    assert plan.pending[0].offset == b.offset
-    assert not plan.finished
-
-
-def test_range_plan_extend_never_plans_a_region_twice():
-    plan = RangePlan(size=10 << 20, range_bytes=2 << 20)
-    plan.urgent(8 << 20, 9 << 20)
-    plan.extend(10 << 20)
-    pieces = []
-    while (p := plan.next(slots=1)) is not None:
-        pieces.append((p.offset, p.end))
-    covered = sorted(pieces)
-    assert covered[0][0] == 0 and covered[-1][1] == 10 << 20
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))     # no gap, no overlap
