@@ -25,15 +25,9 @@ from engine import AsyncEngine, EngineClosed, FetchError
 from engine.demo.emulator import CdnEmulator, Profile
 from engine.shm.sweep import owned_blocks
 from tests.reference import assert_matches, reference
-from tests.test_serve_faults import served, wait_for
+from tests.conftest import STATS, gone, run, served, wait_for
 
-STATS = "engine.processors:stats"
 WAIT = "engine.processors:wait"
-BOUND_S = 240   # a bound on a whole scenario, so a hang fails instead of blocking the run
-
-
-def run(scenario):
-    return asyncio.run(asyncio.wait_for(scenario, BOUND_S))
 
 
 @contextlib.asynccontextmanager
@@ -48,13 +42,6 @@ async def owned_engine(**kw):
         await eng.close()
     wait_for(lambda: all(gone(p) for p in tree), 10, "the engine's processes to exit")
     assert owned_blocks(tree[0].pid) == [], "segments left after the engine closed"
-
-
-def gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 async def holds_nothing(eng, pid: int, pooled: set[str]) -> None:

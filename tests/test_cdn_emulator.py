@@ -24,6 +24,7 @@ import time
 import pytest
 
 from engine.demo.emulator import PROFILES, CdnEmulator, Profile, main, profile
+from tests.conftest import wait_for
 
 TOL = 0.20
 IO_TIMEOUT = 15.0
@@ -207,15 +208,6 @@ def echo_rtts(port: int, rounds: int, size: int = 100) -> tuple[float, list[floa
     return setup, rtts
 
 
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
-
-
 # ----------------------------------------------------------------- tests
 
 
@@ -242,7 +234,7 @@ def test_lifecycle_url_stats(bulk):
         assert emu.url("/a/b.mp4") == f"https://127.0.0.1:{emu.port}/a/b.mp4"
         assert emu.url("x", scheme="http") == f"http://127.0.0.1:{emu.port}/x"
         fetch(emu.port, 1000)
-        assert wait_for(lambda: emu.stats()["connections_active"] == 0)
+        wait_for(lambda: emu.stats()["connections_active"] == 0, 5, "every connection to close")
         st = emu.stats()
         assert st["connections_accepted"] == 1
         assert st["bytes_client_to_server"] == 8
@@ -284,7 +276,7 @@ def test_unreachable_upstream_closes_client():
                 assert s.recv(1) == b""
             except ConnectionResetError:
                 pass
-        assert wait_for(lambda: emu.stats()["connections_failed"] == 1)
+        wait_for(lambda: emu.stats()["connections_failed"] == 1, 5, "the failed connection")
 
 
 def test_client_abort_closes_upstream(bulk):
@@ -293,7 +285,7 @@ def test_client_abort_closes_upstream(bulk):
         s.sendall(struct.pack("!Q", 50_000_000))
         recv_exact(s, 100_000)
         s.close()
-        assert wait_for(lambda: emu.stats()["connections_active"] == 0)
+        wait_for(lambda: emu.stats()["connections_active"] == 0, 5, "every connection to close")
         assert emu.stats()["bytes_server_to_client"] < 5_000_000
 
 
@@ -366,7 +358,7 @@ def test_lan_byte_exact_echo(echo):
             sender.join(IO_TIMEOUT)
         assert n == len(data)
         assert h.digest() == hashlib.sha256(data).digest()
-        assert wait_for(lambda: emu.stats()["connections_active"] == 0)
+        wait_for(lambda: emu.stats()["connections_active"] == 0, 5, "every connection to close")
         st = emu.stats()
         assert st["bytes_client_to_server"] == st["bytes_server_to_client"] == len(data)
 

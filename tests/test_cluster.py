@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +36,7 @@ from engine.cluster import ClusterBusy, ClusterEngine, node_name
 from engine.cluster.server import format_status
 from engine.errors import error_from, kind_of
 from engine.shm.sweep import owned_blocks
+from tests.conftest import wait_for
 from tests.reference import assert_matches, reference
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -89,15 +89,6 @@ def _engines(eng, seen=True) -> list[dict]:
     return st["engines"]
 
 
-def _wait_for(pred, what: str, limit_s: float = 90.0):
-    deadline = time.monotonic() + limit_s
-    while not (value := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.2)
-    return value
-
-
 def _up_on_all_nodes(eng, c: Cluster):
     engines = _engines(eng)
     up = {e["node"] for e in engines if e["state"] == "up"}
@@ -126,7 +117,7 @@ def test_an_unreachable_cluster_raises_its_kind_through_the_child():
 
 
 def test_a_cluster_engine_on_every_gpu(eng, cluster):
-    _wait_for(lambda: _up_on_all_nodes(eng, cluster), "an engine up on each GPU node")
+    wait_for(lambda: _up_on_all_nodes(eng, cluster), 90, "an engine up on each GPU node", every=0.2)
     engines = _engines(eng)
     assert sorted(e["node"] for e in engines) == sorted(_names(cluster))
     assert all(e["gpus"] == ["0"] for e in engines)     # Ray's GPU, seen by the engine
@@ -176,8 +167,8 @@ def test_every_engine_full_then_cluster_busy(eng, cdn):
     try:
         with ThreadPoolExecutor(4) as pool:
             jobs = [pool.submit(eng.report, url, max_frames=150) for _ in range(4)]
-            _wait_for(lambda: sum(e["jobs_in_flight"] for e in _engines(eng)) == 4,
-                      "four jobs in flight")
+            wait_for(lambda: sum(e["jobs_in_flight"] for e in _engines(eng)) == 4, 90,
+                     "four jobs in flight", every=0.2)
             with pytest.raises(ClusterBusy, match="cluster busy") as busy:
                 eng.process(url, max_frames=10)
             # what a served cluster sends: the kind, which the client raises as EngineBusy
@@ -197,7 +188,7 @@ def test_node_lost_before_any_result_retries_on_another(eng, cluster, cdn):
     worker = threading.Thread(target=lambda: box.update(
         r=eng.report(cdn.url("sn44.mp4"), max_frames=250)))
     worker.start()
-    lost = _wait_for(lambda: _running_on(eng), "the job placed")
+    lost = wait_for(lambda: _running_on(eng), 90, "the job placed", every=0.2)
     cluster.remove_node(_names(cluster)[lost])
     cluster.gpu_nodes = [n for n in cluster.gpu_nodes if _names(cluster).get(lost) is not n]
     worker.join(120)
@@ -209,7 +200,7 @@ def test_node_lost_before_any_result_retries_on_another(eng, cluster, cdn):
 
 def test_a_joining_node_gets_the_lost_engine(eng, cluster):
     cluster.gpu_nodes.append(cluster.add_node(**NODE))
-    _wait_for(lambda: _up_on_all_nodes(eng, cluster), "the new node's engine up")
+    wait_for(lambda: _up_on_all_nodes(eng, cluster), 90, "the new node's engine up", every=0.2)
     assert sum(e["restarts"] for e in _engines(eng)) == 1     # Ray restarted the lost one
 
 
@@ -217,7 +208,7 @@ def test_node_lost_after_results_fails_naming_it(eng, cluster, cdn):
     stream = eng.stream(cdn.url("sn44.mp4"), max_frames=300)
     first = next(stream)
     assert first.frame_numbers[0] == 0
-    lost = _wait_for(lambda: _running_on(eng), "the job placed")
+    lost = wait_for(lambda: _running_on(eng), 90, "the job placed", every=0.2)
     cluster.remove_node(_names(cluster)[lost])
     cluster.gpu_nodes = [n for n in cluster.gpu_nodes if _names(cluster).get(lost) is not n]
     with pytest.raises(EngineError) as err:
@@ -225,7 +216,7 @@ def test_node_lost_after_results_fails_naming_it(eng, cluster, cdn):
             pass
     assert lost in str(err.value) and "lost" in str(err.value)
     cluster.gpu_nodes.append(cluster.add_node(**NODE))
-    _wait_for(lambda: _up_on_all_nodes(eng, cluster), "two engines up again")
+    wait_for(lambda: _up_on_all_nodes(eng, cluster), 90, "two engines up again", every=0.2)
     assert eng.process(cdn.url("small.mp4")).frames_processed == 50
 
 

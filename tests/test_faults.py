@@ -53,38 +53,16 @@ import pytest
 from engine import DecodeError, Engine, EngineClosed, JobTimeout, ProcessorError
 from engine.messages import StatusQuery
 from engine.shm.sweep import owned_blocks
+from tests.conftest import NULL, STATS, gone, wait_for
 from tests.reference import assert_matches, reference
 from engine.demo.emulator import CdnEmulator, Profile
 from engine.memory import RING_POOL      # finished rings kept per frame size
-
-NULL = "engine.processors:null"
-STATS = "engine.processors:stats"
 
 # One row per fault, printed by ``fault_table`` after the module's last test.
 FAULTS: list[dict] = []
 
 
 # ------------------------------------------------------------------ helpers
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
-def gone(p: psutil.Process) -> bool:
-    """The process has exited (a zombie has exited too: it only waits to be reaped)."""
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
 
 class Owned:
     """An engine of this test, and every process it was seen to have."""
@@ -233,17 +211,6 @@ def fault_table():
               f"{_s(row['recovered_s']):>6}  {row['action']}")
         if row["lost"]:
             print(f"{'':<64}lost: {row['lost']}")
-
-
-@pytest.fixture
-def slow_cdn(cdn, sn44_clips):
-    """The nginx CDN behind an emulated slow link (0.5 MB/s per connection): a 14 MB
-    download takes seconds, so a process can be killed while the job is in flight."""
-    emu = CdnEmulator("127.0.0.1", cdn.port, Profile("slow", 0.02, 0, 5e5, None)).start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
 
 
 # ------------------------------------------------------------------ 1. fetcher

@@ -16,7 +16,7 @@ import pytest
 
 from engine import Engine, mp4
 from tests.reference import assert_matches, reference
-from tests.test_inputs import _picture
+from tests.conftest import moving_frame
 
 FRAMES = 60
 GOP = 15          # a keyframe, so a fragment, every GOP frames
@@ -39,7 +39,7 @@ def make_fragmented(path, movflags: str, audio: bool) -> None:
         video.options = {"preset": "ultrafast", "threads": "1", "g": str(GOP)}
         sound = c.add_stream("aac", rate=48000) if audio else None
         for i in range(FRAMES):
-            frame = av.VideoFrame.from_ndarray(_picture(i, 320, 240), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(moving_frame(i, 320, 240), format="rgb24")
             c.mux(video.encode(frame.reformat(format="yuv420p")))
             if sound is not None:
                 tone = np.sin(np.arange(1920) * (0.05 + i / 1000))[None].astype(np.float32)

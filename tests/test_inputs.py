@@ -15,21 +15,10 @@ import pytest
 
 from engine import DecodeError, FetchError
 from engine import mp4
+from tests.conftest import moving_frame
 from tests.reference import assert_matches, reference
 
 FRAMES = 50
-
-
-def _picture(i: int, w: int, h: int) -> np.ndarray:
-    """A frame that differs from its neighbours: a moving gradient and a bright block."""
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.empty((h, w, 3), np.uint8)
-    img[..., 0] = (x * 255 // w + 5 * i) % 256
-    img[..., 1] = (y * 255 // h) % 256
-    img[..., 2] = (128 + 3 * i) % 256
-    bx = (i * 7) % (w - 40)
-    img[20:60, bx:bx + 40] = 250
-    return img
 
 
 def make_clip(path, container: str, codec: str, *, w=640, h=360, frames=FRAMES,
@@ -48,7 +37,7 @@ def make_clip(path, container: str, codec: str, *, w=640, h=360, frames=FRAMES,
         elif codec == "libsvtav1":
             s.options = {"preset": "12"}
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(_picture(i, w, h), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(moving_frame(i, w, h), format="rgb24")
             for p in s.encode(frame.reformat(format=pix_fmt)):
                 c.mux(p)
         for p in s.encode():
@@ -288,7 +277,7 @@ def _with_cover(path, fmt: str) -> None:
         out.mux(cover.encode(still.reformat(format="yuvj420p")))
         out.mux(cover.encode(None))
         for i in range(FRAMES):
-            frame = av.VideoFrame.from_ndarray(_picture(i, 320, 240), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(moving_frame(i, 320, 240), format="rgb24")
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
 

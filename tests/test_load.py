@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,18 +24,8 @@ import psutil
 import pytest
 
 from engine import Engine, EngineError
+from tests.conftest import STATS, Job, in_small_shm, needs_root, served, wait_for
 from tests.reference import assert_matches, reference
-from tests.test_serve_faults import Job, served, slow_cdn, wait_for  # noqa: F401  (fixture)
-
-STATS = "engine.processors:stats"
-needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                                reason="a private tmpfs on /dev/shm needs root and unshare")
-
-
-def in_small_shm(size: str) -> list[str]:
-    """A command prefix: run in a private mount namespace whose /dev/shm is a tmpfs of ``size``."""
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
-            f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"', "sh"]
 
 
 def run_engine(prefix, urls, tmp_path, **env):

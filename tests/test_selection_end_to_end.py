@@ -244,7 +244,7 @@ def test_frames_of_a_failed_job_raise_and_leave_nothing(engine, cdn, clips):
 
 def test_serve_mode_takes_the_selection(cdn, clips, tmp_path):
     """``submit --every`` and ``Engine.connect(...).frames`` against ``run --socket``."""
-    from tests.test_serve_faults import served
+    from tests.conftest import served
     with served(tmp_path, processor="engine.processors:stats") as s:
         out = tmp_path / "r.json"
         done = subprocess.run([sys.executable, "-m", "engine", "submit", cdn.url("gop.mp4"),

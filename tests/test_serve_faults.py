@@ -17,130 +17,22 @@ Figures (time to detect and recover) are printed; run with ``-s``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 
 from engine import Engine, EngineError
-from engine.shm.sweep import owned_blocks
+from tests.conftest import NULL, Job, served, wait_for
 from tests.reference import assert_matches, reference
-from engine.demo.emulator import CdnEmulator, Profile
-
-NULL = "engine.processors:null"
-
-
-@pytest.fixture
-def slow_cdn(cdn, sn44_clips):
-    """nginx behind a slow link (0.5 MB/s per connection): a job is in flight for seconds."""
-    emu = CdnEmulator("127.0.0.1", cdn.port, Profile("slow", 0.02, 0, 5e5, None)).start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
-class Served:
-    """``python -m engine run --socket PATH`` in a subprocess of this test."""
-
-    def __init__(self, tmp_path, processor=NULL, prefix=(), **env):
-        self.path = str(tmp_path / "engine.sock")
-        self.log = open(tmp_path / "serve.log", "w+")
-        full = dict(os.environ, ENGINE_DEVICE="cpu", ENGINE_LOG_LEVEL="INFO",
-                    **{k: str(v) for k, v in env.items()})
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "engine", "run", "--socket", self.path,
-             "--processor", processor], env=full, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for(lambda: os.path.exists(self.path) or self.proc.poll() is not None, 60,
-                 "the engine to listen")
-        assert self.proc.poll() is None, self.output()
-        self.seen: dict[int, psutil.Process] = {}
-        with self.client() as c:
-            wait_for(lambda: all(p["pid"] for p in c.status()["processes"]), 60,
-                     "every worker to run")
-        self.remember()
-
-    def client(self):
-        return Engine.connect(self.path)
-
-    def children(self) -> list[psutil.Process]:
-        return psutil.Process(self.proc.pid).children(recursive=True)
-
-    def remember(self) -> None:
-        for p in self.children():
-            self.seen.setdefault(p.pid, p)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        self.remember()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError("serve mode did not stop within 15 s of SIGTERM")
-        assert code == 0, f"serve mode exited {code}:\n{self.output()[-3000:]}"
-        wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-                             for p in self.seen.values()), 10, "every child to exit")
-        assert owned_blocks(self.proc.pid) == [], "segments left after serve mode stopped"
-        # (a private /dev/shm of the engine's own namespace ends with it)
-        assert not os.path.exists(self.path), "socket left after serve mode stopped"
-
-
-@contextlib.contextmanager
-def served(tmp_path, **kw):
-    s = Served(tmp_path, **kw)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def roles(client) -> dict[str, dict]:
     return {p["role"]: p for p in client.status()["processes"]}
-
-
-class Job(threading.Thread):
-    def __init__(self, path, url, **options):
-        super().__init__(daemon=True)
-        self.path, self.url, self.options = path, url, options
-        self.report = self.error = None
-        self.start()
-
-    def run(self):
-        try:
-            with Engine.connect(self.path) as c:
-                self.report = c.process(self.url, **self.options)
-        except EngineError as exc:
-            self.error = exc
-
-    def outcome(self, timeout: float):
-        self.join(timeout)
-        assert not self.is_alive(), f"job {self.url} did not end within {timeout:g} s"
-        return self.report, self.error
 
 
 def sigignored(pid: int, sig: int) -> bool:

@@ -40,12 +40,10 @@ from engine.selection import Selection, pick
 from engine.shm.sweep import owned_blocks
 from examples.turbovision_miner import spotter
 from examples.turbovision_miner.models import ChallengeResponse
-from tests.test_load import in_small_shm, needs_root
-from tests.test_serve_faults import slow_cdn, wait_for  # noqa: F401  (fixture)
+from tests.conftest import BOUND_S, gone, in_small_shm, needs_root, run, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNATURE = {"X-Test-Signature": "ok"}
-BOUND_S = 240      # a bound on a whole scenario, so a hang fails instead of blocking the run
 
 
 def require_test_signature(request) -> None:
@@ -100,13 +98,6 @@ class Miner:
         assert owned_blocks(self.supervisor) == [], "segments left after the miner stopped"
 
 
-def gone(p: psutil.Process) -> bool:
-    try:
-        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @pytest.fixture(scope="module")
 def miner(cdn, tmp_path_factory):
     m = Miner(tmp_path_factory.mktemp("miner") / "uvicorn.log", MINER_PREWARM=cdn.url("/"),
@@ -123,10 +114,6 @@ async def post(miner: Miner, challenge: dict, headers=SIGNATURE) -> tuple[Challe
         r = await client.post(miner.base + "/challenge", json=challenge, headers=headers)
     assert r.status_code == 200, r.text
     return ChallengeResponse.model_validate(r.json()), r.headers.get("x-miner-error")
-
-
-def run(scenario):
-    return asyncio.run(asyncio.wait_for(scenario, BOUND_S))
 
 
 # -------------------------------------------------------------------------- the media
