@@ -12,7 +12,7 @@ from engine.shm.block import PREFIX, SHM_DIR, unlink_block
 _NAME = re.compile(re.escape(PREFIX) + r"(\d+)-")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running, and not a zombie (a killed engine whose parent has not reaped it yet)."""
     try:
         os.kill(pid, 0)
@@ -40,7 +40,7 @@ def sweep_stale() -> list[str]:
     swept = []
     for name in os.listdir(SHM_DIR):
         m = _NAME.match(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             unlink_block(name)
             swept.append(name)
     return swept

@@ -27,7 +27,7 @@ from engine import Engine, EngineError
 from engine.demo.clips import cached_clip
 from engine.demo.emulator import CdnEmulator, Profile
 from engine.demo.nginx import NginxCDN
-from engine.shm.sweep import owned_blocks
+from engine.shm.sweep import alive, owned_blocks
 
 SMALL = ("small", "small-moov-end")
 SN44 = ("sn44", "sn44-moov-end")
@@ -135,11 +135,10 @@ def _engine_blocks() -> set[str]:
 
 def _leaked(before: set[str], children: set[int]) -> list[str]:
     """Blocks that appeared during the session and whose owner is dead or ours."""
-    from engine.shm.sweep import _alive
     leaked = []
     for name in _engine_blocks() - before:
         pid = int(name.split("-")[1])
-        if pid == os.getpid() or pid in children or not _alive(pid):
+        if pid == os.getpid() or pid in children or not alive(pid):
             leaked.append(name)
     return sorted(leaked)
 

@@ -22,7 +22,7 @@ supervisor, or a server that stalls -- and checks what the engine promises:
 
 Four engine bugs that these tests found are fixed; their tests stay as regression
 tests: a supervisor killed under a still-referenced ``Engine`` was a zombie whose
-segments no later start swept (``shm.sweep._alive``); a GPU worker death between a
+segments no later start swept (``shm.sweep.alive``); a GPU worker death between a
 job's GpuJob and its first batch left that job hanging until its deadline; a job
 submitted while the GPU worker was restarting failed instead of waiting for it; a
 ``max_frames`` job needing more than the head hung until its deadline, then (after a
@@ -56,7 +56,6 @@ from engine.shm.sweep import owned_blocks
 from tests.conftest import NULL, STATS, gone, wait_for
 from tests.reference import assert_matches, reference
 from engine.demo.emulator import CdnEmulator, Profile
-from engine.memory import RING_POOL      # finished rings kept per frame size
 
 # One row per fault, printed by ``fault_table`` after the module's last test.
 FAULTS: list[dict] = []
@@ -171,17 +170,15 @@ def job_in_flight(eng: Engine) -> dict | None:
     return jobs[0] if jobs else None
 
 
-def idle_segments(pid: int, shapes: int = 1) -> list[str]:
-    """The segments of an engine with no job in flight, checked: only idle frame rings
-    may remain -- the supervisor keeps the rings of cleanly finished jobs for reuse
-    (``RING_POOL`` per frame size; a reused ring keeps the name of the job that made it).
-    No video segment, no availability map, no ring beyond the pool's bound."""
+def idle_segments(pid: int, jobs: int) -> list[str]:
+    """The segments of an engine with no job in flight after ``jobs`` jobs, checked: only
+    idle frame rings may remain -- the supervisor keeps the rings of cleanly finished jobs
+    for reuse (a reused ring keeps the name of the job that made it). No video segment,
+    no availability map, no more rings than the jobs could have made."""
     left = owned_blocks(pid)
     others = [n for n in left if not n.endswith(".ring")]
     assert not others, f"segments of finished jobs remain: {others} (all: {left})"
-    assert len(left) <= RING_POOL * shapes, (
-        f"{len(left)} idle rings for {shapes} frame size(s), more than RING_POOL="
-        f"{RING_POOL} each: {left}")
+    assert len(left) <= jobs, f"{len(left)} idle rings after {jobs} job(s): {left}"
     return left
 
 
@@ -530,7 +527,7 @@ def test_max_frames_needing_more_than_the_head_is_frame_exact(cdn, sn44_clips, n
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_supervisor_sigkill_children_exit_and_next_start_sweeps(cdn, slow_cdn, reaped):
-    """``zombie`` was a bug: shm.sweep._alive() took a zombie for a live process
+    """``zombie`` was a bug: shm.sweep.alive() took a zombie for a live process
     (os.kill(pid, 0) succeeds on one), so while the owner of a killed supervisor had not
     reaped it, no later engine start swept its segments."""
     with own_engine(fetchers=2, connections=2) as owned:
@@ -646,7 +643,7 @@ def test_server_stall_ends_in_job_timeout_engine_stays_usable(cdn, small_clips, 
         following = eng.process(cdn.url("small.mp4"))
         assert following.ok and following.frames_processed == 50
         next_ok = time.monotonic() - t
-        idle_segments(owned.pid)
+        idle_segments(owned.pid, jobs=1)    # the timed-out job left none (above)
         record("server stalls mid-body (3 s deadline)", f"JobTimeout after {elapsed:.2f} s; "
                f"segments {seen} unlinked at once; its {server.stalled} stalled responses "
                f"hung up {hung_up:.2f} s later; next job on cdn ok in {next_ok:.2f} s",
@@ -669,7 +666,7 @@ def test_many_jobs_memory_fds_and_segments_stay_flat(cdn):
             report = eng.process(url)
             times.append(time.monotonic() - t)
             assert report.frames_processed == 50, n
-            left = idle_segments(owned.pid)
+            left = idle_segments(owned.pid, jobs=n)
             if n == 1:
                 pooled = left
             assert left == pooled, f"job {n}: idle segments changed: {pooled} -> {left}"
@@ -712,6 +709,6 @@ def test_four_concurrent_jobs_mixed_sizes_and_layouts_all_exact(cdn, small_clips
             assert error is None, f"{name}: {error!r}"
             assert report.video["bytes"] == paths[name].stat().st_size
             assert_matches(report, reference(paths[name]))
-        left = idle_segments(owned.pid, shapes=2)    # 320x240 and 1280x720
+        left = idle_segments(owned.pid, jobs=len(jobs))
         print(f"\nidle rings after 4 concurrent jobs: {left} "
               f"({owned.eng.status()['shared_memory']['bytes'] / 1e6:.0f} MB of /dev/shm)")
