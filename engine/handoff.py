@@ -68,6 +68,7 @@ class Handoff:
         if not job.stopping_decoder:    # else the GPU worker's loss set where to go on
             job.resume_after = resume.after_decoder_loss(job.forwarded)
         job.stopping_decoder = False
+        job.ring_for = None             # the decoder that waited for it is gone
         log.warning("%s: decoder lost (%s): a new one goes on after frame %d", job.url, cause,
                     job.resume_after)
         self.decode_queue.insert(0, job.id)
@@ -124,6 +125,7 @@ class Handoff:
         gpu = self._gpu()
         if gpu is None:
             return   # restarting: decodes wait for it, as ranges wait for their fetchers
+        self._ring_ready()
         while self.decode_queue:
             free = [w for w in self._workers("decoder")
                     if self.ledger.of(w.name).decoding is None]
@@ -191,12 +193,17 @@ class Handoff:
         if not self._make_ring(job, msg.height, msg.width) \
                 or not self._make_output(job, msg.height, msg.width):
             return                  # failed: its EndJob tells the decoder
+        job.ring_for = w.name   # the decoder waits for RingReady: sent once a GPU worker runs
+        self._ring_ready()
+
+    def _ring_ready(self) -> None:
+        """Streamed jobs whose ring waits for a GPU worker (it was restarting) get it."""
         gpu = self._gpu()
-        if gpu is None:
-            self.fail(job, ErrorKind.PROCESSOR, f"{job.url}: the GPU worker is not running")
-            return
-        self._start_gpu(gpu, job)
-        self._send(w, RingReady(job=job.id, ring=job.ring.name))
+        for job in self.live if gpu is not None else ():
+            if job.ring_for is not None and job.ring is not None:
+                decoder, job.ring_for = job.ring_for, None
+                self._start_gpu(gpu, job)
+                self._send(decoder, RingReady(job=job.id, ring=job.ring.name))
 
     def _start_gpu(self, gpu, job: Job) -> None:
         """The GPU worker attaches the job's ring; from now on its death fails the job."""

@@ -83,6 +83,7 @@ class Job:
     amap: object = None             # shm.AvailabilityMap
     ring: object = None             # shm.FrameRing
     output: object = None           # shm.SharedBlock: Engine.frames' frames, for the client
+    ring_for: str | None = None     # streamed: the decoder waiting for the ring's name
     head_attempt: int = 0
     head_done: bool = False         # the head's bytes are all in the segment
     fetched: bool = False           # every planned byte is in the segment

@@ -305,6 +305,27 @@ def test_a_selection_past_the_end_fails_with_the_frame_count(clip):
 # ---------------------------------------------------------------- the streamed way
 
 
+def test_a_streamed_job_waits_for_a_restarting_gpu_worker_for_its_ring():
+    """The picture becomes known while the GPU worker is down: the decoder's ring comes
+    when a new GPU worker runs, and the job goes on."""
+    data = b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 2000
+    h = Harness(data)
+    job = h.submit()
+    h.head(job)
+    h.fetch_all(job)
+    h.workers["gpu"].alive = False
+    h.step(h.p.worker_lost, h.workers["gpu"], "killed by signal SIGKILL")
+    h.msg("decoder0", StreamInfo(job=job.id, codec="h264", width=64, height=48, fps=25.0))
+    assert not job.finished and h.to_worker("decoder0", RingReady) == []
+    h.workers["gpu"].alive = True
+    h.step(h.p.tick, time.monotonic())
+    ring, = h.to_worker("decoder0", RingReady)
+    gpu_job, = h.to_worker("gpu", GpuJob)
+    assert ring.ring == gpu_job.ring and not job.finished
+    h.p.fail(job, ErrorKind.ENGINE, "stop")
+    h.p.take()
+
+
 def test_what_cannot_be_planned_is_streamed_front_to_back():
     data = b"\x1a\x45\xdf\xa3" + bytes(range(256)) * 2000      # an EBML (Matroska) header
     h = Harness(data)
