@@ -162,11 +162,10 @@ def pick(sel: Selection, times: np.ndarray) -> np.ndarray:
     elif sel.count is not None:
         chosen = inside[np.unique(np.linspace(0, len(inside) - 1, sel.count).astype(int))] \
             if len(inside) else inside
-    elif sel.fps is not None:
-        following = np.append(times[1:], end_time(times))
-        chosen = np.array([i for i in inside
-                           if fps_hit(sel.fps, times[i], following[i], start, end)],
-                          dtype=np.int64)
+    elif sel.fps is not None:   # fps_hit over every frame inside the window at once
+        lo = np.maximum(times[inside], start)
+        hi = np.minimum(np.append(times[1:], end_time(times))[inside], end)
+        chosen = inside[np.ceil(lo * sel.fps - 1e-6) / sel.fps < hi - _EPS]
     else:
         chosen = inside
     chosen = np.asarray(chosen, dtype=np.int64)
@@ -174,7 +173,10 @@ def pick(sel: Selection, times: np.ndarray) -> np.ndarray:
 
 
 def fps_hit(fps: float, t: float, t_next: float, start: float, end: float) -> bool:
-    """A time k/fps falls while this frame is shown ([t, t_next)) and inside the window."""
+    """The frame is inside the window (start <= t < end) and a time k/fps falls while it
+    is shown ([t, t_next)) inside the window."""
+    if not start - _EPS <= t < end - _EPS:
+        return False
     lo, hi = max(t, start), min(t_next, end)
     k = math.ceil(lo * fps - 1e-6)
     return k / fps < hi - _EPS

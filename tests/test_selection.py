@@ -51,9 +51,15 @@ def test_fps_uses_timestamps_so_variable_frame_rate_works():
     assert streamed(times, fps=2) == [0, 2, 3, 4]
 
 
+def test_fps_in_a_window_takes_only_frames_shown_from_its_start():
+    # the frame on screen at 1/3 s came at 0.32 s, before the window opens at 0.33 s
+    assert 16 not in picked(fps=3, start_s=0.33)
+    assert picked(fps=3, start_s=0.33) == streamed(fps=3, start_s=0.33) == [33, 50, 66, 83]
+
+
 @pytest.mark.parametrize("kw", [dict(every=3), dict(fps=25), dict(fps=7.5), dict(frames=[0, 99]),
                                 dict(start_s=0.3, end_s=1.1, every=4), dict(fps=10, max_frames=4),
-                                dict(start_s=0.31, fps=3)])
+                                dict(start_s=0.31, fps=3), dict(start_s=0.33, end_s=1.5, fps=4)])
 def test_streamed_picker_agrees_with_pick(kw):
     assert streamed(**kw) == picked(**kw)
 

@@ -97,7 +97,7 @@ def expected(path: Path, every=None, fps=None, count=None, frames=None, start_s=
         out, k = [], 0
         while k / fps < min(end, hi):
             shown = max(i for i, t in enumerate(times) if t <= k / fps + 1e-9)
-            if k / fps >= lo and shown not in out:
+            if k / fps >= lo and times[shown] >= lo and shown not in out:
                 out.append(shown)
             k += 1
     else:
@@ -139,7 +139,8 @@ def test_fps_on_a_fifty_fps_clip(engine, cdn, clips, selection):
 
 
 @pytest.mark.parametrize("selection", [dict(fps=4.0), dict(fps=30.0), dict(count=9),
-                                       dict(start_s=1.0, end_s=2.5)])
+                                       dict(start_s=1.0, end_s=2.5),
+                                       dict(fps=4.0, start_s=1.03, end_s=3.0)])
 def test_variable_frame_rate(engine, cdn, clips, selection):
     report = engine.process(cdn.url("vfr.mp4"), **selection)
     check(report, clips["vfr"], **selection)
