@@ -205,14 +205,11 @@ class Choice:
     """Which decoded frames go out: all, the planned selection's indices, or what a
     ``Picker`` decides as a streamed decode goes (it may hold a frame back: ``fps``)."""
 
-    def __init__(self, job: DecodeJob, wanted=None):
-        sel = Selection.of(**job.selection) if job.selection else None
-        if wanted is None and job.selected is not None:
-            wanted = job.selected
+    def __init__(self, sel: Selection | None, wanted=None):
         self.wanted = set(wanted) if wanted is not None else None
         self.picker = Picker(sel) if sel is not None and self.wanted is None else None
         self.sel = sel
-        self.held: dict[int, object] = {}
+        self.held = {}               # the frame on screen, while the picker decides it
         self.chosen: set[int] = set()
 
     def offer(self, number: int, frame, t: float) -> list:
@@ -220,15 +217,13 @@ class Choice:
             return [(number, frame)] if number in self.wanted else []
         if self.picker is None:
             return [(number, frame)]
-        self.held[number] = frame
-        out = [(n, self.held.pop(n)) for n in self.picker.offer(number, t)]
-        self.held = {n: f for n, f in self.held.items() if n == number}
-        return out
+        frames, self.held = {**self.held, number: frame}, {number: frame}
+        return [(n, frames[n]) for n in self.picker.offer(number, t)]
 
     def finish(self) -> list:
         if self.picker is None:
             return []
-        return [(n, self.held.pop(n)) for n in self.picker.finish() if n in self.held]
+        return [(n, self.held[n]) for n in self.picker.finish()]
 
     @property
     def done(self) -> bool:
@@ -292,13 +287,14 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     after = -1 if job.resume_after is None else job.resume_after
     passed = 0                    # frames an earlier decoder of the job delivered
     try:
-        wanted = None
-        if job.selection and Selection.of(**job.selection).needs_count:
+        sel = Selection.of(**job.selection) if job.selection else None
+        wanted = job.selected
+        if sel is not None and sel.needs_count:
             try:
-                wanted = pick(Selection.of(**job.selection), frame_times(job, reader))
+                wanted = pick(sel, frame_times(job, reader))
             except SelectionError as exc:
                 return _no_frames(job, str(exc))
-        choice = Choice(job, wanted)
+        choice = Choice(sel, wanted)
         container = av.open(reader(), mode="r")
     except av.error.FFmpegError as exc:
         return _no_frames(job, f"not a video FFmpeg can read ({_one_line(exc)})")
