@@ -125,7 +125,7 @@ class Handoff:
         gpu = self._gpu()
         if gpu is None:
             return   # restarting: decodes wait for it, as ranges wait for their fetchers
-        self._ring_ready()
+        self._ring_ready(gpu)
         while self.decode_queue:
             free = [w for w in self._workers("decoder")
                     if self.ledger.of(w.name).decoding is None]
@@ -194,12 +194,13 @@ class Handoff:
                 or not self._make_output(job, msg.height, msg.width):
             return                  # failed: its EndJob tells the decoder
         job.ring_for = w.name   # the decoder waits for RingReady: sent once a GPU worker runs
-        self._ring_ready()
-
-    def _ring_ready(self) -> None:
-        """Streamed jobs whose ring waits for a GPU worker (it was restarting) get it."""
         gpu = self._gpu()
-        for job in self.live if gpu is not None else ():
+        if gpu is not None:
+            self._ring_ready(gpu)
+
+    def _ring_ready(self, gpu) -> None:
+        """Streamed jobs whose ring waits for a GPU worker (it was restarting) get it."""
+        for job in self.live:
             if job.ring_for is not None and job.ring is not None:
                 decoder, job.ring_for = job.ring_for, None
                 self._start_gpu(gpu, job)

@@ -740,8 +740,6 @@ class Fetcher:
                 if progress is not None:
                     progress[0] = pos
                 if pos - marked >= step or pos == end:
-                    if job in self._ended:
-                        raise RangeError("job ended", False)
                     amap.mark(marked, pos)
                     marked = pos - pos % step if pos != end else pos
         except httpx.RemoteProtocolError:    # the server closed before the body's end
