@@ -177,12 +177,6 @@ def test_sparse_fetch_takes_only_the_selected_gops(engine, cdn, sn44_clips):
     assert report.fetch["bytes"] < 0.4 * path.stat().st_size
 
 
-def test_partial_job_leaves_the_pool_warm(engine, cdn, sn44_clips):
-    engine.process(cdn.url("sn44.mp4"), count=3)
-    after = engine.process(cdn.url("sn44.mp4"), every=50)
-    assert after.ok and after.fetch["connections_new"] == 0
-
-
 def test_bad_selection_is_refused_before_any_work(engine, cdn, clips):
     with pytest.raises(SelectionError, match="every must be > 0"):
         engine.process(cdn.url("gop.mp4"), every=0)
