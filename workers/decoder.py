@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from engine.config import Config
-from engine.errors import SelectionError
+from engine.errors import SelectionError, first_line
 from engine.messages import (BatchReady, DecodeDone, DecodeJob, EndJob, NeedBytes, RingReady,
                              Shutdown, StreamInfo)
 from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
@@ -297,7 +297,7 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         choice = Choice(sel, wanted)
         container = av.open(reader(), mode="r")
     except av.error.FFmpegError as exc:
-        return _no_frames(job, f"not a video FFmpeg can read ({_one_line(exc)})")
+        return _no_frames(job, f"not a video FFmpeg can read ({first_line(exc)})")
     try:
         stream = pick_stream(container, job.stream_index)
         if stream is None:
@@ -379,8 +379,8 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
                 put(n, f)
         except (av.error.FFmpegError, EOFError) as exc:
             # what was decoded stays decoded: the report keeps it and names the rest
-            error = (f"decoding stopped after {len(done)} frames: {_one_line(exc)}" if done
-                     else f"cannot decode the {stream.codec_context.name} video: {_one_line(exc)}")
+            error = (f"decoding stopped after {len(done)} frames: {first_line(exc)}" if done
+                     else f"cannot decode the {stream.codec_context.name} video: {first_line(exc)}")
         batcher.flush()
     finally:
         container.close()
@@ -415,10 +415,6 @@ def ask_ring(link: Link, job: DecodeJob, info: StreamInfo):
 
 def _no_frames(job: DecodeJob, error: str) -> DecodeDone:
     return DecodeDone(job=job.job, frames=0, missing=[], error=error)
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def decode_decord(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
@@ -475,7 +471,7 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
     except Exception as exc:
         if isinstance(exc.__context__, Cancelled) or amap.cancelled:
             return _no_frames(job, "cancelled")
-        return _no_frames(job, f"{backend} cannot decode the video: {_one_line(exc)}")
+        return _no_frames(job, f"{backend} cannot decode the video: {first_line(exc)}")
     finally:
         if ring is not None:
             ring.close()

@@ -25,7 +25,7 @@ import httpx
 from httpx._decoders import SUPPORTED_DECODERS
 
 from engine.config import Config
-from engine.errors import ErrorKind
+from engine.errors import ErrorKind, first_line
 from engine.messages import (EndJob, FetchHead, FetchRange, FetchStats, HeadInfo, PrewarmOrigins,
                              RangeDone, RangeFailed, ReadWhole, Reply, SegmentReady, Shutdown,
                              WholeBody)
@@ -94,7 +94,7 @@ _CONNECT = [
 
 def describe(exc: Exception) -> tuple[str, bool]:
     """One line for a network error, and whether another attempt may succeed."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc)
     if isinstance(exc, Refused):
         return text, False
     if isinstance(exc, httpx.ConnectTimeout):

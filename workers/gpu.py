@@ -21,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 
 from engine.config import Config
+from engine.errors import first_line
 from engine.messages import (BatchReady, BatchResults, EndJob, EndVideo, GpuJob, Shutdown,
                              VideoEnded)
 from engine import processors
@@ -171,7 +172,7 @@ class GpuWorker:
     def _failed(spec: str, exc: Exception, where: str = "") -> str:
         log.debug("processor failed: %s", traceback.format_exc())
         return (f"processor {spec}{' ' + where if where else ''} failed: "
-                f"{type(exc).__name__}: {_one_line(exc)}")
+                f"{type(exc).__name__}: {first_line(exc)}")
 
     def stage(self, msg: BatchReady) -> Staged | None:
         """First half of a batch: get its frames onto the device (CUDA: start the copy
@@ -191,7 +192,7 @@ class GpuWorker:
             else:
                 staged.frames = self.torch.from_numpy(view)
         except Exception as exc:
-            staged.error = _one_line(exc)
+            staged.error = first_line(exc)
         return staged
 
     def finish(self, staged: Staged) -> None:
@@ -227,10 +228,6 @@ class GpuWorker:
                                         error=error, per_video=state.handler is not None))
 
 
-def _one_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def main(conn, config: Config, index: int = 0) -> None:
     worker_setup("gpu", config.log_level)
     link = Link(conn, "gpu")
@@ -241,8 +238,7 @@ def main(conn, config: Config, index: int = 0) -> None:
         worker.processor(config.processor)
         info = {"device": str(device)}
     except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        link.start(error=f"cannot start the GPU worker: {text}")
+        link.start(error=f"cannot start the GPU worker: {first_line(exc)}")
         os._exit(3)
     link.start(**info)
     # Two batches deep: a staged batch is processed once the next one has been staged
