@@ -82,6 +82,7 @@ class Config:
     decoder: str = DEFAULTS["decoder"]
     decoders: int = DEFAULTS["decoders"]
     sws_threads: int = DEFAULTS["sws_threads"]
+    decode_lanes: int = DEFAULTS["decode_lanes"]
     device: str = DEFAULTS["device"]
     batch: int = DEFAULTS["batch"]
     ring_mb: float = DEFAULTS["ring_mb"]

@@ -162,7 +162,8 @@ class Handoff:
         return DecodeJob(**common, backend=self.decoder_backend, ring=job.ring.name,
                          need_end=[int(x) for x in track.need_end()], moov=job.moov,
                          expected=track.frame_count, stream_index=track.index,
-                         selected=job.selected, spans=job.spans)
+                         selected=job.selected, spans=job.spans,
+                         keep=track.samples_of(job.selected) if job.spans is not None else None)
 
     def _resumed(self, job: Job, msg: DecodeJob) -> DecodeJob | None:
         """The decode after a lost worker: only the frames after ``job.resume_after``
@@ -176,12 +177,13 @@ class Handoff:
         if not todo:
             self._decoded(job, DecodeDone(job=job.id, frames=0, missing=[]))
             return None
-        spans = None
+        spans = keep = None
         if msg.backend == "pyav":
             track = job.track
             spans = gop_spans(track.keyframes, track.presentation_order(), track.pts,
                               np.asarray(todo))
-        return replace(msg, selected=todo, spans=spans)
+            keep = track.samples_of(todo)
+        return replace(msg, selected=todo, spans=spans, keep=keep)
 
     def on_stream_info(self, w, msg: StreamInfo) -> None:
         """A streamed job's decoder knows the picture: make its ring, start the GPU side."""
@@ -277,6 +279,8 @@ class Handoff:
             missing = sorted(set(missing) | set(resume.gaps(
                 self._expected_upto(job), job.resume_after, kept)))
         job.decoded, job.missing = frames, missing
+        if msg.decoded is not None:
+            job.frames_decoded = (job.frames_decoded or 0) + msg.decoded
         if job.frames_selected is None:     # streamed: learned by decoding
             job.frames_selected = frames + len(missing)
             refused = selected_refusal(job, self.config.max_selected)

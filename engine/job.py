@@ -102,6 +102,7 @@ class Job:
     selected: list | None = None    # presentation indices a selection picked (planned)
     spans: list | None = None       # decode-index spans [first, last] that output them
     frames_selected: int | None = None
+    frames_decoded: int | None = None  # frames out of the codec, selected or not
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)
     unanswered: list = field(default_factory=list)   # BatchReady sent to the GPU worker
     forwarded: list = field(default_factory=list)    # frame numbers sent to the GPU worker
@@ -172,4 +173,5 @@ class Job:
             decoder=self.decoder_backend or None, plan=self.way,
             missing_frames=list(self.missing), error_kind=self.error_kind, results=results,
             video_result=self.video_result, selection=self.selection.to_dict(),
-            frames_selected=self.frames_selected).to_dict()
+            frames_selected=self.frames_selected,
+            frames_decoded=self.frames_decoded).to_dict()

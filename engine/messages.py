@@ -138,6 +138,7 @@ class DecodeJob:
     # zeros, in packets that are not decoded); streamed, the selection itself to apply
     selected: list[int] | None = None
     spans: list[tuple[int, int]] | None = None
+    keep: list[int] | None = None     # the selected frames' decode indices (others may be skipped)
     selection: dict | None = None
     # streamed, after a lost worker: frames up to this number were delivered before
     # (decoded for their place, never output again)
@@ -284,6 +285,7 @@ class DecodeDone:
     frames: int
     missing: list[int]
     error: str | None = None
+    decoded: int | None = None   # frames out of the codec, selected or not (None: unknown)
 
 
 @dataclass(frozen=True, kw_only=True)

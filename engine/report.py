@@ -68,6 +68,7 @@ class Report:
     video_result: object = None      # a per-video processor's end() value
     selection: dict = field(default_factory=dict)   # what was asked, normalised
     frames_selected: int | None = None   # frames the selection picked
+    frames_decoded: int | None = None    # frames the codec decoded for them (None: decord)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":

@@ -64,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ENGINE_DECODER", "decoder", "choice", "auto", "decoder backend (auto is PyAV)",
             choices=("auto", "pyav", "decord")),
     Setting("ENGINE_DECODERS", "decoders", "int", 2, "decoder processes (jobs decoded at once)"),
+    Setting("ENGINE_DECODE_LANES", "decode_lanes", "int", 2,
+            "threads of one decoder decoding a sparse job's GOP spans at once"),
     Setting("ENGINE_SWS_THREADS", "sws_threads", "int", 1,
             "swscale threads per frame's RGB conversion (0: one per CPU, PyAV's default)",
             minimum=0),

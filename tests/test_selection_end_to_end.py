@@ -273,3 +273,48 @@ def test_decord_backend_picks_by_index(cdn, clips):
             report = eng.process(cdn.url("gop-moov-end.mp4"), **selection)
             assert report.decoder == "decord"
             check(report, clips["gop-moov-end"], **selection)
+
+
+def _gop_prefixes(path: Path, chosen: list[int]) -> int:
+    """Frames shown from each chosen frame's keyframe through it, per GOP: what a decoder
+    that decodes every frame of the spans must at least decode."""
+    with av.open(str(path)) as c:
+        keys = [f.key_frame for f in c.decode(video=0)]
+    last: dict[int, int] = {}
+    for i in chosen:
+        k = max(j for j in range(i + 1) if keys[j])
+        last[k] = max(last.get(k, k), i)
+    return sum(i - k + 1 for k, i in last.items())
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_decode_lanes_and_skipped_frames_keep_the_selection_exact(cdn, clips, lanes):
+    """Sparse spans decoded by one or several lanes give the same frames; unselected
+    non-reference frames are skipped, so fewer frames are decoded than the GOP prefixes
+    that hold the selected ones."""
+    selections = [dict(count=9), dict(every=3), dict(frames=[2, 49, 50, 151, 259])]
+    with Engine(processor="engine.processors:stats", device="cpu", decode_lanes=lanes) as eng:
+        for selection in selections:
+            report = eng.process(cdn.url("gop-moov-end.mp4"), **selection)
+            check(report, clips["gop-moov-end"], **selection)
+            chosen = expected(clips["gop-moov-end"], **selection)
+            assert report.frames_decoded < _gop_prefixes(clips["gop-moov-end"], chosen)
+            got = eng.frames(cdn.url("gop.mp4"), **selection)
+            assert np.array_equal(got.array, plain_rgb(clips["gop"])[chosen])
+
+
+def test_decode_lanes_on_a_cut_file_keep_what_is_there_and_name_the_rest(cdn, clips):
+    """A file cut after its third GOP: the lanes deliver the selected frames before the
+    cut, exactly, and the report names the others; nothing hangs."""
+    data = clips["gop"].read_bytes()
+    cut = len(data) * 3 // 5
+    (cdn.root / "gop-cut.mp4").write_bytes(data[:cut])
+    frames = [2, 60, 110, 200, 259]
+    with Engine(processor="engine.processors:stats", device="cpu", decode_lanes=3) as eng:
+        report = eng.report(cdn.url("gop-cut.mp4"), frames=frames)
+    assert not report.ok and "truncated file" in report.error
+    got = [r["frame_number"] for r in report.results]
+    assert got and got == frames[:len(got)] and report.missing_frames == frames[len(got):]
+    stats, _ = plain(clips["gop"])
+    for r in report.results:
+        assert r["result"] == stats[r["frame_number"]]

@@ -7,15 +7,19 @@ the job's frame ring; each batch descriptor goes to the supervisor, which forwar
 to the GPU worker. The first batch leaves with one frame (early first result); later
 ones double up to ``ENGINE_BATCH``, or leave early when decoding has to wait for bytes.
 
+A sparse job (a selection planned on the sample table) decodes only the GOP spans that
+hold its frames, skips the unselected non-reference frames in them, and decodes spans
+that lie apart in several threads at once (``engine.workers.frames``).
+
 A decoder backend that crashes (decord can segfault on bad input) takes down only this
 process; the supervisor starts a new decoder, which goes on with the job after the last
 frame this one handed on (``engine.resume``).
 """
 from __future__ import annotations
 
-import bisect
 import logging
 import os
+import threading
 import time
 
 import numpy as np
@@ -28,6 +32,7 @@ from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
 from engine.selection import Picker, Selection, pick
 from engine.shm.ring import SlotRun
 from engine.workers.base import Link, worker_setup
+from engine.workers.frames import SLICE_S, Lanes, Numbers, Stopped, frames_of
 
 log = logging.getLogger("engine.decoder")
 
@@ -37,6 +42,10 @@ TICK_S = 1.0          # waits are cut into pieces this long, each a sign of life
 # PyAV's default (0: one per CPU) fights FFmpeg's frame threads for the cores; one thread
 # gives the same pixels sooner (docs/performance.md, "One swscale thread").
 SWS_THREADS = 1
+# A sparse job's GOP spans decoded at once (ENGINE_DECODE_LANES, set at process start),
+# each lane running at most this many bytes of converted frames ahead of the merge.
+LANES = 2
+LANE_BYTES = 64 << 20
 
 
 def rgb24(frame, width: int | None = None, height: int | None = None) -> np.ndarray:
@@ -94,11 +103,12 @@ class SegmentReader:
     """
 
     def __init__(self, link: Link, job: DecodeJob, block: SharedBlock, amap: AvailabilityMap,
-                 on_stall):
+                 on_stall, stop: threading.Event | None = None):
         self.link, self.job, self.mm, self.amap = link, job, block.mm, amap
         self.size = job.size
         self.pos = 0
         self.on_stall = on_stall
+        self.stop = stop          # a lane's: its waits give up once it is set
         self._asked = -1
 
     def _limit(self, pos: int) -> int:
@@ -152,9 +162,17 @@ class SegmentReader:
             if missing is not None and missing // (1 << 20) != self._asked:
                 self._asked = missing // (1 << 20)
                 self.link.send(NeedBytes(job=self.job.job, offset=missing))
-            while not self.amap.wait(start, end - start, TICK_S):
-                self.link.tick()   # waiting for the network is progress, not a stall
+            while not self.amap.wait(start, end - start, self._slice()):
+                self._tick()       # waiting for the network is progress, not a stall
         return self.amap.present(start, end - start)
+
+    def _slice(self) -> float:
+        return TICK_S if self.stop is None else SLICE_S
+
+    def _tick(self) -> None:
+        self.link.tick()
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped("the job's decode ended")
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         if whence == os.SEEK_SET:
@@ -170,8 +188,8 @@ class SegmentReader:
     def _length(self) -> int:
         """The file's length; a body of unknown length has one once it has all arrived."""
         while self.amap.length is None:
-            if not self.amap.wait(self.size - 1, 1, TICK_S):
-                self.link.tick()   # waiting for the network is progress, not a stall
+            if not self.amap.wait(self.size - 1, 1, self._slice()):
+                self._tick()       # waiting for the network is progress, not a stall
         return self.amap.length
 
     def tell(self) -> int:
@@ -260,32 +278,25 @@ def frame_times(job: DecodeJob, reader_factory) -> list[float]:
     return [(p - pts[0]) * base for p in pts] if pts else []
 
 
-def drain(stream) -> list:
-    """The frames the decoder still holds back for reordering; then ready for a new span."""
-    ctx = stream.codec_context
-    try:
-        frames = list(ctx.decode(None))
-    except Exception:      # noqa: BLE001 -- a broken tail loses only its own frames
-        frames = []
-    ctx.flush_buffers()
-    return frames
-
-
 def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     """FFmpeg probes the container itself (MP4, Matroska, WebM, MPEG-TS, ...): what the
     engine knows about the file only planned the fetch. ``ring`` is None for a streamed
     job: it is asked for once the picture size is known."""
     import av
 
-    def reader():
-        return SegmentReader(link, job, block, amap, lambda: batcher and batcher.flush())
+    def reader(stop=None):
+        # a lane's reader leaves the batcher to the thread that owns it
+        on_stall = (lambda: None) if stop else (lambda: batcher and batcher.flush())
+        return SegmentReader(link, job, block, amap, on_stall, stop)
 
     batcher = None
+    lanes = None
     limit = job.frame_limit       # a partial job's cap; the table's count is only expected
     done: set[int] = set()
     error = None
     after = -1 if job.resume_after is None else job.resume_after
     passed = 0                    # frames an earlier decoder of the job delivered
+    numbers = Numbers()
     try:
         sel = Selection.of(**job.selection) if job.selection else None
         wanted = job.selected
@@ -315,65 +326,45 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
         batcher = Batcher(link, job, ring)
         height, width = ring.height, ring.width
 
-        def put(number, frame) -> None:
+        def rgb(frame) -> np.ndarray:
+            if frame.width == width and frame.height == height:
+                return rgb24(frame)
+            return rgb24(frame, width, height)
+
+        def put(number, image) -> None:
             nonlocal passed
             if number <= after:
                 passed += 1
                 choice.chosen.add(number)
                 return
             _, dest = batcher.slot()
-            if frame.width == width and frame.height == height:
-                dest[...] = rgb24(frame)
-            else:
-                dest[...] = rgb24(frame, width, height)
+            dest[...] = image if isinstance(image, np.ndarray) else rgb(image)
             batcher.add(number)
             done.add(number)
             choice.chosen.add(number)
 
-        seen_pts: list[int] = []      # demuxed packet pts, sorted: presentation ranks
-        preroll = 0                   # packets an edit list hides (negative pts)
+        keep = set(job.keep) if job.keep is not None else None
         last = -1                     # the number of the last frame out
-        spans = list(job.spans or [])  # sparse: only these packets are decoded
-        index = -1                    # the packet's place in decode order (its sample)
         base = float(stream.time_base) if stream.time_base else 0.0
         first_time = None
         try:
-            for packet in container.demux(stream):
-                link.tick()
-                if packet.size:
-                    index += 1
-                if packet.pts is not None:
-                    if packet.pts < 0:
-                        preroll += 1
-                    bisect.insort(seen_pts, packet.pts)
-                if job.spans is not None and (not spans or index < spans[0][0]):
-                    continue          # a GOP without a selected frame: never decoded
-                span_end = bool(spans) and index >= spans[0][1]
-                try:
-                    frames = list(packet.decode())
-                except av.error.InvalidDataError:
-                    frames = []       # a corrupt packet: its frame is listed as missing
-                if span_end:
-                    frames += drain(stream)
-                    spans.pop(0)
-                for frame in frames:
-                    # A frame's number is its pts rank (a frame lost to a corrupt packet
-                    # leaves its gap); decoders output in presentation order, so where
-                    # timestamps are missing or do not increase, output order counts.
-                    number = (bisect.bisect_left(seen_pts, frame.pts) - preroll
-                              if frame.pts is not None else last + 1)
-                    if number < 0:
-                        continue      # hidden by the edit list
-                    number = max(number, last + 1)
-                    if limit is not None and number >= limit:
-                        break
-                    last = number
+            if _lanes_pay(job) and choice.wanted is not None:
+                lanes = _lanes(job, reader, keep, choice.wanted, rgb, ring.frame_bytes, link)
+                frames = lanes.merged(batcher.flush)
+            else:
+                frames = frames_of(container, stream, numbers, job.spans, keep, link.tick)
+            for number, frame in frames:
+                if limit is not None and number >= limit:
+                    break
+                last = number
+                if isinstance(frame, np.ndarray):     # a lane's: wanted, converted
+                    put(number, frame)
+                else:
                     t = frame.pts * base if frame.pts is not None and base else float(number)
                     first_time = t if first_time is None else first_time
                     for n, f in choice.offer(number, frame, t - first_time):
                         put(n, f)
-                if (limit is not None and len(done) >= limit) or choice.done \
-                        or (job.spans is not None and not spans):
+                if (limit is not None and len(done) >= limit) or choice.done:
                     break
             for n, f in choice.finish():
                 put(n, f)
@@ -381,6 +372,9 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
             # what was decoded stays decoded: the report keeps it and names the rest
             error = (f"decoding stopped after {len(done)} frames: {first_line(exc)}" if done
                      else f"cannot decode the {stream.codec_context.name} video: {first_line(exc)}")
+        finally:
+            if lanes is not None:
+                lanes.close()
         batcher.flush()
     finally:
         container.close()
@@ -397,7 +391,37 @@ def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
     missing = [n for n in missing if n > after]   # the earlier decoders' gaps are known
     if not done and not passed and error is None:
         error = "no frame could be decoded (corrupt or unsupported video)"
-    return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error)
+    decoded = lanes.decoded if lanes is not None else numbers.decoded
+    return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error,
+                      decoded=decoded)
+
+
+def _lanes_pay(job: DecodeJob) -> bool:
+    """Lanes pay where the spans are apart: each lane demuxes the whole file, and spans
+    that cover most of it give a second lane little to do alone (docs/performance.md,
+    "Decode lanes")."""
+    if LANES < 2 or job.spans is None or len(job.spans) < 2 or not job.expected:
+        return False
+    return 2 * sum(last - first + 1 for first, last in job.spans) <= job.expected
+
+
+def _lanes(job: DecodeJob, reader, keep, wanted: set, rgb, frame_bytes: int,
+           link: Link) -> Lanes:
+    """The spans in ``LANES`` threads, each with its own reader and container."""
+    import av
+
+    def open_stream(stop):
+        container = av.open(reader(stop), mode="r")
+        stream = pick_stream(container, job.stream_index)
+        stream.thread_type = "AUTO"
+        return container, stream
+
+    def convert(number, frame):
+        return rgb(frame) if number in wanted else None
+
+    depth = max(2, min(job.batch, LANE_BYTES // frame_bytes))
+    return Lanes(open_stream, job.spans, keep, min(LANES, len(job.spans)), convert, depth,
+                 link.tick)
 
 
 def ask_ring(link: Link, job: DecodeJob, info: StreamInfo):
@@ -480,9 +504,9 @@ def run_job(link: Link, job: DecodeJob) -> DecodeDone:
 
 
 def main(conn, config: Config, index: int = 0) -> None:
-    global SWS_THREADS
+    global SWS_THREADS, LANES
     worker_setup(f"decoder{index}", config.log_level)
-    SWS_THREADS = config.sws_threads
+    SWS_THREADS, LANES = config.sws_threads, config.decode_lanes
     import av  # noqa: F401  (imported now, not on the first job's critical path)
     link = Link(conn, "decoder")
     link.start(sws_threads=SWS_THREADS)

@@ -21,7 +21,8 @@ class Context:
     """Where the contenders run: the clip served as ``bench.mp4`` by the local CDN (nginx
     behind the emulator with the profile), SSL_CERT_FILE naming the CDN's CA while it is up
     and given back after, the environment and arguments of subprocess workers, and the warm
-    engine once a contender starts it. A ``with`` block holds the CDN up."""
+    engines once contenders start them (``eng``: the one with the default settings). A
+    ``with`` block holds the CDN up."""
 
     def __init__(self, a, prog: str, argv: list[str]):
         from engine.demo.clips import cached_clip
@@ -46,6 +47,7 @@ class Context:
                              f"+{p.new_conn_s * 1000:.0f} ms per new connection, "
                              f"{rate(p.per_conn_bps)} per connection, {rate(p.total_bps)} in total")
         self.eng = self.warm_startup = None
+        self.engines: dict[tuple, object] = {}
 
     def head(self, *lines: str) -> None:
         print("\n".join([f"$ {self.cmdline}", *lines]), flush=True)
@@ -70,8 +72,8 @@ class Context:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.eng is not None:
-            self.eng.close()
+        for eng in self.engines.values():
+            eng.close()
         self.emu.stop()
         self.cdn.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -81,14 +83,22 @@ class Context:
             os.environ["SSL_CERT_FILE"] = self.old_ca
         sweep()
 
-    def start_engine(self) -> str | None:
+    def engine(self, **settings):
+        """The warm engine with these settings (None until ``start_engine`` made it)."""
+        return self.engines.get(tuple(sorted(settings.items())))
+
+    def start_engine(self, **settings) -> str | None:
         from engine.api import Engine
-        print("starting the warm engine ...", file=sys.stderr)
+        if self.engine(**settings) is not None:
+            return None
+        print(f"starting a warm engine {settings or ''}...", file=sys.stderr)
         t = time.perf_counter()
-        self.eng = Engine(processor=self.a.processor, device=self.a.device)
-        self.eng.prewarm([self.origin])
-        warm = self.eng.report(self.emu.url("/warmup.mp4"))
-        self.warm_startup = time.perf_counter() - t
+        eng = Engine(processor=self.a.processor, device=self.a.device, **settings)
+        self.engines[tuple(sorted(settings.items()))] = eng
+        eng.prewarm([self.origin])
+        warm = eng.report(self.emu.url("/warmup.mp4"))
+        if not settings:
+            self.eng, self.warm_startup = eng, time.perf_counter() - t
         return None if warm.ok else f"engine-warm: the warm-up job failed: {warm.error}"
 
 

@@ -126,4 +126,5 @@ def report_fields(report, wall_s: float) -> dict:
             "conns_new": r["fetch"].get("connections_new"),
             "conns_reused": r["fetch"].get("connections_reused"),
             "ranges": r["fetch"].get("ranges"), "decoder": r.get("decoder"),
+            "frames_decoded": r.get("frames_decoded"),
             "video": r.get("video")}

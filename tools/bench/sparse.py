@@ -4,13 +4,14 @@ Part one: ``count=32`` frames (``numpy.linspace(0, n - 1, 32)``) of a 2-minute 7
 with a keyframe every 2 s, handed back to the caller as RGB arrays, by
 - ``engine``: ``Engine.frames(url, count=32)`` on a warm engine (only the GOPs that hold
   the frames are fetched and decoded), the frames copied out to the caller;
+- ``engine-1lane``: the same with ``ENGINE_DECODE_LANES=1`` (the spans one after another);
 - ``engine-all``: the same engine decoding every frame (``engine.processors:null``);
 - ``vllm-cv2``: vLLM's way: the whole body with one GET, then OpenCV ``grab`` on every
   frame and ``retrieve`` on the selected ones;
 - ``pyav-whole``: the whole body, then PyAV decoding every frame, converting the selected;
 - ``pyav-seek``: PyAV opening the URL and seeking to each selected frame.
-Part two: ``every=5`` of the 750-frame clip against the engine's all-frames run, both
-with ``engine.processors:null``.
+Part two: ``every=5`` of the 750-frame clip (two lanes and one) against the engine's
+all-frames run, all with ``engine.processors:null``.
 After every engine job a one-frame job follows on the same engine: its new connections
 show whether the partial job left the pool warm.
 """
@@ -30,7 +31,7 @@ from engine.tools.bench.runner import Runner
 from engine.tools.bench.tables import fmt_stage, num, summarize, table
 from engine.tools.bench.workers import httpx_trace, temp_mp4
 
-SPARSE_CONTENDERS = ("engine", "engine-all", "vllm-cv2", "pyav-whole", "pyav-seek")
+SPARSE_CONTENDERS = ("engine", "engine-1lane", "engine-all", "vllm-cv2", "pyav-whole", "pyav-seek")
 COUNT = 32
 
 
@@ -129,15 +130,16 @@ class EngineJob(Contender):
     """A job on the warm engine; then a one-frame job: its new connections are the pool
     the first one left (``next_conns_new``)."""
 
-    def __init__(self, name: str, frames: bool = False, **selection):
+    def __init__(self, name: str, frames: bool = False, settings: dict | None = None,
+                 **selection):
         super().__init__(name)
-        self.frames, self.selection = frames, selection
+        self.frames, self.selection, self.settings = frames, selection, settings or {}
 
     def prepare(self, ctx):
-        return ctx.start_engine() if ctx.eng is None else None
+        return ctx.start_engine(**self.settings)
 
     def run(self, ctx):
-        eng = ctx.eng
+        eng = ctx.engine(**self.settings)
         before = ctx.emu.stats()
         meter = TreeMeter(eng.pid).start()
         t0 = time.perf_counter()
@@ -181,9 +183,10 @@ def _render(summary: dict, rows: list[str], size: int) -> str:
         fail = f" ({s['runs_failed']} failed)" if s["runs_failed"] else ""
         share = f"{100 * s['wire_bytes'] / size:.0f}%" if s.get("wire_bytes") else "-"
         out.append([c + fail, fmt_stage(s, "total"), num(s.get("ratio_total"), "{:.2f}x"),
-                    num(s.get("frames"), "{:.0f}"), share, num(s.get("cpu_s")),
+                    num(s.get("frames"), "{:.0f}"), num(s.get("frames_decoded"), "{:.0f}"),
+                    share, num(s.get("cpu_s")),
                     num(s.get("next_conns_new"), "{:.0f}")])
-    return table(out, ["contender", "total s", "total/engine", "frames", "bytes of file",
+    return table(out, ["contender", "total s", "total/engine", "frames", "decoded", "bytes of file",
                        "CPU s", "next job's new conns"])
 
 
@@ -193,7 +196,8 @@ def _part(a, argv, prog: str, contenders: list, ref: str) -> tuple[dict, list[st
     runner = Runner(ctx, "total")
     rows = runner.measure(contenders)
     summary = summarize(runner.runs, rows, ("first_frame", "download_done", "total"),
-                        ("wall_s", "cpu_s", "bytes", "wire_bytes", "frames", "next_conns_new"),
+                        ("wall_s", "cpu_s", "bytes", "wire_bytes", "frames", "frames_decoded",
+                         "next_conns_new"),
                         {})
     base = summary.get(ref, {}).get("total")
     for s in summary.values():
@@ -206,6 +210,8 @@ def main(argv: list[str]) -> int:
     a = parse_args(argv)
     timeout = a.timeout
     made = {"engine": EngineJob("engine", frames=True, count=a.count),
+            "engine-1lane": EngineJob("engine-1lane", frames=True, settings={"decode_lanes": 1},
+                                      count=a.count),
             "engine-all": EngineJob("engine-all")}
     contenders = [made.get(c) or Worker(c, timeout, "--count", str(a.count),
                                         worker=f"sparse:{c}") for c in a.contenders]
@@ -218,7 +224,9 @@ def main(argv: list[str]) -> int:
     a2 = argparse.Namespace(**{**vars(a), "clip": a.every_clip, "video": None, "json": None})
     print(f"\npart two: every={a.every}, ratios against engine-all")
     two, rows2, size2, r2 = _part(a2, argv, "bench --sparse", [
-        EngineJob(f"engine-every{a.every}", every=a.every), EngineJob("engine-all")], "engine-all")
+        EngineJob(f"engine-every{a.every}", every=a.every),
+        EngineJob(f"engine-every{a.every}-1lane", settings={"decode_lanes": 1}, every=a.every),
+        EngineJob("engine-all")], "engine-all")
     print(_render(two, rows2, size2))
     notes = [f"{r['contender']} round {r['round'] + 1} failed: {r.get('error')}"
              for r in r1.runs + r2.runs if not r.get("ok")]
