@@ -19,25 +19,20 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 
 import numpy as np
 
 from engine.config import Config
 from engine.errors import SelectionError, first_line
-from engine.messages import (BatchReady, DecodeDone, DecodeJob, EndJob, NeedBytes, RingReady,
-                             Shutdown, StreamInfo)
+from engine.messages import DecodeDone, DecodeJob, EndJob, RingReady, Shutdown, StreamInfo
 from engine.shm import AvailabilityMap, Cancelled, FrameRing, SharedBlock
 from engine.selection import Picker, Selection, pick
-from engine.shm.ring import SlotRun
 from engine.workers.base import Link, worker_setup
-from engine.workers.frames import SLICE_S, Lanes, Numbers, Stopped, frames_of
+from engine.workers.frames import Lanes, Numbers, frames_of
+from engine.workers.segment import Batcher, SegmentReader
 
 log = logging.getLogger("engine.decoder")
 
-STALL_WAIT_S = 0.002  # a read that is not satisfied this fast counts as a stall
-TICK_S = 1.0          # waits are cut into pieces this long, each a sign of life (Link.tick)
 # swscale's threads for yuv420p -> rgb24 (ENGINE_SWS_THREADS, set at process start).
 # PyAV's default (0: one per CPU) fights FFmpeg's frame threads for the cores; one thread
 # gives the same pixels sooner (docs/performance.md, "One swscale thread").
@@ -51,152 +46,6 @@ LANE_BYTES = 64 << 20
 def rgb24(frame, width: int | None = None, height: int | None = None) -> np.ndarray:
     """The frame as HxWx3 RGB, as every PyAV path of the engine and its bench converts."""
     return frame.to_ndarray(format="rgb24", width=width, height=height, threads=SWS_THREADS)
-
-
-class Batcher:
-    """Frames -> ring slots -> batch descriptors: the first frame alone, then a ramp."""
-
-    def __init__(self, link: Link, job: DecodeJob, ring: FrameRing):
-        self.link, self.job, self.ring = link, job, ring
-        self.first = None
-        self.numbers: list[int] = []
-        self.frames = 0
-        # a batch may never need more slots than the ring can give while others are busy
-        self.batch = max(1, min(job.batch, ring.slots // 2))
-
-    def slot(self) -> tuple[int, np.ndarray]:
-        """A free slot for the next frame (blocks while the ring is full)."""
-        slot = self.ring.reserve(TICK_S)
-        while slot is None:        # the GPU worker has not freed a slot yet: still alive
-            self.link.tick()
-            slot = self.ring.reserve(TICK_S)
-        if self.numbers and slot != self.first + len(self.numbers):
-            self.flush()  # the ring wrapped: batches stay contiguous
-        if not self.numbers:
-            self.first = slot
-        return slot, self.ring.frames[slot]
-
-    def add(self, number: int) -> None:
-        self.numbers.append(number)
-        self.frames += 1
-        # Batches ramp up 1, 1, 2, 4, 8 ... to the batch size: the model starts on the
-        # first frame and, while it works on a batch, the decoder fills one twice its size,
-        # instead of the model waiting for a whole batch right after the first frame.
-        if len(self.numbers) >= min(self.batch, max(1, self.frames - len(self.numbers))):
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.numbers:
-            return
-        run = SlotRun(self.first, len(self.numbers))
-        self.ring.publish(run)
-        self.link.send(BatchReady(job=self.job.job, first_slot=run.first, count=run.count,
-                                  frame_numbers=self.numbers, decoded_at=time.monotonic()))
-        self.numbers = []
-
-
-class SegmentReader:
-    """A seekable, blocking file over the segment, for PyAV's custom IO.
-
-    ``read`` returns only bytes that have arrived; past ``readable_end`` (bytes that a
-    partial job never fetches) it reports end of file, except inside the moov box.
-    """
-
-    def __init__(self, link: Link, job: DecodeJob, block: SharedBlock, amap: AvailabilityMap,
-                 on_stall, stop: threading.Event | None = None):
-        self.link, self.job, self.mm, self.amap = link, job, block.mm, amap
-        self.size = job.size
-        self.pos = 0
-        self.on_stall = on_stall
-        self.stop = stop          # a lane's: its waits give up once it is set
-        self._asked = -1
-
-    def _limit(self, pos: int) -> int:
-        if self.job.moov is not None:
-            moov_start, moov_end = self.job.moov
-            if moov_start <= pos < moov_end:
-                return moov_end
-        return min(self.job.readable_end, self.size) if pos < self.job.readable_end else pos
-
-    def _region(self, pos: int) -> tuple[bool, int]:
-        """Sparse jobs: whether ``pos`` lies in a fetched region, and where that region or
-        the unfetched gap around it ends. A gap's bytes belong to packets that are
-        demuxed but never decoded: they read as zeros."""
-        for lo, hi in self.job.regions:
-            if lo <= pos < hi:
-                return True, hi
-            if pos < lo:
-                return False, lo
-        return False, self.size
-
-    def read(self, n: int = -1) -> bytes:
-        limit = self._limit(self.pos)
-        if self.job.spans is not None:
-            fetched, until = self._region(self.pos)
-            if not fetched:
-                end = min(until, self.size) if n < 0 else min(self.pos + n, until, self.size)
-                out = bytes(max(0, end - self.pos))
-                self.pos = max(self.pos, end)
-                return out
-            limit = min(limit, until)
-        end = limit if n < 0 else min(self.pos + n, limit)
-        while True:
-            length = self.amap.length      # None until a body of unknown length ends
-            if length is not None:
-                end = min(end, length)
-            if end <= self.pos:
-                return b""
-            if self.wait(self.pos, end):
-                break
-        data = self.mm[self.pos:end]
-        self.pos = end
-        return data
-
-    def wait(self, start: int, end: int) -> bool:
-        """Until [start, end) is in: True; False when the body ended before ``end``."""
-        if self.amap.present(start, end - start):
-            return True
-        if not self.amap.wait(start, end - start, STALL_WAIT_S):
-            self.on_stall()
-            missing = self.amap.first_missing(start, end - start)
-            if missing is not None and missing // (1 << 20) != self._asked:
-                self._asked = missing // (1 << 20)
-                self.link.send(NeedBytes(job=self.job.job, offset=missing))
-            while not self.amap.wait(start, end - start, self._slice()):
-                self._tick()       # waiting for the network is progress, not a stall
-        return self.amap.present(start, end - start)
-
-    def _slice(self) -> float:
-        return TICK_S if self.stop is None else SLICE_S
-
-    def _tick(self) -> None:
-        self.link.tick()
-        if self.stop is not None and self.stop.is_set():
-            raise Stopped("the job's decode ended")
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        elif whence == os.SEEK_END:
-            self.pos = self._length() + offset
-        else:
-            return -1
-        return self.pos
-
-    def _length(self) -> int:
-        """The file's length; a body of unknown length has one once it has all arrived."""
-        while self.amap.length is None:
-            if not self.amap.wait(self.size - 1, 1, self._slice()):
-                self._tick()       # waiting for the network is progress, not a stall
-        return self.amap.length
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seekable(self) -> bool:
-        return self.job.seekable
 
 
 STILL = {"mjpeg", "png", "gif", "bmp", "tiff"}
@@ -278,122 +127,148 @@ def frame_times(job: DecodeJob, reader_factory) -> list[float]:
     return [(p - pts[0]) * base for p in pts] if pts else []
 
 
-def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
-    """FFmpeg probes the container itself (MP4, Matroska, WebM, MPEG-TS, ...): what the
-    engine knows about the file only planned the fetch. ``ring`` is None for a streamed
-    job: it is asked for once the picture size is known."""
-    import av
+class PyavDecode:
+    """One job decoded with PyAV: FFmpeg probes the container itself (MP4, Matroska, WebM,
+    MPEG-TS, ...): what the engine knows about the file only planned the fetch. ``ring``
+    is None for a streamed job: it is asked for once the picture size is known."""
 
-    def reader(stop=None):
+    def __init__(self, link: Link, job: DecodeJob, block, amap, ring):
+        self.link, self.job, self.block, self.amap, self.ring = link, job, block, amap, ring
+        self.batcher: Batcher | None = None
+        self.numbers = Numbers()
+        self.lanes: Lanes | None = None
+        self.done: set[int] = set()
+        self.after = -1 if job.resume_after is None else job.resume_after
+        self.passed = 0               # frames an earlier decoder of the job delivered
+        self.last = -1                # the number of the last frame out
+
+    def reader(self, stop=None) -> SegmentReader:
         # a lane's reader leaves the batcher to the thread that owns it
-        on_stall = (lambda: None) if stop else (lambda: batcher and batcher.flush())
-        return SegmentReader(link, job, block, amap, on_stall, stop)
+        on_stall = (lambda: None) if stop else (lambda: self.batcher and self.batcher.flush())
+        return SegmentReader(self.link, self.job, self.block, self.amap, on_stall, stop)
 
-    batcher = None
-    lanes = None
-    limit = job.frame_limit       # a partial job's cap; the table's count is only expected
-    done: set[int] = set()
-    error = None
-    after = -1 if job.resume_after is None else job.resume_after
-    passed = 0                    # frames an earlier decoder of the job delivered
-    numbers = Numbers()
-    try:
-        sel = Selection.of(**job.selection) if job.selection else None
-        wanted = job.selected
-        if sel is not None and sel.needs_count:
-            try:
-                wanted = pick(sel, frame_times(job, reader))
-            except SelectionError as exc:
-                return _no_frames(job, str(exc))
-        choice = Choice(sel, wanted)
-        container = av.open(reader(), mode="r")
-    except av.error.FFmpegError as exc:
-        return _no_frames(job, f"not a video FFmpeg can read ({first_line(exc)})")
-    try:
-        stream = pick_stream(container, job.stream_index)
-        if stream is None:
-            return _no_frames(job, "no video track in the file")
+    def run(self) -> DecodeDone:
+        import av
+
+        job = self.job
+        try:
+            sel = Selection.of(**job.selection) if job.selection else None
+            wanted = job.selected
+            if sel is not None and sel.needs_count:
+                wanted = pick(sel, frame_times(job, self.reader))
+            self.choice = Choice(sel, wanted)
+            container = av.open(self.reader(), mode="r")
+        except SelectionError as exc:
+            return _no_frames(job, str(exc))
+        except av.error.FFmpegError as exc:
+            return _no_frames(job, f"not a video FFmpeg can read ({first_line(exc)})")
+        try:
+            stream = pick_stream(container, job.stream_index)
+            refusal = "no video track in the file" if stream is None else self._ready(stream)
+            if refusal:
+                return _no_frames(job, refusal)
+            error = self._deliver(container, stream)
+        finally:
+            container.close()
+            if self.ring is not None and job.ring is None:
+                self.ring.close()
+        return self._outcome(error)
+
+    def _ready(self, stream) -> str | None:
+        """The ring (a streamed job asks for it now) and the batcher; or why not."""
         stream.thread_type = "AUTO"
-        if ring is None:
+        if self.ring is None:
             ctx = stream.codec_context
             if not ctx.width or not ctx.height:
-                return _no_frames(job, f"the {ctx.name} video has no picture size")
-            ring = ask_ring(link, job, StreamInfo(
-                job=job.job, codec=ctx.name, width=ctx.width, height=ctx.height,
+                return f"the {ctx.name} video has no picture size"
+            self.ring = ask_ring(self.link, self.job, StreamInfo(
+                job=self.job.job, codec=ctx.name, width=ctx.width, height=ctx.height,
                 fps=float(stream.average_rate) if stream.average_rate else None))
-            if ring is None:
-                return _no_frames(job, "cancelled")
-        batcher = Batcher(link, job, ring)
-        height, width = ring.height, ring.width
+            if self.ring is None:
+                return "cancelled"
+        self.batcher = Batcher(self.link, self.job, self.ring)
+        return None
 
-        def rgb(frame) -> np.ndarray:
-            if frame.width == width and frame.height == height:
-                return rgb24(frame)
-            return rgb24(frame, width, height)
+    def rgb(self, frame) -> np.ndarray:
+        height, width = self.ring.height, self.ring.width
+        if frame.width == width and frame.height == height:
+            return rgb24(frame)
+        return rgb24(frame, width, height)
 
-        def put(number, image) -> None:
-            nonlocal passed
-            if number <= after:
-                passed += 1
-                choice.chosen.add(number)
-                return
-            _, dest = batcher.slot()
-            dest[...] = image if isinstance(image, np.ndarray) else rgb(image)
-            batcher.add(number)
-            done.add(number)
-            choice.chosen.add(number)
+    def _put(self, number: int, image) -> None:
+        self.choice.chosen.add(number)
+        if number <= self.after:
+            self.passed += 1
+            return
+        _, dest = self.batcher.slot()
+        dest[...] = image if isinstance(image, np.ndarray) else self.rgb(image)
+        self.batcher.add(number)
+        self.done.add(number)
 
-        keep = set(job.keep) if job.keep is not None else None
-        last = -1                     # the number of the last frame out
+    def _frames(self, container, stream):
+        """``(number, frame)``, or ``(number, RGB array)`` where lanes converted it."""
+        job, keep = self.job, set(self.job.keep) if self.job.keep is not None else None
+        if _lanes_pay(job) and self.choice.wanted is not None:
+            self.lanes = _lanes(job, self.reader, keep, self.choice.wanted, self.rgb,
+                                self.ring.frame_bytes, self.link)
+            return self.lanes.merged(self.batcher.flush)
+        return frames_of(container, stream, self.numbers, job.spans, keep, self.link.tick)
+
+    def _deliver(self, container, stream) -> str | None:
+        """Every chosen frame into the ring, in order; an error stops it, keeping what
+        was decoded (the report keeps it and names the rest)."""
+        import av
+
+        limit, choice = self.job.frame_limit, self.choice
         base = float(stream.time_base) if stream.time_base else 0.0
         first_time = None
+        error = None
         try:
-            if _lanes_pay(job) and choice.wanted is not None:
-                lanes = _lanes(job, reader, keep, choice.wanted, rgb, ring.frame_bytes, link)
-                frames = lanes.merged(batcher.flush)
-            else:
-                frames = frames_of(container, stream, numbers, job.spans, keep, link.tick)
-            for number, frame in frames:
+            for number, frame in self._frames(container, stream):
                 if limit is not None and number >= limit:
                     break
-                last = number
-                if isinstance(frame, np.ndarray):     # a lane's: wanted, converted
-                    put(number, frame)
+                self.last = number
+                if isinstance(frame, np.ndarray):     # a lane's: chosen, converted
+                    self._put(number, frame)
                 else:
                     t = frame.pts * base if frame.pts is not None and base else float(number)
                     first_time = t if first_time is None else first_time
                     for n, f in choice.offer(number, frame, t - first_time):
-                        put(n, f)
-                if (limit is not None and len(done) >= limit) or choice.done:
+                        self._put(n, f)
+                if (limit is not None and len(self.done) >= limit) or choice.done:
                     break
             for n, f in choice.finish():
-                put(n, f)
+                self._put(n, f)
         except (av.error.FFmpegError, EOFError) as exc:
-            # what was decoded stays decoded: the report keeps it and names the rest
-            error = (f"decoding stopped after {len(done)} frames: {first_line(exc)}" if done
-                     else f"cannot decode the {stream.codec_context.name} video: {first_line(exc)}")
+            error = (f"decoding stopped after {len(self.done)} frames: {first_line(exc)}"
+                     if self.done else
+                     f"cannot decode the {stream.codec_context.name} video: {first_line(exc)}")
         finally:
-            if lanes is not None:
-                lanes.close()
-        batcher.flush()
-    finally:
-        container.close()
-        if ring is not None and job.ring is None:
-            ring.close()
-    if choice.wanted is not None or choice.picker is not None:
-        missing, why = choice.missing(done, last)
-        error = error or why
-    else:
-        expected = job.expected if limit is None else min(limit, job.expected or limit)
-        if expected is None:      # streamed: only gaps below the last frame are known
-            expected = max(done) + 1 if done else 0
-        missing = sorted(set(range(expected)) - done)
-    missing = [n for n in missing if n > after]   # the earlier decoders' gaps are known
-    if not done and not passed and error is None:
-        error = "no frame could be decoded (corrupt or unsupported video)"
-    decoded = lanes.decoded if lanes is not None else numbers.decoded
-    return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error,
-                      decoded=decoded)
+            if self.lanes is not None:
+                self.lanes.close()
+        self.batcher.flush()
+        return error
+
+    def _outcome(self, error: str | None) -> DecodeDone:
+        job, choice, done, limit = self.job, self.choice, self.done, self.job.frame_limit
+        if choice.wanted is not None or choice.picker is not None:
+            missing, why = choice.missing(done, self.last)
+            error = error or why
+        else:
+            expected = job.expected if limit is None else min(limit, job.expected or limit)
+            if expected is None:      # streamed: only gaps below the last frame are known
+                expected = max(done) + 1 if done else 0
+            missing = sorted(set(range(expected)) - done)
+        missing = [n for n in missing if n > self.after]   # earlier decoders' gaps are known
+        if not done and not self.passed and error is None:
+            error = "no frame could be decoded (corrupt or unsupported video)"
+        decoded = self.lanes.decoded if self.lanes is not None else self.numbers.decoded
+        return DecodeDone(job=job.job, frames=len(done), missing=missing, error=error,
+                          decoded=decoded)
+
+
+def decode_pyav(link: Link, job: DecodeJob, block, amap, ring) -> DecodeDone:
+    return PyavDecode(link, job, block, amap, ring).run()
 
 
 def _lanes_pay(job: DecodeJob) -> bool:
