@@ -13,7 +13,6 @@ workers die with it (``workers.base``) and the next start sweeps its segments
 """
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
@@ -26,6 +25,7 @@ import time
 from multiprocess.connection import wait
 
 from engine.config import Config
+from engine.crew import State, WorkerHandle
 from engine.errors import ErrorKind
 from engine.messages import (CancelJob, Heartbeat, Hello, Prewarm, PrewarmOrigins,
                              ReleaseFrames, Reply, Shutdown, StatusQuery, Submit)
@@ -33,7 +33,7 @@ from engine.pipeline import Pipeline
 from engine.shm import sweep_stale
 from engine.shm.sweep import owned_blocks
 from engine.shm.block import unlink_block
-from engine.workers.base import Child, child_env
+from engine.workers.base import child_env
 
 log = logging.getLogger("engine.supervisor")
 
@@ -42,48 +42,6 @@ TICK_FETCHING_S = 0.05      # ranges wait for a free connection: look again soon
 TICK_IDLE_S = 0.25          # deadlines and restarts need no finer clock
 REAP_S = 0.1                # a dead worker's exit status is there by now
 KILL_WAIT_S = 1.0           # after SIGKILL at shutdown
-
-
-class State(enum.Enum):
-    """A worker process' lifecycle, as the supervisor sees it."""
-    STARTING = "starting"    # spawned, no Hello yet
-    READY = "ready"          # said Hello: takes work
-    STOPPING = "stopping"    # asked to exit or killed; its death is next
-    DOWN = "down"            # dead, restart scheduled
-    FAILED = "failed"        # cannot start (bad processor): reported, not restarted
-
-
-class WorkerHandle:
-    """One child process of a role: its lifecycle. What it holds is the pipeline's ledger."""
-
-    def __init__(self, role: str, index: int, target):
-        self.role, self.index, self.target = role, index, target
-        self.state = State.DOWN
-        self.process: Child | None = None
-        self.conn = None
-        self.pid = None
-        self.info: dict = {}
-        self.started_at = 0.0
-        self.last_beat = 0.0
-        self.progress = (0, 0.0)     # (last progress counter, when it last moved)
-        self.restarts = 0
-        self.quick_deaths = 0
-        self.causes: list[str] = []
-        self.restart_at: float | None = None
-        self.recycling: str | None = None             # why we asked it to exit
-        self.busy = False                             # its last heartbeat: holding work
-
-    @property
-    def name(self) -> str:
-        return f"{self.role}{self.index}" if self.role != "gpu" else "gpu"
-
-    @property
-    def ready(self) -> bool:
-        return self.state is State.READY
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
 
 
 class Supervisor:
@@ -131,19 +89,7 @@ class Supervisor:
             threading.Thread(target=self._accept, name="accept", daemon=True).start()
 
     def _spawn(self, w: WorkerHandle) -> None:
-        try:
-            w.process = Child(w.target, (self.config, w.index), f"engine-{w.name}",
-                              self.child_env)
-        except OSError as exc:   # EMFILE, EAGAIN, ENOMEM: try again later, never crash
-            log.error("cannot start %s: %s: retrying", w.name, exc)
-            w.causes.append(f"cannot start: {exc.strerror or exc}")
-            w.restart_at = time.monotonic() + self.config.restart_backoff_s[-1]
-            return
-        w.conn, w.pid, w.info = w.process.conn, w.process.pid, {}
-        w.state = State.STARTING
-        w.started_at = w.last_beat = time.monotonic()
-        w.progress = (0, w.started_at)
-        w.restart_at = None
+        w.spawn(self.config, self.child_env)
 
     def _accept(self) -> None:
         while self.running:
@@ -318,16 +264,11 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        cfg = self.config
         for w in self.workers:
             if w.process is None and w.restart_at is not None and now >= w.restart_at:
                 self._spawn(w)
-            elif w.state is State.READY and w.alive:
-                if now - w.last_beat > cfg.heartbeat_timeout_s:
-                    self._kill(w, f"no heartbeat for {now - w.last_beat:.0f} s")
-                elif w.busy and now - w.progress[1] > cfg.stall_timeout_s:
-                    self._kill(w, f"stalled: busy without progress for "
-                               f"{now - w.progress[1]:.0f} s (ENGINE_STALL_TIMEOUT_S)")
+            elif why := w.overdue(now, self.config):
+                self._kill(w, why)
         if now - self.sampled_at >= SAMPLE_EVERY_S:
             self.sampled_at = now
             self._sample()
@@ -430,15 +371,6 @@ class Supervisor:
             self.ready_waiters = []
 
     # ------------------------------------------------------------------ workers
-    def fetchers(self) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.role == "fetcher" and w.alive and w.ready]
-
-    def gpu(self) -> WorkerHandle | None:
-        for w in self.workers:
-            if w.role == "gpu" and w.alive:
-                return w
-        return None
-
     def send_worker(self, w: WorkerHandle, msg) -> None:
         try:
             w.conn.send(msg)
@@ -450,10 +382,7 @@ class Supervisor:
         self.worker_handlers.get(type(msg), self.pipeline.on_message)(w, msg)
 
     def _on_heartbeat(self, w: WorkerHandle, msg: Heartbeat) -> None:
-        now = w.last_beat = time.monotonic()
-        w.busy = msg.busy
-        if msg.progress != w.progress[0] or not msg.busy:
-            w.progress = (msg.progress, now)
+        w.heard(msg, time.monotonic())
 
     def _on_prewarmed(self, w: WorkerHandle, msg: Reply) -> None:
         """A fetcher finished a prewarm: the client hears once all of them have."""
@@ -468,10 +397,7 @@ class Supervisor:
                 self.prewarms[msg.token] = (client, waiting - 1, opened)
 
     def _on_hello(self, w: WorkerHandle, msg: Hello) -> None:
-        w.info, w.last_beat = msg.info, time.monotonic()
-        w.progress = (0, w.last_beat)
-        if w.state is State.STARTING:
-            w.state = State.FAILED if msg.info.get("error") else State.READY
+        w.heard(msg, time.monotonic())
         if msg.info.get("error"):
             log.error("%s", msg.info["error"])
         if w.role in ("decoder", "gpu"):
@@ -480,29 +406,17 @@ class Supervisor:
 
     def on_worker_death(self, w: WorkerHandle) -> None:
         w.process.join(REAP_S)
-        code = w.process.exitcode
+        code, pid = w.process.exitcode, w.pid
         w.process.close()
-        cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-                 else f"exited with code {code}")
-        if w.recycling:
-            cause, w.recycling = w.recycling, None
+        cause = w.died(code)
         if self.running and self.stopping_since is None:
-            log.warning("%s (pid %s) %s: restarting it", w.name, w.pid, cause)
-        w.causes.append(cause)
-        w.causes = w.causes[-20:]
-        w.process, w.conn, w.pid = None, None, None
-        w.state = State.FAILED if w.info.get("error") else State.DOWN
-        w.busy = False
+            log.warning("%s (pid %s) %s: restarting it", w.name, pid, cause)
         self.pipeline.worker_lost(w, cause)
         if not self.running or self.stopping_since is not None:
             return
         if w.state is State.FAILED:
             return   # it cannot start (bad processor): reported, not spun
-        backoff = self.config.restart_backoff_s
-        quick = time.monotonic() - w.started_at < self.config.quick_death_s
-        w.quick_deaths = w.quick_deaths + 1 if quick else 0
-        w.restarts += 1
-        w.restart_at = time.monotonic() + backoff[min(w.quick_deaths, len(backoff) - 1)]
+        w.schedule_restart(time.monotonic(), self.config)
         if w.restart_at <= time.monotonic():
             self._spawn(w)
         self._maybe_ready()
