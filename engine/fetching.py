@@ -58,8 +58,8 @@ class Fetching:
             if w is None:
                 return
             end = offset + min(offset, cfg.range_bytes)
-            self.ledger.hold_range(w.name, job.id, offset, end)
-            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=None, amap=None,
+            self.ledger.hold_range(w.name, job.fetch_key, offset, end)
+            self._send(w, FetchRange(job=job.fetch_key, url=job.final_url, segment=None, amap=None,
                                      offset=offset, end=end))
             offset = end
 
@@ -71,12 +71,12 @@ class Fetching:
             return
         job.to(Phase.HEAD)
         w = min(fetchers, key=lambda f: self.ledger.of(f.name).load)
-        self.ledger.of(w.name).heads.add(job.id)
-        self._send(w, FetchHead(job=job.id, url=job.final_url, length=self.config.head_bytes,
+        self.ledger.of(w.name).heads.add(job.fetch_key)
+        self._send(w, FetchHead(job=job.fetch_key, url=job.final_url, length=self.config.head_bytes,
                                 attempt=attempt))
 
     def on_head(self, w, msg: HeadInfo) -> None:
-        job = self._live(msg.job)
+        job = self._fetching(msg.job)
         if job is None:
             self._send(w, SegmentReady(job=msg.job, segment=None, amap=None))
             return
@@ -101,8 +101,8 @@ class Fetching:
             self.memory.create_segment(job)
         except ShmError as exc:
             return self._refuse(job, w, ErrorKind.FETCH, str(exc))
-        ready = SegmentReady(job=job.id, segment=job.segment.name, amap=job.amap.name)
-        for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
+        ready = SegmentReady(job=job.fetch_key, segment=job.segment.name, amap=job.amap.name)
+        for f in sorted({w.name} | self.ledger.fetchers_of(job.fetch_key)):
             self._send(f, ready)
         job.plan = RangePlan(job.size, cfg.range_bytes)
         job.head_len = min(cfg.head_bytes, job.size) if msg.ranged else job.size
@@ -110,7 +110,7 @@ class Fetching:
         job.plan.inflight[0] = Piece(0, job.head_len)   # the head request carries on
         if not msg.ranged:
             job.plan.take_whole(0)                      # and brings every byte
-        for offset, end, _ in self.ledger.ranges_of(job.id):
+        for offset, end, _ in self.ledger.ranges_of(job.fetch_key):
             # the ranges sent with the head that are still on their way, and contiguous
             # with what is planned: part of the plan
             if not msg.ranged or offset != job.plan.planned_until or offset >= msg.size:
@@ -127,7 +127,7 @@ class Fetching:
 
     def _refuse(self, job: Job, w, kind: ErrorKind, why: str) -> None:
         """The head's answer ends the job: its fetcher stops waiting for a segment."""
-        self._send(w, SegmentReady(job=job.id, segment=None, amap=None))
+        self._send(w, SegmentReady(job=job.fetch_key, segment=None, amap=None))
         self.fail(job, kind, f"{job.url}: {why}")
 
     def _admit(self, job: Job, w, size: int) -> bool:
@@ -137,10 +137,10 @@ class Fetching:
         verdict = self.memory.admit(job.id, size)
         if verdict == ADMITTED:
             return True
-        for f in sorted({w.name} | self.ledger.fetchers_of(job.id)):
-            self._send(f, SegmentReady(job=job.id, segment=None, amap=None))
-            self._send(f, EndJob(job=job.id))
-        self.ledger.drop_job(job.id)
+        for f in sorted({w.name} | self.ledger.fetchers_of(job.fetch_key)):
+            self._send(f, SegmentReady(job=job.fetch_key, segment=None, amap=None))
+            self._send(f, EndJob(job=job.fetch_key))
+        self.ledger.drop_job(job.fetch_key)
         if verdict == WAIT:
             log.info("%s waits for shared memory (jobs in flight hold %.0f MB)",
                      job.url, self.memory.in_use / 1e6)
@@ -175,7 +175,7 @@ class Fetching:
 
     def on_range_done(self, w, msg: RangeDone) -> None:
         self.ledger.release_range(w.name, msg.job, msg.offset)
-        job = self._live(msg.job)
+        job = self._fetching(msg.job)
         if job is None:
             return
         job.fetch.bytes += msg.stats.bytes
@@ -183,7 +183,7 @@ class Fetching:
             job.size = job.head_len = msg.end
             job.plan.truncate(msg.end)
         if msg.head:
-            self.ledger.of(w.name).heads.discard(job.id)   # its request was counted at HeadInfo
+            self.ledger.of(w.name).heads.discard(job.fetch_key)   # its request was counted at HeadInfo
         else:
             job.fetch.count_request(msg.stats)
             job.fetch.ranges += 1
@@ -194,7 +194,7 @@ class Fetching:
         """A range answered with the whole file (a CDN edge forwarding a cache miss to an
         origin without Range): the first such body is read, and this job asks no more
         ranges (the next job tries them again); another is dropped."""
-        job = self._live(msg.job)
+        job = self._fetching(msg.job)
         read = job is not None and job.plan.take_whole(msg.offset)
         if not read:
             self.ledger.release_range(w.name, msg.job, msg.offset)
@@ -216,12 +216,12 @@ class Fetching:
 
     def on_range_failed(self, w, msg: RangeFailed) -> None:
         self.ledger.release_range(w.name, msg.job, msg.offset)
-        job = self._live(msg.job)
+        job = self._fetching(msg.job)
         if job is None:
             return
         job.fetch.count_request(msg.stats)
         if msg.head:
-            self.ledger.of(w.name).heads.discard(job.id)
+            self.ledger.of(w.name).heads.discard(job.fetch_key)
             if job.phase is Phase.WAITING_MEMORY:
                 return   # its head was dropped on purpose: it waits for memory
             if job.segment is None:
@@ -259,15 +259,15 @@ class Fetching:
             w = self._least_loaded(fetchers)
             if w is None:
                 return
-            self.rr = (self.rr + 1) % len(jobs)
-            job = jobs[self.rr]
+            self.turn = (self.turn + 1) % len(jobs)
+            job = jobs[self.turn]
             piece = job.plan.next(slots=self.config.connections * max(1, len(fetchers)),
                                   missing=lambda p: job.amap.missing(p.offset, p.end))
             if piece is None:
                 jobs.remove(job)
                 continue
-            self.ledger.hold_range(w.name, job.id, piece.offset, piece.end)
-            self._send(w, FetchRange(job=job.id, url=job.final_url, segment=job.segment.name,
+            self.ledger.hold_range(w.name, job.fetch_key, piece.offset, piece.end)
+            self._send(w, FetchRange(job=job.fetch_key, url=job.final_url, segment=job.segment.name,
                                      amap=job.amap.name, offset=piece.offset, end=piece.end,
                                      attempt=piece.attempt))
 

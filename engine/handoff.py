@@ -34,12 +34,12 @@ class Handoff:
         """A worker died: requeue what a fetcher held; decode again what a decoder or the
         GPU worker lost (``engine.resume``)."""
         held = self.ledger.drop_worker(w.name)
-        for job_id, offset in held.ranges:
-            job = self.jobs.get(job_id)
+        for key, offset in held.ranges:
+            job = self._fetching(key)
             if job is not None and job.plan is not None:
                 job.plan.requeue(offset)
-        for job_id in held.heads:
-            job = self._live(job_id)
+        for key in held.heads:
+            job = self._fetching(key)
             if job is None:
                 continue
             if job.segment is None:

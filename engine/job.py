@@ -73,6 +73,10 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
     # fetch
+    # What the fetchers know this job's fetch by: its id, until its fetch starts again
+    # (after waiting for memory) under a new key, so that the late answers of the first
+    # are never taken for the second's.
+    fetch_key: int = 0
     final_url: str = ""
     size: int = 0
     ranged: bool = True

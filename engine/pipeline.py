@@ -67,9 +67,10 @@ class Pipeline(Fetching, Handoff):
         self.outbox: list[Send] = []
         self.ledger = Ledger()
         self.jobs: dict[int, Job] = {}
+        self.fetches: dict[int, Job] = {}     # fetch key -> its job (``Job.fetch_key``)
         self.job_ids = itertools.count(1)
         self.decode_queue: list[int] = []
-        self.rr = 0
+        self.turn = 0                   # the job whose pieces go out first, in turn
         self.decoder_backend = self._pick_backend()
         self.locator = Locator(config, self.decoder_backend)
         self.handlers = {RangeDone: self.on_range_done, BatchReady: self.on_batch,
@@ -115,6 +116,16 @@ class Pipeline(Fetching, Handoff):
         return "pyav"  # auto: PyAV measured faster (docs/performance.md, decoder backends)
 
     # ------------------------------------------------------------------ from the supervisor
+    def _new_fetch(self, job: Job, key: int) -> None:
+        self.fetches.pop(job.fetch_key, None)
+        job.fetch_key = key
+        self.fetches[key] = job
+
+    def _fetching(self, key: int) -> Job | None:
+        """The live job a fetcher's message is about (None: its fetch has ended)."""
+        job = self.fetches.get(key)
+        return job if job is not None and not job.finished else None
+
     def _live(self, job_id: int) -> Job | None:
         """The job, unless it has ended (a late message of an ended job is dropped)."""
         job = self.jobs.get(job_id)
@@ -149,10 +160,8 @@ class Pipeline(Fetching, Handoff):
                           f"{self.config.job_timeout_s:g} s (ENGINE_JOB_TIMEOUT_S)")
             elif job.phase is Phase.WAITING_MEMORY:
                 if self.memory.back(job.segment_bytes):
-                    # a new id: the fetchers have ended the old one (EndJob at _admit)
-                    del self.jobs[job.id]
-                    job.id = next(self.job_ids)
-                    self.jobs[job.id] = job
+                    # a new fetch key: the fetchers ended the old one (EndJob at _admit)
+                    self._new_fetch(job, next(self.job_ids))
                     self._start_head(job)
                     self._start_speculative(job)
             elif job.phase is Phase.WAITING_FETCHER:
@@ -191,6 +200,7 @@ class Pipeline(Fetching, Handoff):
                   asked["max_frames"], cfg.partial_mb, msg.stream, return_frames=return_frames)
         job.deadline = job.submitted + cfg.job_timeout_s
         self.jobs[job.id] = job
+        self._new_fetch(job, job.id)
         try:    # checked again: a serve-mode client may send anything
             job.selection = Selection.of(**asked)
         except (SelectionError, TypeError) as exc:
@@ -237,8 +247,12 @@ class Pipeline(Fetching, Handoff):
         if job.id in self.decode_queue:
             self.decode_queue.remove(job.id)
         for w in self.roster():
-            if w.role in ("fetcher", "gpu") or self.ledger.of(w.name).decoding == job.id:
+            if w.role == "fetcher":
+                self._send(w, EndJob(job=job.fetch_key))
+            elif w.role == "gpu" or self.ledger.of(w.name).decoding == job.id:
                 self._send(w, EndJob(job=job.id))
+        self.ledger.drop_job(job.fetch_key)
         self.ledger.drop_job(job.id)
         self.memory.release(job, clean=job.phase is Phase.DONE)
         self.jobs.pop(job.id, None)
+        self.fetches.pop(job.fetch_key, None)

@@ -84,10 +84,10 @@ class Harness:
 
     def head(self, job: Job, size: int | None = None, ranged: bool = True, prefix=None,
              content_type: str = "video/mp4") -> list:
-        worker, _ = self.pending[(job.id, 0)]
+        worker, _ = self.pending[(job.fetch_key, 0)]
         size = len(self.data) if size is None else size
         return self.msg(worker, HeadInfo(
-            job=job.id, size=size, ranged=ranged, url=URL, content_type=content_type,
+            job=job.fetch_key, size=size, ranged=ranged, url=URL, content_type=content_type,
             stats=FetchStats(new_connection=True, started=time.monotonic()),
             prefix=self.data[:PREFIX_BYTES] if prefix is None else prefix))
 
@@ -109,7 +109,7 @@ class Harness:
     def fetch_all(self, job: Job) -> None:
         """Serve every range asked for, new ones included, until none is left."""
         while True:
-            mine = sorted(k for k in self.pending if k[0] == job.id)
+            mine = sorted(k for k in self.pending if k[0] == job.fetch_key)
             if not mine:
                 return
             self.deliver(*mine[0])
@@ -669,17 +669,28 @@ def test_a_job_waits_for_shared_memory_and_goes_on_when_it_is_back(clip):
     free[0] = 0                  # /dev/shm filled by others while the first job decodes
     h.step(h.p.submit, h.client, Submit(token=2, url=URL, selection=Selection.of()))
     second, = (j for j in h.p.jobs.values() if j.token == 2)
+    first_fetch = second.fetch_key
+    late = dict(h.pending)             # requests of its first fetch, still on their way
     h.head(second)
     assert second.phase is Phase.WAITING_MEMORY and second.segment is None
-    assert EndJob(job=second.id) in h.to_worker("fetcher0", EndJob)
+    assert EndJob(job=first_fetch) in h.to_worker("fetcher0", EndJob)
     h.step(h.p.tick, time.monotonic())
     assert second.phase is Phase.WAITING_MEMORY
     _run_planned(h, first, 50)
     assert h.report()["ok"]
     free[0] = 1 << 34
     h.step(h.p.tick, time.monotonic())
-    assert second.phase is Phase.HEAD
+    # the job keeps its id; its fetch starts again under a new key
+    assert second.phase is Phase.HEAD and h.p.jobs[second.id] is second
+    assert second.fetch_key != first_fetch
     h.head(second)
+    # a late answer of the first fetch is not taken for the second's
+    worker, msg = next((w, m) for (key, _), (w, m) in late.items()
+                       if key == first_fetch and isinstance(m, FetchRange))
+    tally = (second.fetch.bytes, second.fetch.ranges)
+    h.msg(worker, RangeDone(job=first_fetch, offset=msg.offset, end=msg.end, head=False,
+                            stats=FetchStats(bytes=msg.end - msg.offset)))
+    assert (second.fetch.bytes, second.fetch.ranges) == tally
     h.fetch_all(second)
     assert second.phase is Phase.DECODING and second.fetched
     h.step(h.p.fail, second, ErrorKind.ENGINE, "stop")
