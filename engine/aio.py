@@ -165,6 +165,11 @@ class AsyncEngineClient:
     async def status(self) -> dict:
         return await self._call(lambda t: StatusQuery(token=t))
 
+    async def wait_ready(self, timeout: float | None = 60.0) -> dict:
+        """Until every worker is up, as after a worker's restart (``Engine.wait_ready``)."""
+        return (await self._call(lambda t: StatusQuery(token=t, ready=True), timeout)
+                ).get("workers", {})
+
     async def submit(self, url: str, *, stream: bool = False, **options):
         """Start a job; yields ``Batch`` objects if streaming, then the ``Report``.
         Leaving early (cancelled, closed) cancels the job in the engine."""
@@ -254,7 +259,8 @@ class AsyncEngine(AsyncEngineClient):
             return self
         try:
             await super().start()
-            ready = await self._call(lambda t: StatusQuery(token=t), START_TIMEOUT_S, token=0)
+            ready = await self._call(lambda t: StatusQuery(token=t, ready=True),
+                                     START_TIMEOUT_S, token=0)
             self.workers = ready.get("workers", {})
             if self.config.prewarm:
                 await self.prewarm(list(self.config.prewarm))

@@ -150,8 +150,8 @@ class EngineClient:
             raise EngineClosed("the engine stopped (its supervisor exited)")
         return msg
 
-    def _call(self, make, timeout: float | None = 60.0) -> dict:
-        token, q = self._open()
+    def _call(self, make, timeout: float | None = 60.0, token: int | None = None) -> dict:
+        token, q = self._open(token)
         try:
             self._send(make(token))
             reply = self._get(q, timeout)
@@ -171,6 +171,11 @@ class EngineClient:
 
     def status(self) -> dict:
         return self._call(lambda t: StatusQuery(token=t))
+
+    def wait_ready(self, timeout: float | None = 60.0) -> dict:
+        """Until every worker is up, as after a worker's restart; returns what each said
+        when it started. Raises the error of a worker that cannot start."""
+        return self._call(lambda t: StatusQuery(token=t, ready=True), timeout).get("workers", {})
 
     def submit(self, url: str, *, processor: str | None = None, stream: bool = False,
                **selection):
@@ -269,20 +274,14 @@ class Engine(EngineClient):
         self.config = engine_config(processor, device, config, dict(overrides, cluster=cluster))
         self._process, mine = spawn(self.config)
         super().__init__(Connection(mine.detach()))
-        token, q = self._open(0)
+        # token 0: a cluster's child that cannot start answers it unasked
+        timeout = CLUSTER_START_TIMEOUT_S if self.config.cluster else START_TIMEOUT_S
         try:
-            self._send(StatusQuery(token=0))
-            reply = self._get(q, CLUSTER_START_TIMEOUT_S if self.config.cluster
-                              else START_TIMEOUT_S)
+            self.workers = self._call(lambda t: StatusQuery(token=t, ready=True), timeout,
+                                      token=0).get("workers", {})
         except EngineError:
             self.close()
             raise
-        finally:
-            self._waiting.pop(0, None)
-        if reply.error:
-            self.close()
-            raise error_from(reply.kind, reply.error)
-        self.workers = reply.payload.get("workers", {})
         if self.config.prewarm:
             self.prewarm(list(self.config.prewarm))
 

@@ -40,6 +40,7 @@ class Prewarm:
 @dataclass(frozen=True, kw_only=True)
 class StatusQuery:
     token: int
+    ready: bool = False      # answer once every worker is up (the workers' hellos)
 
 
 @dataclass(frozen=True, kw_only=True)

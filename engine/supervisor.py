@@ -55,7 +55,8 @@ class Supervisor:
         self.running = True
         self.stopping_since: float | None = None
         self.prewarms: dict[int, tuple[object, int, int]] = {}  # token -> (client, waiting, opened)
-        self.ready_waiters: list = []
+        self.ready_waiters: list = []    # (client, token) waiting for every worker up
+        self.was_ready = False
         self.workers: list[WorkerHandle] = []
         self.sampled_at = 0.0
         self.touched: set[int] = set()    # jobs the event being handled concerns
@@ -345,8 +346,8 @@ class Supervisor:
             self.send(client, Reply(token=msg.token, payload={"opened": 0}))
 
     def _on_status_query(self, client, msg: StatusQuery) -> None:
-        if msg.token == 0:   # "tell me when all workers are up"
-            self.ready_waiters.append(client)
+        if msg.ready:
+            self.ready_waiters.append((client, msg.token))
             self._maybe_ready()
         else:
             from engine.status import snapshot
@@ -360,14 +361,17 @@ class Supervisor:
             w = failed[0]
             error = w.info.get("error") or (f"{w.name} cannot start ({w.causes[-1]}; "
                                             "see its log above)")
-            for client in self.ready_waiters:
-                self.send(client, Reply(token=0, payload={}, error=error, kind=ErrorKind.PROCESSOR))
+            for client, token in self.ready_waiters:
+                self.send(client, Reply(token=token, payload={}, error=error,
+                                        kind=ErrorKind.PROCESSOR))
             self.ready_waiters = []
-            self.request_stop()
+            if not self.was_ready:
+                self.request_stop()     # an engine that cannot start stops
         elif all(w.ready for w in self.workers):
+            self.was_ready = True
             info = {w.name: w.info for w in self.workers}
-            for client in self.ready_waiters:
-                self.send(client, Reply(token=0, payload={"ready": True, "workers": info}))
+            for client, token in self.ready_waiters:
+                self.send(client, Reply(token=token, payload={"ready": True, "workers": info}))
             self.ready_waiters = []
 
     # ------------------------------------------------------------------ workers

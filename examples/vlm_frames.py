@@ -33,6 +33,14 @@ def engine() -> Engine:
     return _engine
 
 
+def close() -> None:
+    """Stop the process's engine (a later call starts a new one)."""
+    global _engine
+    if _engine is not None:
+        _engine.close()
+        _engine = None
+
+
 def load_video(url: str, num_frames: int = 32, fps: float | None = None) -> tuple[np.ndarray, dict]:
     """``(frames, metadata)`` as a VLM video loader returns them: uint8 ``[N, H, W, 3]``
     RGB, and the source frame numbers, rate and length."""
@@ -61,8 +69,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if _engine is not None:
-            _engine.close()
+        close()
     tensor = as_model_input(frames)
     print(f"{len(frames)} frames {tuple(tensor.shape)} of {meta['total_num_frames']} "
           f"at {meta['fps']} fps: {meta['frames_indices']}")

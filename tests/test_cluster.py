@@ -33,6 +33,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine import Engine, EngineBusy, EngineClosed, EngineError
 from engine.cluster import ClusterBusy, ClusterEngine, node_name
+from engine.cluster.dispatch import NAMESPACE
 from engine.cluster.server import format_status
 from engine.errors import error_from, kind_of
 from engine.shm.sweep import owned_blocks
@@ -224,7 +225,6 @@ def test_close_leaves_no_actor_engine_process_or_segment(eng, cluster):
     _engines(eng)
     pids = set(eng.seen_pids)
     assert len(pids) >= 4          # two engines at start, two restarted after node losses
-    prefix = eng._prefix
     eng.close()
     assert not ray.is_initialized()
     ray.init(address=cluster.address, logging_level="WARNING")
@@ -232,7 +232,7 @@ def test_close_leaves_no_actor_engine_process_or_segment(eng, cluster):
         actors = ray.util.list_named_actors(all_namespaces=True)
     finally:
         ray.shutdown()
-    assert not [a for a in actors if a["name"].startswith(prefix)]
+    assert not [a for a in actors if a["namespace"] == NAMESPACE]   # no other engine runs
     left = [p for p in pids if psutil.pid_exists(p)
             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"engine supervisors still running: {left}"

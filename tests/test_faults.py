@@ -51,7 +51,6 @@ import psutil
 import pytest
 
 from engine import DecodeError, Engine, EngineClosed, JobTimeout, ProcessorError
-from engine.messages import StatusQuery
 from engine.shm.sweep import owned_blocks
 from tests.conftest import NULL, STATS, gone, wait_for
 from tests.reference import assert_matches, reference
@@ -149,20 +148,10 @@ def wait_respawned(eng: Engine, role: str, old_pid: int, timeout: float = 30) ->
 
 
 def wait_all_ready(eng: Engine, timeout: float = 60) -> None:
-    """Block until every worker has said Hello.
-
-    StatusQuery with token 0 is what ``Engine()`` itself sends at start: the supervisor
-    answers it only once every worker is ready (a restarted worker is not ready until
+    """Block until every worker has said Hello (a restarted worker is not ready until
     its Hello). Ask only after the restart is visible in ``status()``: before that, the
-    supervisor may still count the dead worker as ready.
-    """
-    token, q = eng._open(0)
-    try:
-        eng._send(StatusQuery(token=token))
-        reply = eng._get(q, timeout)
-    finally:
-        eng._waiting.pop(token, None)
-    assert reply.error is None, reply.error
+    supervisor may still count the dead worker as ready."""
+    eng.wait_ready(timeout)
 
 
 def job_in_flight(eng: Engine) -> dict | None:
@@ -484,7 +473,7 @@ def test_gpu_worker_sigkill_before_first_batch_does_not_hang_the_job(cdn, sn44_c
         os.kill(victim["pid"], signal.SIGKILL)
         wait_respawned(eng, "gpu", victim["pid"])
         owned.remember()
-        emu._shared.rate = 1e12    # lift the throttle: the rest of the file comes at once
+        emu.set_total_rate(1e12)   # lift the throttle: the rest of the file comes at once
         report, error = job.outcome(deadline + 10)
         ended = job.ended_at - killed_at
         record("gpu SIGKILL before a job's 1st batch", f"job ended after {ended:.2f} s with "
@@ -552,7 +541,7 @@ def test_supervisor_sigkill_children_exit_and_next_start_sweeps(cdn, slow_cdn, r
         if reaped:
             # What a parent that notices the death does: wait() for it (not close(),
             # which would unlink the dead engine's segments itself).
-            eng._process.wait(5)
+            os.waitpid(dead, 0)
         # else, as after an OOM kill of a supervisor whose Engine is still referenced:
         # it stays a zombie child of this process while the new engine starts.
         try:

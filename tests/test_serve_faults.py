@@ -191,16 +191,9 @@ def test_decoder_main_thread_frozen_is_killed_and_replaced(tmp_path, cdn, slow_c
 def test_a_bug_in_the_loop_fails_only_that_job_and_the_engine_goes_on(cdn, small_clips):
     """A malformed Submit (a URL that is not a string) raises inside the supervisor's
     loop: logged with its traceback, that job fails with one line, the engine serves on."""
-    from engine.messages import JobDone, Submit
     with Engine(processor=NULL, device="cpu", fetchers=1, decoders=1) as eng:
-        token, q = eng._open()
-        try:
-            eng._send(Submit(token=token, url=12345))
-            msg = eng._get(q, 30)
-        finally:
-            eng._waiting.pop(token, None)
-        assert isinstance(msg, JobDone) and not msg.report["ok"]
-        assert "internal error" in msg.report["error"] and "\n" not in msg.report["error"]
+        report = eng.report(12345)
+        assert not report.ok and "internal error" in report.error and "\n" not in report.error
         assert eng.process(cdn.url("small.mp4")).frames_processed == 50
         sup = psutil.Process(eng.pid)
         assert sup.is_running() and sup.status() != psutil.STATUS_ZOMBIE

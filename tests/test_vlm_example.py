@@ -14,8 +14,7 @@ def test_load_video_gives_linspace_frames_exactly(cdn, small_clips):
         frames, meta = vlm_frames.load_video(cdn.url("small-moov-end.mp4"), num_frames=8)
         tensor = vlm_frames.as_model_input(frames)
     finally:
-        vlm_frames.engine().close()
-        vlm_frames._engine = None
+        vlm_frames.close()
     want = np.linspace(0, 49, 8).astype(int).tolist()
     assert meta["frames_indices"] == want and meta["total_num_frames"] == 50
     with av.open(str(small_clips["small-moov-end"])) as c:

@@ -253,6 +253,13 @@ class CdnEmulator:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    def set_total_rate(self, bps: float) -> None:
+        """The shared link's rate from now on (a link that clears up, or clogs)."""
+        def change():
+            if self._shared is not None:
+                self._shared.rate = float(bps)
+        self._loop.call_soon_threadsafe(change)
+
     def stats(self) -> dict:
         """Snapshot: connections accepted/active/failed, bytes each direction."""
         return dict(self._stats)
