@@ -127,3 +127,27 @@ def test_runner_rotates_skips_and_derives_rows():
     summary = summarize(runner.runs, rows, ("total",), (), {"ratio_total": "total"})
     assert summary["x"]["ratio_total"] == 2.0 and summary["x-floor"]["runs_ok"] == 3
     assert summary["gone"] == {"runs_ok": 0, "runs_failed": 0, "skipped": "not installed"}
+
+
+@pytest.mark.timeout(180)
+def test_bench_sparse_smoke(tmp_path, capsys):
+    """Both parts on the small clip: the engine with two lanes and one, the tables, the
+    plots and the raw runs; the next job after each left the pool warm."""
+    from engine.tools.bench import main
+
+    out, png = tmp_path / "sparse.json", tmp_path / "sparse.png"
+    rc = main(["--sparse", "--profile", "lan", "--clip", "small", "--every-clip", "small",
+               "--runs", "1", "--count", "4", "--contenders", "engine,engine-1lane",
+               "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    one = {r["contender"]: r for r in data["part_one"]["runs"]}
+    assert set(one) == {"engine", "engine-1lane"}
+    for run in one.values():
+        assert run["ok"] and run["frames"] == 4 and run["next_conns_new"] == 0
+        assert 4 <= run["frames_decoded"] < 50
+    two = {r["contender"]: r for r in data["part_two"]["runs"]}
+    assert two["engine-every5"]["frames"] == 10 and two["engine-all"]["frames"] == 50
+    assert png.stat().st_size > 0 and (tmp_path / "sparse-every.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "engine-1lane" in table and "decoded" in table

@@ -12,7 +12,9 @@ def _med(s: dict, k: str):
     return v["median"] if v else None
 
 
-def plot(summary: dict, contenders: list[str], path: str, title: str) -> None:
+def plot(summary: dict, contenders: list[str], path: str, title: str,
+         against: str = "warm") -> None:
+    """``against``: what each contender's ratio is a ratio to, for its label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -22,7 +24,7 @@ def plot(summary: dict, contenders: list[str], path: str, title: str) -> None:
     xscale = max(_med(summary[c], "total") for c in names) if names else 1.0
     xmax = 0.0
     for i, c in enumerate(names):
-        xmax = max(xmax, _contender(ax, summary[c], len(names) - 1 - i, xscale))
+        xmax = max(xmax, _contender(ax, summary[c], len(names) - 1 - i, xscale, against))
     ax.set_yticks([len(names) - 1 - i for i in range(len(names))])
     ax.set_yticklabels(names)
     has_startup = any(summary[c].get("startup_s") for c in names)
@@ -38,7 +40,7 @@ def plot(summary: dict, contenders: list[str], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _contender(ax, s: dict, y: int, xscale: float) -> float:
+def _contender(ax, s: dict, y: int, xscale: float, against: str) -> float:
     """One contender's three lanes at height ``y``; returns its total."""
     total = _med(s, "total")
     connect, fb = _med(s, "connect"), _med(s, "first_byte")
@@ -73,7 +75,7 @@ def _contender(ax, s: dict, y: int, xscale: float) -> float:
         ax.plot([fr], [y + LANE["process"]], marker="^", color="#d62728", ms=6)
     ax.plot([total, total], [y - 0.45, y + 0.45], color="black", lw=1)
     ratio = s.get("ratio_total")
-    label = f" total {total:.2f} s" + (f" ({ratio:.2f}x warm)" if ratio else "")
+    label = f" total {total:.2f} s" + (f" ({ratio:.2f}x {against})" if ratio else "")
     if s.get("frames") is not None:
         label += f", {s['frames']:.0f} frames"
     ax.text(total, y, label, va="center", fontsize=8)

@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.tools.bench.contenders import Contender, Worker
 from engine.tools.bench.context import Context, machine_info, options_parser, parse_options
+from engine.report import TIMING_KEYS
 from engine.tools.bench.measure import Clock, TreeMeter, decoded, report_fields
 from engine.tools.bench.runner import Runner
 from engine.tools.bench.tables import fmt_stage, num, summarize, table
@@ -170,6 +171,8 @@ def parse_args(argv):
     ap.add_argument("--count", type=int, default=COUNT, help=f"frames selected ({COUNT})")
     ap.add_argument("--every-clip", default="sn44", help="part two's clip (sn44)")
     ap.add_argument("--every", type=int, default=5, help="part two's every=N (5)")
+    ap.add_argument("--plot", metavar="PATH", help="write a PNG waterfall per contender of "
+                    "part one at PATH, of part two beside it (PATH's name + '-every')")
     ap.add_argument("--processor", default="engine.processors:null", help=argparse.SUPPRESS)
     ap.set_defaults(clip="long")
     a = parse_options(ap, argv, SPARSE_CONTENDERS, SPARSE_CONTENDERS)
@@ -195,7 +198,7 @@ def _part(a, argv, prog: str, contenders: list, ref: str) -> tuple[dict, list[st
     ctx.head(f"clip: {ctx.video.name} ({ctx.size / 1e6:.2f} MB); {ctx.profile_line}")
     runner = Runner(ctx, "total")
     rows = runner.measure(contenders)
-    summary = summarize(runner.runs, rows, ("first_frame", "download_done", "total"),
+    summary = summarize(runner.runs, rows, TIMING_KEYS,
                         ("wall_s", "cpu_s", "bytes", "wire_bytes", "frames", "frames_decoded",
                          "next_conns_new"),
                         {})
@@ -228,6 +231,16 @@ def main(argv: list[str]) -> int:
         EngineJob(f"engine-every{a.every}-1lane", settings={"decode_lanes": 1}, every=a.every),
         EngineJob("engine-all")], "engine-all")
     print(_render(two, rows2, size2))
+    if a.plot:
+        from pathlib import Path
+
+        from engine.tools.bench.plot import plot
+        path = Path(a.plot)
+        title = f"python -m engine bench --sparse, profile {a.profile}: "
+        plot(one, rows1, str(path), title + f"count={a.count} of clip {a.video or a.clip}",
+             "the engine's")
+        plot(two, rows2, str(path.with_name(path.stem + "-every" + path.suffix)),
+             title + f"every={a.every} of clip {a.every_clip}", "all frames'")
     notes = [f"{r['contender']} round {r['round'] + 1} failed: {r.get('error')}"
              for r in r1.runs + r2.runs if not r.get("ok")]
     for n in notes:
