@@ -23,16 +23,6 @@ from pathlib import Path
 from engine.tools.bench.context import REPO
 
 
-def wait(device):
-    """A GPU model's stand-in: ENGINE_WAIT_MS_PER_FRAME ms per frame, no CPU."""
-    per_frame = float(os.environ.get("ENGINE_WAIT_MS_PER_FRAME", "20")) / 1000
-
-    def proc(frames, frame_numbers):
-        time.sleep(per_frame * len(frame_numbers))
-        return [{} for _ in frame_numbers]
-    return proc
-
-
 def _all_jobs(eng, url: str, jobs: int) -> tuple[float, int]:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:
@@ -94,7 +84,7 @@ def _environment(a) -> None:
     os.environ.setdefault("ENGINE_LOG_LEVEL", "WARNING")
 
 
-OPTIONS = dict(processor="engine.tools.bench.cluster:wait", device="cpu", fetchers=1,
+OPTIONS = dict(processor="engine.processors:wait", device="cpu", fetchers=1,
                connections=2, decoders=2)
 
 
