@@ -16,6 +16,10 @@ import threading
 from typing import Callable, Iterator
 
 END = object()    # after a span's last frame (``marks``)
+# Decoders that read ``skip_frame`` for each packet as it goes in (frame threads too) and
+# skip only pictures no other refers to. libdav1d (AV1) reads it when it outputs a frame,
+# and then drops wanted ones (tests/test_inputs.py, sparse selections).
+SKIPS_PER_PACKET = frozenset({"h264", "hevc"})
 DONE = object()   # a lane has nothing more
 SLICE_S = 0.1     # how long a lane's waits last before they look at ``stop`` again
 
@@ -68,11 +72,13 @@ def frames_of(container, stream, numbers: Numbers, spans=None, keep=None,
     """``(number, frame)`` as the decoder outputs them. ``spans``: only the packets of these
     decode-index spans ``[first, last]`` are decoded, each drained at its end (with
     ``marks``, ``(None, END)`` follows each). ``keep``: the decode indices of the wanted
-    frames; the spans' other non-reference frames are skipped, as no frame depends on
-    them (FFmpeg reads ``skip_frame`` per packet, frame threads included)."""
+    frames; where the codec allows (``SKIPS_PER_PACKET``), the spans' other
+    non-reference frames are skipped, as no frame depends on them."""
     import av
 
     ctx = stream.codec_context
+    if ctx.name not in SKIPS_PER_PACKET:
+        keep = None
     spans = list(spans) if spans is not None else None
     index = -1                    # the packet's place in decode order (its sample)
     for packet in container.demux(stream):
