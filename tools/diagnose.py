@@ -407,10 +407,16 @@ def diagnose(url: str) -> int:
 
 
 def _diagnose(url: str) -> int:
-    from engine.api import Engine
-    from engine.errors import EngineError
-
     p = probe(url)
+    print("\n".join(_network_lines(url, p)), flush=True)
+    reports, cfg, error = _cold_and_warm(url)
+    if error:
+        return _err(error)
+    print("\n".join(_stage_lines(reports["cold"], reports["warm"], cfg, url, p)), flush=True)
+    return 0
+
+
+def _network_lines(url: str, p) -> list[str]:
     out = [f"diagnose {url}",
            f"network, measured from this process ({p.host} port {p.port}, {p.address} {p.family})",
            f"  {'DNS':<20}{_ms(p.dns_s)}",
@@ -427,13 +433,20 @@ def _diagnose(url: str) -> int:
     if p.first_byte_note:
         extra += f" ({p.first_byte_note})"
     out.append(_wrap(f"  {'first byte':<20}{_ms(p.first_byte_s)}  ", f"{status}{extra}"))
-    print("\n".join(out), flush=True)
+    return out
+
+
+def _cold_and_warm(url: str):
+    """The URL's job on a fresh engine (cold), then again with its pool open (warm):
+    ``(reports, config, error)``."""
+    from engine.api import Engine
+    from engine.errors import EngineError
 
     t = time.perf_counter()
     try:
         eng = Engine(processor="engine.processors:null", device="cpu")
     except EngineError as exc:
-        return _err(f"engine start failed: {_one_line(exc)}")
+        return None, None, f"engine start failed: {_one_line(exc)}"
     started = time.perf_counter() - t
     try:
         cfg = eng.config
@@ -450,12 +463,14 @@ def _diagnose(url: str) -> int:
                 eng.prewarm([_origin(url) + "/"])
             report = eng.report(url)
             if not report.ok:
-                return _err(f"{name} job failed: {report.error}")
+                return None, cfg, f"{name} job failed: {report.error}"
             reports[name] = report.to_dict()
     finally:
         _stop(eng)
+    return reports, cfg, None
 
-    cold, warm = reports["cold"], reports["warm"]
+
+def _stage_lines(cold: dict, warm: dict, cfg, url: str, p) -> list[str]:
     ct, wt = cold["timings_s"], warm["timings_s"]
     ci, wi = increments(ct), increments(wt)
     cd, wd = dominant(ct), dominant(wt)
@@ -477,6 +492,4 @@ def _diagnose(url: str) -> int:
                      f"{v.get('fps')} fps, {v.get('frames')} frames, {_mb(v.get('bytes'))}, "
                      f"moov at {v.get('moov')}, {warm['frames_processed']} processed, decoder "
                      f"{warm.get('decoder') or '-'}"))
-    out += verdict(cold, warm, cfg, url, p)
-    print("\n".join(out), flush=True)
-    return 0
+    return out + verdict(cold, warm, cfg, url, p)

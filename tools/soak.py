@@ -127,6 +127,42 @@ class Soak:
                 f"{len(owned_blocks(self.proc.pid)):>5}  {fails}")
 
 
+def _soak(args, cdn, sock: str, proc, log_name: str) -> int:
+    """Clients and a killer for ``--minutes``, a row a minute; then the engine stopped:
+    0 when it exited cleanly, left no segment and no job failed unexpectedly."""
+    soak = Soak(args, cdn, sock, proc)
+    print(f"soak: {args.minutes:g} min, {args.clients} clients, a worker killed every "
+          f"{args.kill_every:g} s; engine pid {proc.pid}, log {log_name}")
+    print(f"{'min':>4} {'jobs':>6} {'ok':>6} {'kills':>5} {'restarts':>8} {'rss MB':>7} "
+          f"{'fds':>5} {'threads':>7} {'segs':>5}  failures by kind")
+    print(soak.row(0), flush=True)
+    threads = [threading.Thread(target=soak.client, args=(i,), daemon=True)
+               for i in range(args.clients)]
+    threads.append(threading.Thread(target=soak.killer, daemon=True))
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    minute = 0
+    while time.monotonic() - start < args.minutes * 60:
+        if proc.poll() is not None:
+            print(f"error: the engine exited with {proc.returncode} (log: {log_name})")
+            return 1
+        time.sleep(min(1.0, max(0.0, (minute + 1) * 60 - (time.monotonic() - start))))
+        if time.monotonic() - start >= (minute + 1) * 60:
+            minute += 1
+            print(soak.row(minute), flush=True)
+    soak.stop.set()
+    for t in threads:
+        t.join(90)
+    print(soak.row(minute + 1 if time.monotonic() - start > minute * 60 + 1 else minute))
+    unexpected = {k: v for k, v in soak.counts.items() if k.startswith("UNEXPECTED")}
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(15)
+    left = owned_blocks(proc.pid)
+    print(f"engine exit {rc}; segments left {left}; unexpected {unexpected or 'none'}")
+    return 0 if rc == 0 and not left and not unexpected else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.tools.soak", description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0)
@@ -157,37 +193,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"error: the engine did not start (log: {log.name})")
             time.sleep(0.1)
         time.sleep(3)
-        soak = Soak(args, cdn, sock, proc)
-        print(f"soak: {args.minutes:g} min, {args.clients} clients, a worker killed every "
-              f"{args.kill_every:g} s; engine pid {proc.pid}, log {log.name}")
-        print(f"{'min':>4} {'jobs':>6} {'ok':>6} {'kills':>5} {'restarts':>8} {'rss MB':>7} "
-              f"{'fds':>5} {'threads':>7} {'segs':>5}  failures by kind")
-        print(soak.row(0), flush=True)
-        threads = [threading.Thread(target=soak.client, args=(i,), daemon=True)
-                   for i in range(args.clients)]
-        threads.append(threading.Thread(target=soak.killer, daemon=True))
-        for t in threads:
-            t.start()
-        start = time.monotonic()
-        minute = 0
-        while time.monotonic() - start < args.minutes * 60:
-            if proc.poll() is not None:
-                print(f"error: the engine exited with {proc.returncode} (log: {log.name})")
-                return 1
-            time.sleep(min(1.0, max(0.0, (minute + 1) * 60 - (time.monotonic() - start))))
-            if time.monotonic() - start >= (minute + 1) * 60:
-                minute += 1
-                print(soak.row(minute), flush=True)
-        soak.stop.set()
-        for t in threads:
-            t.join(90)
-        print(soak.row(minute + 1 if time.monotonic() - start > minute * 60 + 1 else minute))
-        unexpected = {k: v for k, v in soak.counts.items() if k.startswith("UNEXPECTED")}
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(15)
-        left = owned_blocks(proc.pid)
-        print(f"engine exit {rc}; segments left {left}; unexpected {unexpected or 'none'}")
-        code = 0 if rc == 0 and not left and not unexpected else 1
+        code = _soak(args, cdn, sock, proc, log.name)
     finally:
         if proc.poll() is None:
             proc.kill()
