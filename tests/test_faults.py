@@ -339,6 +339,28 @@ def test_a_streamed_job_s_worker_killed_mid_stream_costs_no_job(small_clips, fau
            job.ended_at - job.killed_at, "nothing")
 
 
+@pytest.mark.parametrize("role", ["decoder0", "gpu"])
+def test_a_worker_killed_mid_sparse_job_costs_no_job(cdn, gate, tmp_path, role):
+    """A selection over many GOPs, its spans decoded in lanes with unselected frames
+    skipped: the new worker goes on after the frames delivered, and every selected frame
+    is the plain decode's."""
+    from engine.demo.clips import make_clip
+    path = make_clip(tmp_path / "gops.mp4", frames=260, width=320, height=240)
+    (cdn.root / "fault-gops.mp4").write_bytes(path.read_bytes())
+    chosen = [2, 40, 60, 110, 151, 200, 230, 259]
+    g = gate(110)
+    # a ring of two slots: the decoder waits, mid-job, for the held batch to be answered
+    with own_engine(processor=GATED, decoders=1, batch=2, ring_slots=2,
+                    decode_lanes=3) as owned:
+        job = JobThread(owned.eng, cdn.url("fault-gops.mp4"), frames=chosen)
+        report, error, info = kill_at_gate(owned, role, g, job)
+    assert error is None, f"{role} killed mid sparse job: {error!r}"
+    assert [r["frame_number"] for r in report.results] == chosen
+    ref = reference(path)
+    assert all(r["result"] == ref[r["frame_number"]] for r in report.results)
+    assert info["restarts"] == 1
+
+
 def test_a_decoder_segfault_mid_stream_costs_no_job(cdn, small_clips, gate):
     g = gate(10)
     with own_engine(processor=GATED, decoders=1, batch=4) as owned:
