@@ -101,3 +101,19 @@ def test_an_encoded_range_is_one_clear_line(eng, faulty_server, clips):
     assert not report.ok and report.error_kind == "FetchError"
     assert "Content-Encoding" in report.error and "gzip" in report.error
     assert "\n" not in report.error
+
+
+@pytest.mark.parametrize("mode, layout", [
+    ("whole-later", "front"), ("whole-later", "end"), ("star", "front"), ("star", "end"),
+    ("short-range", "front"), ("short-range", "end"), ("gzip", "end"), ("drop-once", "front"),
+    ("chunked", "front")])
+def test_a_sparse_selection_takes_every_answer(eng, faulty_server, clips, mode, layout):
+    """A selection over the clip's three GOPs (only their spans fetched where the job is
+    planned) through each answer: the selected frames are the plain decode's."""
+    data = clips[layout].read_bytes()
+    chosen = [5, 60, 61, 110, 119]
+    report = eng.report(faulty_server(data, mode).url("sparse.mp4"), frames=chosen)
+    assert report.ok, report.error
+    assert [r["frame_number"] for r in report.results] == chosen
+    ref = reference(clips[layout])
+    assert all(r["result"] == ref[r["frame_number"]] for r in report.results)
