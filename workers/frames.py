@@ -151,12 +151,14 @@ class Lanes:
         self._put(k, DONE)
 
     def _put(self, k: int, item) -> None:
+        # Waiting here or in ``_get`` is no sign of life: the lanes' packets and reads
+        # are, so a lane stuck in the codec still shows as a stall.
         while not self.stop.is_set():
             try:
                 self.queues[k].put(item, timeout=SLICE_S)
                 return
             except queue.Full:
-                self.tick()
+                pass
 
     def merged(self, on_wait: Callable[[], None]) -> Iterator:
         """The wanted ``(number, image)`` in span order; ``on_wait`` runs before the merge
@@ -169,7 +171,7 @@ class Lanes:
                     item = q.get_nowait()
                 except queue.Empty:
                     on_wait()
-                    item = self._get(q)
+                    item = q.get()
                 if item is END:
                     break
                 if item is DONE:
@@ -177,13 +179,6 @@ class Lanes:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-
-    def _get(self, q: queue.Queue):
-        while True:
-            try:
-                return q.get(timeout=SLICE_S * 10)
-            except queue.Empty:
-                self.tick()     # waiting for a lane that is alive is progress
 
     def close(self) -> None:
         """Stop the lanes and wait for them (they hold readers over the job's memory)."""
