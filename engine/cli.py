@@ -45,7 +45,9 @@ def summary(report) -> str:
                      + f" ({r.get('frames_selected')} frames selected, plan {r.get('plan')})")
     lines.append(f"  frames processed: {r['frames_processed']}"
                  + (f" (missing {len(r['missing_frames'])})" if r.get("missing_frames") else "")
-                 + (f", decoder {r['decoder']}" if r.get("decoder") else ""))
+                 + (f", decoder {r['decoder']}" if r.get("decoder") else "")
+                 + (f", {r['frames_decoded']} decoded" if r.get("frames_decoded") is not None
+                    else ""))
     lines.append(f"  fetch: {f['http_version'] or '-'}, connections new {f['connections_new']} / "
                  f"reused {f['connections_reused']}, {f['ranges']} ranges, {f['retries']} retries, "
                  f"{f['bytes'] / 1e6:.2f} MB")
