@@ -139,7 +139,8 @@ class Memory:
         """Engine.frames: the block the selected frames go into, all reserved when their
         count is known (planned), else reserved as they come (streamed)."""
         frame = height * width * 3
-        count = job.frames_selected or most
+        # streamed, the decode goes one frame past ENGINE_MAX_SELECTED to refuse the job
+        count = job.frames_selected or (most + 1 if most is not None else None)
         size = frame * count if count else OUTPUT_MAX_BYTES // frame * frame
         try:
             job.output = SharedBlock.create(segment_name(os.getpid(), job.id, ".out"), size,

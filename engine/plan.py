@@ -68,9 +68,11 @@ class RangePlan:
             self._add(Piece(start, until))
         self.planned_until = max(self.planned_until, until)
 
-    def _add(self, piece: Piece) -> None:
-        if not self.single:       # else the one body brings it
-            self.pending.append(piece)
+    def _add(self, piece: Piece, first: bool = False) -> None:
+        """The one place ``pending`` grows: with one body bringing every byte, nothing
+        more is asked."""
+        if not self.single:
+            (self.pending.appendleft if first else self.pending.append)(piece)
 
     def urgent(self, start: int, end: int) -> None:
         """Plan ``[start, end)`` ahead of everything (the moov box at the end)."""
@@ -78,8 +80,7 @@ class RangePlan:
         if start >= end:
             return
         self.extra.append((start, end))
-        if not self.single:
-            self.pending.appendleft(Piece(start, end))
+        self._add(Piece(start, end), first=True)
 
     def add(self, start: int, end: int) -> None:
         """Plan ``[start, end)`` too, after what is pending (a span of a sparse selection);
@@ -98,7 +99,7 @@ class RangePlan:
 
     def _add_piece(self, start: int, end: int) -> None:
         self.extra.append((start, end))
-        self.pending.append(Piece(start, end))
+        self._add(Piece(start, end))
 
     def raise_to_front(self, offset: int) -> bool:
         for region in self.pending:
@@ -170,6 +171,8 @@ class RangePlan:
         bringing every byte, only that body)."""
         piece = self.inflight.pop(offset, None)
         if piece is not None and (not self.single or offset == self.whole):
+            if offset == self.whole:      # the body's resend goes out at its piece's offset
+                self.whole = piece.offset
             self.pending.appendleft(piece)
 
     def truncate(self, size: int) -> None:

@@ -152,7 +152,8 @@ class Supervisor:
             log.exception("internal error in the supervisor loop (it goes on)")
             touched = self.touched | (set(self.pipeline.jobs) - before)
             for job in self.pipeline.live:
-                if job.id in touched:
+                # a fetcher's message names the job's fetch key (one counter draws both)
+                if job.id in touched or job.fetch_key in touched:
                     self.pipeline.fail(job, ErrorKind.ENGINE,
                                        f"{job.url}: internal error in the engine (see its log)")
         self._flush()

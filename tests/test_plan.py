@@ -62,3 +62,29 @@ def test_range_plan_extend_never_plans_a_region_twice():
     covered = sorted(pieces)
     assert covered[0][0] == 0 and covered[-1][1] == 10 << 20
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))     # no gap, no overlap
+
+
+def test_one_body_whose_fetcher_died_is_asked_again_and_read():
+    plan = RangePlan(size=8 << 20, range_bytes=2 << 20)
+    plan.extend(4 << 20)
+    first = plan.next(slots=4)
+    second = plan.next(slots=4)
+    plan.done(first.offset)
+    assert plan.take_whole(second.offset)
+    plan.requeue(second.offset)      # the fetcher reading the body died
+    again = plan.next(slots=4)
+    assert (again.offset, again.end) == (0, 8 << 20)
+    assert plan.take_whole(again.offset)        # its answer is the body to read
+    plan.done(again.offset)
+    assert plan.finished
+
+
+def test_spans_added_once_one_body_brings_every_byte_are_not_asked():
+    plan = RangePlan(size=8 << 20, range_bytes=2 << 20)
+    plan.extend(1 << 20)
+    head = plan.next(slots=4)
+    assert plan.take_whole(head.offset)
+    plan.add(3 << 20, 4 << 20)       # a sparse selection's spans, planned after the moov
+    plan.add(6 << 20, 7 << 20)
+    assert not plan.pending
+    assert (3 << 20, 4 << 20) in plan.regions()  # still what the decoder may read

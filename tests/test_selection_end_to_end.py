@@ -264,6 +264,9 @@ def test_max_selected_on_both_ways(cdn, clips):
                 assert not report.ok and report.error.endswith(
                     "over the limit of 5 (ENGINE_MAX_SELECTED)"), report.error
         assert eng.report(cdn.url("gop.mkv"), frames=[1, 200]).ok
+        # frames back to the caller: the same refusal, not the output block's own limit
+        with pytest.raises(SelectionError, match="ENGINE_MAX_SELECTED"):
+            eng.frames(cdn.url("gop.mkv"), every=7)
 
 
 def test_decord_backend_picks_by_index(cdn, clips):
