@@ -11,16 +11,14 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import numpy as np
 
 from engine import fences, resume
 from engine.errors import ErrorKind
 from engine.job import Job, Phase
-from engine.locate import selected_refusal
+from engine.locate import selected_refusal, sparse_decode
 from engine.messages import (BatchReady, BatchResults, DecodeDone, DecodeJob, EndVideo, GpuJob,
                              ResultBatch, RingReady, StreamInfo, VideoEnded)
 from engine.report import Batch
-from engine.selection import gop_spans
 from engine.shm import ShmError
 from engine.shm.ring import SlotRun
 
@@ -162,8 +160,7 @@ class Handoff:
         return DecodeJob(**common, backend=self.decoder_backend, ring=job.ring.name,
                          need_end=[int(x) for x in track.need_end()], moov=job.moov,
                          expected=track.frame_count, stream_index=track.index,
-                         selected=job.selected, spans=job.spans,
-                         keep=track.samples_of(job.selected) if job.spans is not None else None)
+                         selected=job.selected, spans=job.spans, keep=job.keep)
 
     def _resumed(self, job: Job, msg: DecodeJob) -> DecodeJob | None:
         """The decode after a lost worker: only the frames after ``job.resume_after``
@@ -179,10 +176,7 @@ class Handoff:
             return None
         spans = keep = None
         if msg.backend == "pyav":
-            track = job.track
-            spans = gop_spans(track.keyframes, track.presentation_order(), track.pts,
-                              np.asarray(todo))
-            keep = track.samples_of(todo)
+            spans, keep = sparse_decode(job.track, todo)
         return replace(msg, selected=todo, spans=spans, keep=keep)
 
     def on_stream_info(self, w, msg: StreamInfo) -> None:

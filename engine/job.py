@@ -105,6 +105,7 @@ class Job:
     frame_limit: int | None = None
     selected: list | None = None    # presentation indices a selection picked (planned)
     spans: list | None = None       # decode-index spans [first, last] that output them
+    keep: list | None = None        # the selected frames' decode indices
     frames_selected: int | None = None
     frames_decoded: int | None = None  # frames out of the codec, selected or not
     readable_end: int = 0           # the decoder sees the file end here (partial jobs)

@@ -29,6 +29,14 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 PROBE_BYTES = 64 * 1024  # a partial job reads this much at a header past the head
 
 
+def sparse_decode(track, chosen) -> tuple[list, list[int]]:
+    """What a decoder needs for the ``chosen`` presentation indices: the decode-index spans
+    that output them, and their own decode indices (the frames it must not skip)."""
+    chosen = np.asarray(chosen, dtype=np.int64)
+    order = track.presentation_order()
+    return gop_spans(track.keyframes, order, track.pts, chosen), order[chosen].tolist()
+
+
 @dataclass(frozen=True)
 class Stream:
     """The job is to be streamed, for this reason."""
@@ -270,7 +278,7 @@ class Locator:
         if self.backend == "decord":
             job.plan.extend(job.size)
             return None
-        job.spans = gop_spans(track.keyframes, order, track.pts, chosen)
+        job.spans, job.keep = sparse_decode(track, chosen)
         for lo, hi in byte_regions(track.offsets, track.sizes, job.spans):
             job.plan.add(lo, hi)
         return None

@@ -260,10 +260,6 @@ class VideoTrack:
         """Decode indices sorted by pts; stable so equal pts keep file order."""
         return np.argsort(self.pts, kind="stable")
 
-    def samples_of(self, shown) -> list[int]:
-        """The decode indices of presentation indices ``shown``."""
-        return self.presentation_order()[np.asarray(shown, dtype=np.int64)].tolist()
-
     def need_end(self) -> np.ndarray:
         """Per PRESENTATION index i: bytes [.., E) needed to show frames 0..i.
 
