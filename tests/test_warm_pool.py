@@ -48,3 +48,15 @@ def test_a_job_done_early_leaves_its_connections_pooled(warm_engine, slow_link):
     opened = _accepted(slow_link)
     after = warm_engine.process(url, every=100)
     assert after.ok and after.fetch["connections_new"] == 0 and _accepted(slow_link) == opened
+
+
+def test_a_drained_connection_is_left_alone_once_the_next_job_uses_it(warm_engine, slow_link):
+    """A range read to its end after its job ended goes back to the pool; the stalled-server
+    fallback that would hang up on it must not reach that connection once the next job
+    reuses it (a full download on this link outlasts the fallback's wait)."""
+    url = slow_link.url("/sn44.mp4")
+    assert warm_engine.process(url, max_frames=1).ok
+    opened = _accepted(slow_link)
+    after = warm_engine.process(url, processor="engine.processors:null")
+    assert after.ok and after.fetch["retries"] == 0 and after.fetch["connections_new"] == 0
+    assert _accepted(slow_link) == opened

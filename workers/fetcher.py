@@ -130,9 +130,9 @@ class Fetcher:
         for response in responses:
             if self._drainable(response):
                 # read to its end by its own thread (``_close``), unless the server stalls
-                threading.Timer(DRAIN_S, hang_up, (response,)).start()
+                threading.Timer(DRAIN_S, self._hang_up, (response,)).start()
             else:
-                hang_up(response)
+                self._hang_up(response)
         if seg:
             seg[0].close()
             seg[1].close()
@@ -209,10 +209,18 @@ class Fetcher:
                     pass
         except (httpx.HTTPError, OSError, ValueError):
             pass           # hung up (a stalled server) or broken: the connection is dropped
-        response.close()
+        with self._lock:   # never while ``_hang_up`` looks: its socket may be reused next
+            response.close()
         client = response.extensions.get("engine_client")
         if client is not None:
             client.close()
+
+    def _hang_up(self, response) -> None:
+        """Hang up on a response still being read; a closed one's connection is back in
+        the pool (or carrying another request) and is left alone."""
+        with self._lock:
+            if not response.is_closed:
+                hang_up(response)
 
     def fetch_head(self, msg: FetchHead) -> None:
         stats = FetchStats()
