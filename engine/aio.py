@@ -237,7 +237,7 @@ class AsyncEngine(AsyncEngineClient):
             raise EngineError("AsyncEngine runs on this machine only: serve the cluster "
                               "(python -m engine run --cluster ADDRESS) and use "
                               "AsyncEngine.connect")
-        self.config = engine_config(processor, device, config, overrides)
+        self.config = engine_config(processor, device, config, dict(overrides, cluster=cluster))
         self._process = None
         self.workers: dict = {}
 

@@ -185,3 +185,9 @@ def test_options_become_the_submit_message_or_a_type_error_naming_them():
         (3, "https://x/v.mp4", True, STATS, 5)
     with pytest.raises(TypeError, match="unknown job option 'evry'"):
         submit_message(4, "https://x/v.mp4", evry=2)
+
+
+def test_cluster_empty_string_means_this_machine_even_with_engine_cluster_set(monkeypatch):
+    from engine.aio import AsyncEngine
+    monkeypatch.setenv("ENGINE_CLUSTER", "10.0.0.1:6379")
+    assert AsyncEngine(cluster="").config.cluster == ""

@@ -27,6 +27,7 @@ POLL_S = 1.0            # how often the dispatcher looks for joined nodes and re
 START_TIMEOUT_S = 180.0  # a new engine: actor placement, supervisor start, workers up
 CLOSE_TIMEOUT_S = 20.0
 NAMESPACE = "engine"
+QUOTES = "'\""    # Ray quotes some messages
 
 
 class ClusterBusy(EngineBusy):
@@ -113,8 +114,8 @@ class ClusterEngine(EngineClient):
                          namespace=NAMESPACE, logging_level=logging.WARNING,
                          log_to_driver=False)
             except Exception as exc:   # Ray raises ConnectionError, RuntimeError, ValueError...
-                first = str(exc).strip("'\" ").splitlines()[0] if str(exc) else repr(exc)
-                raise EngineClosed(f"cannot join the Ray cluster at {address}: {first}") from None
+                raise EngineClosed(f"cannot join the Ray cluster at {address}: "
+                                   f"{first_line(exc).strip(QUOTES)}") from None
         self._grow()
         if not self._slots:
             self.close()
@@ -334,7 +335,7 @@ class ClusterEngine(EngineClient):
             try:
                 local[index] = ray.get(ref, timeout=10.0)
             except ray.exceptions.RayError as exc:
-                local[index] = {"error": str(exc).splitlines()[0]}
+                local[index] = {"error": first_line(exc)}
         engines = [{"node": s.node, "state": "up" if s.up else "starting",
                     "kind": s.kind, "gpus": s.info.get("gpus", []), "pid": s.info.get("pid"),
                     "jobs_in_flight": s.inflight, "jobs_done": s.done,

@@ -55,7 +55,7 @@ def _run_job(cluster: ClusterEngine, msg: Submit, send, cancelled: threading.Eve
                 return
             send(ResultBatch(token=msg.token, batch=item) if isinstance(item, Batch)
                  else JobDone(token=msg.token, report=item.to_dict()))
-    except EngineError as exc:
+    except Exception as exc:   # noqa: BLE001 -- the client waits for an answer: always one
         send(_failed(msg, exc))
 
 
@@ -65,7 +65,7 @@ def _send_frames(cluster: ClusterEngine, msg: Submit, send, outputs: dict) -> No
     try:
         got = cluster.frames(msg.url, **msg.selection.to_dict())
         block = SharedBlock.create(segment_name(suffix=".out"), max(got.array.nbytes, 1))
-    except EngineError as exc:
+    except Exception as exc:   # noqa: BLE001 -- a full /dev/shm included: always an answer
         send(_failed(msg, exc))
         return
     np.frombuffer(block.mm, np.uint8, count=got.array.nbytes)[:] = got.array.reshape(-1)
