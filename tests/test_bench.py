@@ -137,13 +137,14 @@ def test_bench_sparse_smoke(tmp_path, capsys):
 
     out, png = tmp_path / "sparse.json", tmp_path / "sparse.png"
     rc = main(["--sparse", "--profile", "lan", "--clip", "small", "--every-clip", "small",
-               "--runs", "1", "--count", "4", "--contenders", "engine,engine-1lane",
+               "--runs", "1", "--count", "4", "--contenders", "engine,engine-1lane,pyav-whole",
                "--json", str(out), "--plot", str(png)])
     assert rc == 0
     data = json.loads(out.read_text())
     one = {r["contender"]: r for r in data["part_one"]["runs"]}
-    assert set(one) == {"engine", "engine-1lane"}
-    for run in one.values():
+    assert set(one) == {"engine", "engine-1lane", "pyav-whole"}
+    assert one["pyav-whole"]["ok"] and one["pyav-whole"]["frames"] == 4
+    for run in (one["engine"], one["engine-1lane"]):
         assert run["ok"] and run["frames"] == 4 and run["next_conns_new"] == 0
         assert 4 <= run["frames_decoded"] < 50
     two = {r["contender"]: r for r in data["part_two"]["runs"]}

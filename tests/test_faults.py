@@ -641,13 +641,17 @@ def test_server_stall_ends_in_job_timeout_engine_stays_usable(cdn, small_clips, 
         elapsed = time.monotonic() - started
         assert isinstance(error, JobTimeout), f"expected JobTimeout, got {error!r}"
         assert "deadline of 3 s" in str(error)
+        assert 2.5 <= elapsed <= 6, f"JobTimeout after {elapsed:.2f} s for a 3 s deadline"
         assert server.requests >= 1
         left = owned_blocks(owned.pid)
         assert left == [], f"segments of the timed-out job remain: {left} (had {seen})"
         # The fetcher threads reading the stalled responses hang up once the job has ended
         # (at once, or after a short drain for a range that may still complete), instead
-        # of holding their threads until the read timeout.
-        wait_for(lambda: server.stalled and server.hung_up == server.stalled, 20,
+        # of holding their threads until the read timeout (which would come well after).
+        from engine.workers.fetcher import DRAIN_S
+        from engine.workers.pools import READ_TIMEOUT_S
+        assert DRAIN_S + 3 < READ_TIMEOUT_S - 3
+        wait_for(lambda: server.stalled and server.hung_up == server.stalled, DRAIN_S + 3,
                  "the engine to hang up every stalled response")
         hung_up = time.monotonic() - started - elapsed
         t = time.monotonic()
