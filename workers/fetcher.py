@@ -409,8 +409,6 @@ class Fetcher:
         for data in itertools.chain(chunks, [None]):
             if job in self._ended:
                 raise RangeError("job ended", False)
-            if size is not None and amap.first_missing(pos) is None:
-                return written           # the job has every byte
             buffered += data or b""
             while len(buffered) >= step or (data is None and buffered):
                 n = min(step, len(buffered))
@@ -419,7 +417,8 @@ class Fetcher:
                                      "bytes, then more)" if size is not None else
                                      f"the body is larger than {limit} bytes (ENGINE_MAX_BYTES)",
                                      False)
-                if not amap.present(pos, n):
+                present = amap.present(pos, n)
+                if not present:
                     if size is None and pos + n > reserved:
                         reserved = min(limit, pos + n + GROW_BYTES)
                         self._grow(block, reserved)
@@ -429,6 +428,9 @@ class Fetcher:
                 del buffered[:n]
                 pos += n
                 progress[0] = pos
+                # only where it meets bytes that are there can the rest be all there too
+                if present and size is not None and amap.first_missing(pos) is None:
+                    return written       # the job has every byte
         if size is None:
             amap.end(pos)
         elif pos != size:
