@@ -214,7 +214,7 @@ class _Collector:
         if end > self.block.size:
             raise ValueError(f"the output block holds {self.block.size // self.frame_bytes} "
                              "frames: more were selected")
-        self.block.grow(end)   # a streamed job's block is reserved as it fills
+        self.block.grow(end, start)   # a streamed job's block is reserved as it fills
         data = frames.cpu().numpy() if hasattr(frames, "cpu") else np.asarray(frames)
         self.block.mm[start:end] = data.reshape(-1).data
         self.numbers += [int(n) for n in frame_numbers]

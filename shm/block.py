@@ -98,15 +98,19 @@ class SharedBlock:
             os.close(fd)
         return cls(name, mm, owner=False)
 
-    def grow(self, end: int) -> None:
-        """Reserve the block's bytes up to ``end`` before writing them: /dev/shm full is
-        then a ``ShmFullError`` here, not a SIGBUS at the write."""
+    def grow(self, end: int, start: int = 0) -> None:
+        """Reserve the block's bytes ``[start, end)`` before writing them (``start``: what
+        an earlier call reserved): /dev/shm full is then a ``ShmFullError`` here, not a
+        SIGBUS at the write."""
+        end = min(end, self.size)
+        if end <= start:
+            return
         try:
             fd = os.open(self.path, os.O_RDWR)
         except OSError as exc:
             raise ShmError(f"cannot open shared block {self.name}: {exc.strerror}") from None
         try:
-            os.posix_fallocate(fd, 0, min(end, self.size))
+            os.posix_fallocate(fd, start, end - start)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                 raise ShmFullError(f"/dev/shm has no room for {end / 1e6:.1f} MB "

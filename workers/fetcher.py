@@ -420,8 +420,8 @@ class Fetcher:
                 present = amap.present(pos, n)
                 if not present:
                     if size is None and pos + n > reserved:
-                        reserved = min(limit, pos + n + GROW_BYTES)
-                        self._grow(block, reserved)
+                        reserved, before = min(limit, pos + n + GROW_BYTES), reserved
+                        self._grow(block, reserved, before)
                     block.mm[pos:pos + n] = buffered[:n]
                     amap.mark(pos, pos + n)
                     written += n
@@ -439,9 +439,9 @@ class Fetcher:
         return written
 
     @staticmethod
-    def _grow(block, end: int) -> None:
+    def _grow(block, end: int, start: int) -> None:
         try:
-            block.grow(end)
+            block.grow(end, start)
         except ShmError as exc:
             raise RangeError(f"{exc}; a container needs a larger --shm-size", False) from None
 
@@ -467,8 +467,8 @@ class Fetcher:
                                      if end is not None else f"the body (no Content-Length) "
                                      f"is larger than {limit} bytes (ENGINE_MAX_BYTES)", False)
                 if pos + n > reserved:
-                    reserved = min(limit, max(pos + n, reserved + GROW_BYTES))
-                    self._grow(block, reserved)
+                    reserved, before = min(limit, max(pos + n, reserved + GROW_BYTES)), reserved
+                    self._grow(block, reserved, before)
                 mm[pos:pos + n] = data
                 pos += n
                 if progress is not None:
