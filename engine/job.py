@@ -158,7 +158,9 @@ class Job:
         return self.segment_bytes + self.amap.block.size
 
     def shm_bytes(self) -> int:
-        return self.video_bytes() + (self.ring.block.size if self.ring is not None else 0)
+        ring = self.ring.block.size if self.ring is not None else 0
+        output = self.output.size if self.output is not None else 0
+        return self.video_bytes() + ring + output
 
     def report(self) -> dict:
         track = self.track

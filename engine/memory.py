@@ -32,7 +32,7 @@ class Memory:
         self.held: dict[int, object] = {}       # job id -> the job whose segment exists
         self.reserved: dict[int, int] = {}      # job id -> bytes held for its ring until moov
         self.pool: dict[tuple, list] = {}       # (slots, height, width) -> idle rings
-        self.outputs: dict[str, object] = {}    # output block -> the client yet to take it
+        self.outputs: dict[str, tuple] = {}     # output block -> (its client, its size)
         self.warned_small_ring = False
 
     # ------------------------------------------------------------------ counting
@@ -42,9 +42,11 @@ class Memory:
 
     @property
     def in_use(self) -> int:
-        """The engine's blocks in /dev/shm: the jobs' and the idle pooled rings."""
+        """The engine's blocks in /dev/shm: the jobs', the idle pooled rings and the frames
+        kept for clients to take."""
         pooled = sum(ring.block.size for rings in self.pool.values() for ring in rings)
-        return pooled + sum(job.shm_bytes() for job in self.held.values())
+        kept = sum(size for _, size in self.outputs.values())
+        return pooled + kept + sum(job.shm_bytes() for job in self.held.values())
 
     @property
     def busy(self) -> bool:
@@ -168,7 +170,7 @@ class Memory:
         job.segment = job.amap = job.ring = None
         if job.output is not None:   # kept for its client to copy out (ReleaseFrames)
             if clean and job.client is not None:
-                self.outputs[job.output.name] = job.client
+                self.outputs[job.output.name] = (job.client, job.output.size)
             else:
                 job.output.unlink()
             job.output.close()
@@ -182,12 +184,12 @@ class Memory:
 
     def release_output(self, client, name: str) -> None:
         """A client copied its frames out (or went away): the block goes."""
-        if name in self.outputs and (client is None or self.outputs[name] is client):
+        if name in self.outputs and (client is None or self.outputs[name][0] is client):
             del self.outputs[name]
             unlink_block(name)
 
     def release_outputs_of(self, client) -> None:
-        for name, owner in list(self.outputs.items()):
+        for name, (owner, _) in list(self.outputs.items()):
             if owner is client:
                 self.release_output(client, name)
 

@@ -64,3 +64,16 @@ class _Held:
 
     def shm_bytes(self) -> int:
         return self.size
+
+
+def test_frames_kept_for_a_client_count_as_memory_in_use():
+    """An Engine.frames block waiting for its client to copy it out holds /dev/shm: a
+    job that does not fit beside it waits instead of being refused as if alone."""
+    m = memory(100)
+    m.outputs["engine-1-1.out"] = (object(), 60 * MB)
+    m.free_mb -= 60
+    assert m.in_use == 60 * MB and m.busy
+    assert m.admit(1, 30 * MB) == WAIT
+    m.release_output(None, "engine-1-1.out")
+    m.free_mb += 60
+    assert not m.busy and m.admit(1, 30 * MB) == ADMITTED
