@@ -162,24 +162,21 @@ def pick(sel: Selection, times: np.ndarray) -> np.ndarray:
     elif sel.count is not None:
         chosen = inside[np.unique(np.linspace(0, len(inside) - 1, sel.count).astype(int))] \
             if len(inside) else inside
-    elif sel.fps is not None:   # fps_hit over every frame inside the window at once
-        lo = np.maximum(times[inside], start)
-        hi = np.minimum(np.append(times[1:], end_time(times))[inside], end)
-        chosen = inside[np.ceil(lo * sel.fps - 1e-6) / sel.fps < hi - _EPS]
+    elif sel.fps is not None:   # the streamed Picker's rule, over every frame at once
+        nexts = np.append(times[1:], end_time(times))
+        chosen = inside[fps_hit(sel.fps, times[inside], nexts[inside], start, end)]
     else:
         chosen = inside
     chosen = np.asarray(chosen, dtype=np.int64)
     return chosen[:sel.max_frames] if sel.max_frames is not None else chosen
 
 
-def fps_hit(fps: float, t: float, t_next: float, start: float, end: float) -> bool:
+def fps_hit(fps: float, t, t_next, start: float, end: float):
     """The frame is inside the window (start <= t < end) and a time k/fps falls while it
-    is shown ([t, t_next)) inside the window."""
-    if not start - _EPS <= t < end - _EPS:
-        return False
-    lo, hi = max(t, start), min(t_next, end)
-    k = math.ceil(lo * fps - 1e-6)
-    return k / fps < hi - _EPS
+    is shown ([t, t_next)) inside the window; ``t`` and ``t_next`` may be arrays."""
+    lo, hi = np.maximum(t, start), np.minimum(t_next, end)
+    inside = (t >= start - _EPS) & (t < end - _EPS)
+    return inside & (np.ceil(lo * fps - 1e-6) / fps < hi - _EPS)
 
 
 class Picker:

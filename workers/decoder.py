@@ -84,8 +84,8 @@ class Choice:
             return [(number, frame)] if number in self.wanted else []
         if self.picker is None:
             return [(number, frame)]
-        frames, self.held = {**self.held, number: frame}, {number: frame}
-        return [(n, frames[n]) for n in self.picker.offer(number, t)]
+        held, self.held = self.held, {number: frame}
+        return [(n, frame if n == number else held[n]) for n in self.picker.offer(number, t)]
 
     def finish(self) -> list:
         if self.picker is None:
